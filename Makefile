@@ -1,0 +1,54 @@
+# Two entry points: `make demo` (a real deploy to a disposable local host) and `make test`.
+# Everything else here is what those two need. Run as root on Debian/Ubuntu.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SANDBOX_HOSTS ?= 1
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test unit e2e venv system-deps artefacts wheelhouse tiny-model rootfs down clean
+
+demo: venv system-deps artefacts
+	tools/sandbox up $(SANDBOX_HOSTS)
+	pyinfra -y inventories/sandbox.py deploy.py
+	tools/chat inventories/sandbox.py "Summarize Kimi-K2.6 in one sentence."
+	@echo
+	@echo "Deployed. Re-run 'pyinfra inventories/sandbox.py deploy.py --dry' to see zero changes;"
+	@echo "'tools/sandbox status' lists the hosts; 'make down' tears them down."
+
+test: venv system-deps artefacts
+	$(BIN)/pytest tests/unit
+	$(BIN)/pytest tests/e2e
+
+unit: venv
+	$(BIN)/pytest tests/unit
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -qq --disable-pip-version-check -r requirements.lock
+	touch $@
+
+# Debian packages the sandbox needs on the controller (idempotent; no-op when present).
+system-deps:
+	@command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null \
+	  && command -v zstd >/dev/null && command -v ssh >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends debootstrap systemd-container zstd openssh-client iproute2 \
+	    curl >/dev/null; }
+
+artefacts: wheelhouse tiny-model rootfs
+wheelhouse: venv
+	$(BIN)/python tools/wheelhouse
+tiny-model: venv
+	$(BIN)/python tools/make-tiny-model
+rootfs: system-deps
+	tools/sandbox rootfs >/dev/null
+
+down:
+	tools/sandbox down
+
+clean: down
+	rm -rf $(VENV) .cache .sandbox

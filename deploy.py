@@ -1,0 +1,21 @@
+"""The runbook: from a bare host to a healthy vLLM endpoint serving the configured model.
+
+    pyinfra inventories/gb200.py deploy.py         # production trays
+    pyinfra inventories/sandbox.py deploy.py       # disposable local hosts (tools/sandbox)
+
+Each step converges one concern and changes nothing that is already right; a second run of an
+unchanged deploy yields zero changes and no restart.
+"""
+
+from tasks import preflight, system, vllm_service, vllm_venv, weights
+
+# 1. Refuse bad data before anything on any host changes.
+preflight.check()
+# 2. OS packages, the service user, the weights folder.
+system.prepare()
+# 3. Model weights into <weights_dir>/<model> (the seed's `hf download ... --local-dir`).
+model = weights.place()
+# 4. The runtime that runs `vllm serve`.
+runtime = vllm_venv.install()
+# 5. vllm.service with the rendered command line; restart only if something above changed.
+vllm_service.run(restart_triggers=[model, runtime])

@@ -1,0 +1,57 @@
+"""Every default, for every host. Grouped by the task that reads it; each key commented.
+
+Group files (gb200.py, sandbox.py) hold differences only; inventories hold per-machine facts.
+README.md's data-keys table is kept in step with this file by tests/unit/test_readme.py.
+"""
+
+# ---- host: packages and directories (tasks/host.py) -----------------------------------------
+# OS packages every serving host needs (vLLM links libnuma; the venv runtime needs venv; the
+# health wait uses curl). Already-installed packages cost nothing, so offline hosts are fine.
+host_packages = ["python3-venv", "libnuma1", "curl"]
+
+# ---- model: which model and where its weights live (tasks/models.py, tasks/weights.py) -------
+# Catalog entry in tasks/models.py: kimi-k2.6 (INT4, the seed), kimi-k2.6-nvfp4, sandbox-tiny.
+model_profile = "kimi-k2.6"
+# Hub revision to fetch; None takes the profile's. Pin a commit SHA in production.
+model_revision = None
+# EAGLE-3 speculative decoding. OFF: the seed measured 1.28% acceptance (1.04 tokens per
+# step) with lightseekorg/kimi-k2.6-eagle3, and output throughput fell 46% (1182 -> 631 tok/s).
+model_speculative = False
+# The EAGLE-3 draft fetched when model_speculative is on. vLLM's Kimi-K2.6 recipe names the
+# MLA draft below; the seed used lightseekorg/kimi-k2.6-eagle3 (its 1.28% acceptance suggests
+# the wrong draft).
+model_draft_repo = "lightseekorg/kimi-k2.6-eagle3-mla"
+# Draft tokens proposed per step; None takes the profile's (3, as the seed and the recipe).
+model_num_speculative_tokens = None
+# A controller folder pushed as the model instead of a Hub download (sandbox, air-gapped
+# sites). Relative paths are relative to this repository.
+model_source_dir = None
+# Folder on the host that holds one sub-folder per model (the seed: /raid/<user>/models).
+weights_dir = "/raid/models"
+
+# ---- vllm: the server (tasks/vllm_service.py, tasks/vllm_venv.py) ---------------------------
+# How vLLM runs: venv (pip-installed under systemd). docker and kubernetes are to come.
+vllm_runtime = "venv"
+# Listening address and port (the seed: 0.0.0.0:8000).
+vllm_host = "0.0.0.0"
+vllm_port = 8000
+# None takes the profile's value (kimi-k2.6: TP 4, utilisation 0.90).
+vllm_tensor_parallel_size = None
+vllm_gpu_memory_utilization = None
+# Appended verbatim to `vllm serve` (e.g. ["--max-model-len", "65536"]).
+vllm_extra_args = []
+# Extra, non-secret environment for the server (secrets go in files, below).
+vllm_environment = {}
+# CPU builds only: CPUs for vLLM's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND), e.g. "0-3".
+vllm_cpu_threads_bind = None
+# Controller file holding the API key clients must send; None leaves the endpoint open.
+# The key reaches the host only in a root-owned 0600 env file, never a command line.
+vllm_api_key_file = None
+# Seconds to wait for /health after a (re)start; None derives it from the checkpoint size:
+# 120 s + size / vllm_load_bytes_per_s (Kimi-K2.6 at 1 GB/s: ~12 min).
+vllm_health_timeout_s = None
+vllm_load_bytes_per_s = 1.0e9
+# venv runtime: where the venv lives on the host (a symlink to the current build) and the
+# controller wheelhouse it is installed from (tools/wheelhouse; hosts reach no index).
+vllm_venv_dir = "/opt/vllm/venv"
+vllm_wheelhouse_dir = None

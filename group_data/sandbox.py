@@ -1,0 +1,7 @@
+"""Sandbox hosts (tools/sandbox): the tiny model on the CPU build of vLLM, all offline."""
+
+model_profile = "sandbox-tiny"
+model_source_dir = ".cache/tiny-model"  # tools/make-tiny-model
+vllm_wheelhouse_dir = ".cache/wheelhouse"  # tools/wheelhouse
+# Two cores shared by every sandbox host: starting the CPU engine takes ~20-60 s there.
+vllm_health_timeout_s = 300

@@ -1,0 +1,34 @@
+"""The hosts `tools/sandbox up` booted on this machine (systemd-nspawn, private veth addresses).
+
+    tools/sandbox up 2 && pyinfra -y inventories/sandbox.py deploy.py
+
+SANDBOX_NAME picks the sandbox (default "sbx"; the tests use their own). Host keys are known
+in advance (the sandbox wrote them), so host-key checking stays strict.
+"""
+
+import json
+import os
+from pathlib import Path
+
+_state_dir = Path(os.environ.get("SANDBOX_STATE_DIR", Path(__file__).resolve().parent.parent / ".sandbox"))
+_state_file = _state_dir / os.environ.get("SANDBOX_NAME", "sbx") / "hosts.json"
+if not _state_file.exists():
+    raise SystemExit(f"no sandbox at {_state_file}: run `tools/sandbox up` first")
+_state = json.loads(_state_file.read_text())
+
+sandbox = [
+    (
+        host["name"],
+        {
+            "ssh_hostname": host["address"],
+            "ssh_user": "root",
+            "ssh_key": _state["ssh_key"],
+            "ssh_known_hosts_file": _state["known_hosts"],
+            "ssh_strict_host_key_checking": "yes",
+            # Hosts share this machine's CPUs: each pins vLLM's threads to its own.
+            "vllm_cpu_threads_bind": str(host["cpu"]),
+            "vllm_api_key_file": _state["api_key_file"],
+        },
+    )
+    for host in _state["hosts"]
+]

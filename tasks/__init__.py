@@ -1,0 +1,1 @@
+"""One module per concern; each exposes one @deploy function that deploy.py calls in order."""

@@ -1,0 +1,162 @@
+"""Custom pyinfra operations: each reads facts and yields only the commands that close the gap."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
+from pyinfra.facts.files import File, Link, Sha256File
+
+from tasks.facts import TreeDigests
+
+
+def local_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def local_tree_digests(src: Path) -> dict[str, str]:
+    return {str(path.relative_to(src)): local_sha256(path)
+            for path in sorted(src.rglob("*")) if path.is_file()}
+
+
+@operation()
+def tree_synced(src: str, dest: str):
+    """
+    Make a host directory hold the files of a controller directory, byte for byte.
+
+    + src: directory on the controller
+    + dest: directory on the host
+
+    Each missing or different file is uploaded beside its destination and renamed into place,
+    so a reader never sees half a file. Files only on the host are left alone (a weights
+    folder may hold the downloader's own metadata).
+
+    **Example:**
+
+    .. code:: python
+
+        tree_synced(name="Place tiny model", src=".cache/tiny-model", dest="/raid/models/tiny")
+    """
+    wanted = local_tree_digests(Path(src))
+    present = host.get_fact(TreeDigests, path=dest)
+    stale = [name for name, digest in wanted.items() if present.get(name) != digest]
+    if not stale:
+        host.noop(f"{dest} holds the {len(wanted)} files of {src}")
+        return
+    folders = sorted({str(Path(dest, name).parent) for name in stale})
+    yield StringCommand("mkdir", "-p", *(QuoteString(folder) for folder in folders))
+    for name in stale:
+        target = f"{dest}/{name}"
+        partial = f"{Path(target).parent}/.{Path(target).name}.partial"
+        yield FileUploadCommand(str(Path(src, name)), partial)
+        yield StringCommand("chmod", "0644", QuoteString(partial), "&&",
+                            "mv", "-f", QuoteString(partial), QuoteString(target))
+
+
+def wheelhouse_lock_digest(wheelhouse_dir: str) -> str:
+    return local_sha256(Path(wheelhouse_dir) / "requirements.lock")
+
+
+@operation()
+def wheelhouse_venv(wheelhouse_dir: str, venv_link: str, python: str = "python3"):
+    """
+    Make ``venv_link`` point at a venv holding exactly the wheels of a controller wheelhouse.
+
+    + wheelhouse_dir: folder made by tools/wheelhouse (wheels + requirements.lock)
+    + venv_link: path the service uses; a symlink to ``<venv_link>-<lock digest>``
+    + python: interpreter on the host that creates the venv
+
+    Nothing reaches a package index: the wheels are pushed, then installed with
+    ``--no-index --require-hashes``. A new lock builds a new venv beside the running one and
+    switches the link atomically once the install succeeded; the previous venv is kept for
+    rollback, older ones are removed.
+    """
+    lock_path = Path(wheelhouse_dir) / "requirements.lock"
+    digest = wheelhouse_lock_digest(wheelhouse_dir)[:16]
+    target = f"{venv_link}-{digest}"
+    link = host.get_fact(Link, path=venv_link)
+    current = link["link_target"] if link else None
+    if current == target:
+        host.noop(f"{venv_link} -> {target}")
+        return
+    staging = f"{target}.wheels"
+    yield StringCommand("rm", "-rf", QuoteString(target), QuoteString(staging), "&&",
+                        "mkdir", "-p", QuoteString(staging))
+    wheels = [line.split("#", 1)[1].strip()
+              for line in lock_path.read_text().splitlines()[1:] if "#" in line]
+    for wheel in wheels:
+        yield FileUploadCommand(str(Path(wheelhouse_dir, wheel)), f"{staging}/{wheel}")
+    yield FileUploadCommand(str(lock_path), f"{staging}/requirements.lock")
+    yield StringCommand(python, "-m", "venv", QuoteString(target))
+    yield StringCommand(f"{target}/bin/pip", "install", "--quiet", "--no-index", "--no-deps",
+                        "--require-hashes", "--no-compile", "--disable-pip-version-check",
+                        "--find-links", QuoteString(staging),
+                        "-r", QuoteString(f"{staging}/requirements.lock"))
+    yield StringCommand("rm", "-rf", QuoteString(staging))
+    yield StringCommand("ln", "-sfn", QuoteString(target), QuoteString(f"{venv_link}.new"),
+                        "&&", "mv", "-T", QuoteString(f"{venv_link}.new"), QuoteString(venv_link))
+    keep = [Path(target).name] + ([Path(current).name] if current else [])
+    prune = ["find", QuoteString(str(Path(venv_link).parent)), "-maxdepth", "1", "-type", "d",
+             "-name", QuoteString(f"{Path(venv_link).name}-*")]
+    for name in keep:
+        prune += ["!", "-name", QuoteString(name)]
+    yield StringCommand(*prune, "-exec", "rm", "-rf", "{}", "+")
+
+
+@operation(is_idempotent=False)
+def http_health_waited(url: str, timeout_s: int, unit: str, when: bool = True):
+    """
+    Wait on the host until ``url`` answers 2xx; on timeout fail with the unit's last log lines.
+
+    + url: health URL as seen from the host
+    + timeout_s: seconds to wait before failing
+    + unit: systemd unit whose journal is shown on failure
+    + when: wait only if True (pass whether the service was (re)started, so an unchanged
+      host yields no command)
+    """
+    if not when:
+        host.noop(f"{unit} was not restarted; no need to wait for {url}")
+        return
+    script = (
+        f"deadline=$(( $(date +%s) + {int(timeout_s)} )); "
+        f"until curl -fs -o /dev/null --max-time 5 {url}; do "
+        f"if [ $(date +%s) -ge $deadline ]; then "
+        f"echo '{unit} did not answer {url} within {int(timeout_s)}s; its last log lines:' >&2; "
+        f"journalctl -u {unit} -n 40 --no-pager -o cat >&2; exit 1; fi; sleep 1; done"
+    )
+    yield StringCommand("sh", "-c", QuoteString(script))
+
+
+@operation()
+def secret_file(dest: str, content: str):
+    """
+    Make ``dest`` a root-owned 0600 file holding ``content``, without ever showing it.
+
+    + dest: path on the host
+    + content: the file's text (secrets: never printed, not even with ``--diff``)
+
+    The file is created empty with mode 0600 before the content is written into it and renamed
+    into place, so the secret is never readable by others, not even for a moment.
+    """
+    wanted = hashlib.sha256(content.encode()).hexdigest()
+    present = host.get_fact(File, path=dest)
+    if present and host.get_fact(Sha256File, path=dest) == wanted:
+        if present["user"] == "root" and present["mode"] == 600:
+            host.noop(f"{dest} is current (root, 0600)")
+            return
+        yield StringCommand("chown", "root:root", QuoteString(dest), "&&",
+                            "chmod", "0600", QuoteString(dest))
+        return
+    partial = f"{dest}.partial"
+    yield StringCommand("mkdir", "-p", QuoteString(str(Path(dest).parent)), "&&",
+                        "install", "-m", "0600", "-o", "root", "-g", "root", "/dev/null",
+                        QuoteString(partial))
+    yield FileUploadCommand(io.BytesIO(content.encode()), partial)
+    yield StringCommand("mv", "-f", QuoteString(partial), QuoteString(dest))

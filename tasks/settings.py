@@ -1,0 +1,181 @@
+"""Host data -> one validated, derived view (`Settings`) that every task reads.
+
+Defaults live in group_data/all.py (each key commented there); this module checks types and
+ranges and derives paths and the rendered `vllm serve` command. A bad value raises `DataError`
+naming the host, the key, what was found and what is needed, before any operation runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyinfra.api.exceptions import PyinfraError
+
+from tasks.models import PROFILES, ModelProfile, vllm_serve_args
+
+REPO = Path(__file__).resolve().parent.parent
+RUNTIMES = ("venv",)  # docker and kubernetes arrive with their own tasks
+ENV_FILE = "/etc/vllm/vllm.env"
+UNIT_NAME = "vllm.service"
+
+
+class DataError(PyinfraError):
+    """Host data that cannot work; the message holds one line per problem."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    host_name: str
+    profile: ModelProfile
+    model_revision: str
+    speculative: bool
+    draft_repo: str
+    weights_dir: str
+    model_dir: str
+    draft_dir: str | None
+    model_source_dir: str | None
+    runtime: str
+    listen_host: str
+    port: int
+    api_key: str | None
+    health_timeout_s: int
+    venv_dir: str
+    wheelhouse_dir: str | None
+    environment: dict[str, str]
+    serve_args: list[str]
+    packages: list[str]
+
+    @property
+    def health_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/health"
+
+
+def _resolve_path(value: str) -> str:
+    """Controller paths in data are relative to the repository, not to the caller's cwd."""
+    return str(value if os.path.isabs(value) else REPO / value)
+
+
+class _Reader:
+    """Reads data keys, collecting every problem instead of stopping at the first."""
+
+    def __init__(self, host_name: str, data):
+        self.host_name = host_name
+        self.data = data
+        self.errors: list[str] = []
+
+    def error(self, key: str, found, need: str) -> None:
+        self.errors.append(f"{self.host_name}: {key} = {found!r}: {need}")
+
+    def get(self, key: str, types: tuple[type, ...], need: str, optional: bool = False):
+        value = self.data.get(key)
+        if value is None and optional:
+            return None
+        # bool is an int subclass: a True port or TP size is a typo, not a number.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            self.error(key, value, need)
+            return None
+        return value
+
+
+def resolve(host) -> Settings:
+    """Validate a host's data and derive everything the tasks need."""
+    read = _Reader(host.name, host.data)
+    profile_name = read.get("model_profile", (str,), f"one of {sorted(PROFILES)}")
+    profile = PROFILES.get(profile_name) if profile_name else None
+    if profile_name and not profile:
+        read.error("model_profile", profile_name, f"one of {sorted(PROFILES)} (tasks/models.py)")
+    revision = read.get("model_revision", (str,), "a commit SHA or tag", optional=True)
+    speculative = read.get("model_speculative", (bool,), "true or false")
+    draft_repo = read.get("model_draft_repo", (str,), "a Hub repo id like owner/name")
+    num_spec = read.get("model_num_speculative_tokens", (int,), "an integer 1..10", optional=True)
+    if num_spec is not None and not 1 <= num_spec <= 10:
+        read.error("model_num_speculative_tokens", num_spec, "an integer 1..10")
+    source = read.get("model_source_dir", (str,), "a directory on the controller", optional=True)
+    if source is not None:
+        source = _resolve_path(source)
+        if not (Path(source) / "config.json").is_file():
+            read.error("model_source_dir", source,
+                       "a model folder with config.json on the controller (tools/make-tiny-model)")
+    weights_dir = read.get("weights_dir", (str,), "an absolute path on the host")
+    if weights_dir and not weights_dir.startswith("/"):
+        read.error("weights_dir", weights_dir, "an absolute path on the host")
+
+    runtime = read.get("vllm_runtime", (str,), f"one of {list(RUNTIMES)}")
+    if runtime and runtime not in RUNTIMES:
+        read.error("vllm_runtime", runtime, f"one of {list(RUNTIMES)} (implemented so far)")
+    listen_host = read.get("vllm_host", (str,), "an address to listen on, e.g. 0.0.0.0")
+    port = read.get("vllm_port", (int,), "a TCP port 1..65535")
+    if port is not None and not 1 <= port <= 65535:
+        read.error("vllm_port", port, "a TCP port 1..65535")
+    tp = read.get("vllm_tensor_parallel_size", (int,), "a positive integer", optional=True)
+    if tp is not None and tp < 1:
+        read.error("vllm_tensor_parallel_size", tp, "a positive integer")
+    memory = read.get("vllm_gpu_memory_utilization", (int, float), "a fraction in (0, 1]",
+                      optional=True)
+    if memory is not None and not 0 < memory <= 1:
+        read.error("vllm_gpu_memory_utilization", memory, "a fraction in (0, 1]")
+    extra_args = read.get("vllm_extra_args", (list, tuple), "a list of strings")
+    if extra_args and not all(isinstance(arg, str) for arg in extra_args):
+        read.error("vllm_extra_args", extra_args, "a list of strings")
+    environment = read.get("vllm_environment", (dict,), "a mapping of NAME: value strings")
+    if environment and not all(isinstance(k, str) and isinstance(v, str)
+                               for k, v in environment.items()):
+        read.error("vllm_environment", environment, "a mapping of NAME: value strings")
+    threads_bind = read.get("vllm_cpu_threads_bind", (str,), "a CPU list like 0-3",
+                            optional=True)
+    key_file = read.get("vllm_api_key_file", (str,), "a file on the controller", optional=True)
+    api_key = None
+    if key_file is not None:
+        key_path = Path(os.path.expanduser(_resolve_path(key_file)))
+        api_key = key_path.read_text().strip() if key_path.is_file() else ""
+        if not api_key:
+            read.error("vllm_api_key_file", key_file, "a readable, non-empty file on the controller")
+    health_timeout = read.get("vllm_health_timeout_s", (int,), "seconds, >= 10", optional=True)
+    if health_timeout is not None and health_timeout < 10:
+        read.error("vllm_health_timeout_s", health_timeout, "seconds, >= 10")
+    load_rate = read.get("vllm_load_bytes_per_s", (int, float), "bytes per second, > 0")
+    if load_rate is not None and load_rate <= 0:
+        read.error("vllm_load_bytes_per_s", load_rate, "bytes per second, > 0")
+    venv_dir = read.get("vllm_venv_dir", (str,), "an absolute path on the host")
+    wheelhouse = read.get("vllm_wheelhouse_dir", (str,), "a folder made by tools/wheelhouse",
+                          optional=True)
+    if runtime == "venv":
+        if wheelhouse is None:
+            read.error("vllm_wheelhouse_dir", None,
+                       "the venv runtime needs a wheelhouse folder (tools/wheelhouse)")
+        else:
+            wheelhouse = _resolve_path(wheelhouse)
+            if not (Path(wheelhouse) / "requirements.lock").is_file():
+                read.error("vllm_wheelhouse_dir", wheelhouse,
+                           "a folder with requirements.lock: run tools/wheelhouse")
+    if source is None and profile is not None:
+        read.error("model_source_dir", None,
+                   "a controller folder to push (fetching from the Hub is not implemented yet)")
+    packages = read.get("host_packages", (list, tuple), "a list of package names")
+
+    if read.errors:
+        raise DataError("invalid host data:\n  " + "\n  ".join(read.errors))
+
+    model_dir = f"{weights_dir.rstrip('/')}/{profile.local_name}"
+    draft_dir = (f"{weights_dir.rstrip('/')}/{profile.draft_local_name}"
+                 if speculative and profile.draft_local_name else None)
+    serve_args = vllm_serve_args(
+        profile, model_path=model_dir, draft_path=draft_dir, host=listen_host, port=port,
+        tensor_parallel_size=tp, gpu_memory_utilization=memory,
+        num_speculative_tokens=num_spec, extra_args=extra_args)
+    env = {**profile.environment, **environment}
+    if threads_bind is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
+    if health_timeout is None:
+        # Loading is the long part of a start: weights at the data key's rate, plus a fixed
+        # allowance for engine start-up (CUDA graphs, KV cache) that does not scale with size.
+        health_timeout = int(120 + profile.size_bytes / load_rate)
+    return Settings(
+        host_name=host.name, profile=profile, model_revision=revision or profile.revision,
+        speculative=speculative, draft_repo=draft_repo, weights_dir=weights_dir,
+        model_dir=model_dir, draft_dir=draft_dir, model_source_dir=source, runtime=runtime,
+        listen_host=listen_host, port=port, api_key=api_key, health_timeout_s=health_timeout,
+        venv_dir=venv_dir, wheelhouse_dir=wheelhouse, environment=env, serve_args=serve_args,
+        packages=list(packages))

@@ -1,0 +1,69 @@
+"""vllm.service: the unit, its secrets, restart only on change, then wait until healthy."""
+
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
+from pyinfra.operations import files, systemd
+
+from tasks.models import systemd_exec_line
+from tasks.operations import http_health_waited, secret_file
+from tasks.settings import ENV_FILE, UNIT_NAME, resolve
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+# Offline by design: weights are placed by the deploy, and nothing phones home.
+SERVICE_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HOME": "/var/lib/vllm",
+    "XDG_CACHE_HOME": "/var/cache/vllm",
+    "VLLM_CACHE_ROOT": "/var/cache/vllm/vllm",
+    "TORCHINDUCTOR_CACHE_DIR": "/var/cache/vllm/inductor",
+    "TMPDIR": "/var/cache/vllm/tmp",
+}
+
+
+def env_file_content(api_key: str | None) -> str:
+    lines = ["# Managed by tasks/vllm_service.py: secrets for vllm.service (root, 0600)."]
+    if api_key:
+        lines.append(f"VLLM_API_KEY={api_key}")
+    return "\n".join(lines) + "\n"
+
+
+@deploy("vLLM service")
+def run(restart_triggers: list[OperationMeta]) -> None:
+    """Converge vllm.service: secrets env file, unit, enabled and running; restart it only when
+    the unit, the env file or a trigger (weights, runtime) changed, then wait for /health.
+
+    Data keys: vllm_api_key_file, vllm_environment, vllm_cpu_threads_bind,
+    vllm_health_timeout_s, vllm_load_bytes_per_s, and those rendered into the command line
+    (model_*, vllm_host, vllm_port, vllm_tensor_parallel_size, vllm_gpu_memory_utilization,
+    vllm_extra_args).
+    """
+    settings = resolve(host)
+    env = secret_file(name=f"Install vLLM secrets file {ENV_FILE}", dest=ENV_FILE,
+                      content=env_file_content(settings.api_key))
+    environment = {**SERVICE_ENVIRONMENT, **settings.environment}
+    unit = files.template(
+        name=f"Install {UNIT_NAME} unit",
+        src=str(TEMPLATES / "vllm.service.j2"),
+        dest=f"/etc/systemd/system/{UNIT_NAME}",
+        user="root", group="root", mode="644",
+        served_name=settings.profile.served_name,
+        profile_name=settings.profile.name,
+        env_file=ENV_FILE,
+        environment=sorted(environment.items()),
+        exec_start=systemd_exec_line([f"{settings.venv_dir}/bin/vllm", *settings.serve_args]),
+        stop_timeout_s=60,
+    )
+    changed = any(op.will_change for op in (env, unit, *restart_triggers))
+    service = systemd.service(
+        name=f"Enable and start {UNIT_NAME}" + (" (restart: inputs changed)" if changed else ""),
+        service=UNIT_NAME, running=True, enabled=True, restarted=changed,
+        daemon_reload=unit.will_change)
+    http_health_waited(name="Wait for vLLM /health", url=settings.health_url,
+                       timeout_s=settings.health_timeout_s, unit=UNIT_NAME,
+                       when=service.will_change)
