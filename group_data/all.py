@@ -17,9 +17,9 @@ model_revision = None
 # EAGLE-3 speculative decoding. OFF: the seed measured 1.28% acceptance (1.04 tokens per
 # step) with lightseekorg/kimi-k2.6-eagle3, and output throughput fell 46% (1182 -> 631 tok/s).
 model_speculative = False
-# The EAGLE-3 draft fetched when model_speculative is on. vLLM's Kimi-K2.6 recipe names the
-# MLA draft below; the seed used lightseekorg/kimi-k2.6-eagle3 (its 1.28% acceptance suggests
-# the wrong draft).
+# The EAGLE-3 draft fetched when model_speculative is on: the one vLLM's Kimi-K2.6 recipe
+# names. The seed used lightseekorg/kimi-k2.6-eagle3 (its 1.28% acceptance suggests the wrong
+# draft).
 model_draft_repo = "lightseekorg/kimi-k2.6-eagle3-mla"
 # Draft tokens proposed per step; None takes the profile's (3, as the seed and the recipe).
 model_num_speculative_tokens = None
@@ -32,11 +32,13 @@ weights_dir = "/raid/models"
 # ---- vllm: the server (tasks/vllm_service.py, tasks/vllm_venv.py) ---------------------------
 # How vLLM runs: venv (pip-installed under systemd). docker and kubernetes are to come.
 vllm_runtime = "venv"
-# Listening address and port (the seed: 0.0.0.0:8000).
+# Address vLLM listens on (the seed: 0.0.0.0).
 vllm_host = "0.0.0.0"
+# TCP port vLLM listens on (the seed: 8000).
 vllm_port = 8000
-# None takes the profile's value (kimi-k2.6: TP 4, utilisation 0.90).
+# GPUs one server shards the model over; None takes the profile's (kimi-k2.6: 4).
 vllm_tensor_parallel_size = None
+# Fraction of each GPU's memory vLLM may take; None takes the profile's (kimi-k2.6: 0.90).
 vllm_gpu_memory_utilization = None
 # Appended verbatim to `vllm serve` (e.g. ["--max-model-len", "65536"]).
 vllm_extra_args = []
@@ -50,8 +52,9 @@ vllm_api_key_file = None
 # Seconds to wait for /health after a (re)start; None derives it from the checkpoint size:
 # 120 s + size / vllm_load_bytes_per_s (Kimi-K2.6 at 1 GB/s: ~12 min).
 vllm_health_timeout_s = None
+# How fast a host loads weights from disk into GPU memory, for the derived health timeout.
 vllm_load_bytes_per_s = 1.0e9
-# venv runtime: where the venv lives on the host (a symlink to the current build) and the
-# controller wheelhouse it is installed from (tools/wheelhouse; hosts reach no index).
+# venv runtime: the venv path on the host (a symlink to the current build, previous kept).
 vllm_venv_dir = "/opt/vllm/venv"
+# venv runtime: controller folder made by tools/wheelhouse (hosts reach no package index).
 vllm_wheelhouse_dir = None

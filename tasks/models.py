@@ -155,12 +155,15 @@ def vllm_serve_args(
 
 
 def systemd_exec_line(argv: list[str]) -> str:
-    """Quote an argv for a systemd ExecStart= line: shell-style quotes, and `%` and `$`
-    doubled so systemd takes them literally (no specifier or variable expansion)."""
+    """Quote an argv for a systemd ExecStart= line, with `%` and `$` doubled so systemd takes
+    them literally (no specifier or variable expansion). Arguments with a quote or backslash
+    get double quotes with those escaped, which systemd and a POSIX shell read alike."""
     quoted = []
     for arg in argv:
         if arg and all(c.isalnum() or c in "-_./:=,+@" for c in arg):
             quoted.append(arg)
+        elif "'" not in arg and "\\" not in arg:
+            quoted.append(f"'{arg}'")
         else:
-            quoted.append("'" + arg.replace("\\", "\\\\").replace("'", "\\'") + "'")
+            quoted.append('"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"')
     return " ".join(quoted).replace("%", "%%").replace("$", "$$")

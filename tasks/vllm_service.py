@@ -61,7 +61,7 @@ def run(restart_triggers: list[OperationMeta]) -> None:
     )
     changed = any(op.will_change for op in (env, unit, *restart_triggers))
     service = systemd.service(
-        name=f"Enable and start {UNIT_NAME}" + (" (restart: inputs changed)" if changed else ""),
+        name=f"Enable and start {UNIT_NAME}, restart if its inputs changed",
         service=UNIT_NAME, running=True, enabled=True, restarted=changed,
         daemon_reload=unit.will_change)
     http_health_waited(name="Wait for vLLM /health", url=settings.health_url,

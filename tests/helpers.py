@@ -1,0 +1,29 @@
+"""Shared test helpers: the repository's own data, loaded the way pyinfra loads it."""
+
+from __future__ import annotations
+
+import runpy
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SEED = REPO.parent / "shared" / "seed" / "000_80ee62958af13de0.txt"
+
+
+def group_data(*groups: str) -> dict:
+    """group_data/all.py, then each named group file on top, as pyinfra merges them."""
+    data: dict = {}
+    for group in ("all", *groups):
+        values = runpy.run_path(str(REPO / "group_data" / f"{group}.py"))
+        data.update({key: value for key, value in values.items()
+                     if not key.startswith("_") and not isinstance(value, types.ModuleType)})
+    return data
+
+
+class FakeHost:
+    """Just enough of pyinfra's Host for tasks.settings.resolve: a name and a data mapping.
+    A stand-in for the object pyinfra builds from an inventory; no connection involved."""
+
+    def __init__(self, name: str, data: dict):
+        self.name = name
+        self.data = data

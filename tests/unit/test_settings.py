@@ -1,0 +1,123 @@
+"""tasks/settings.py: host data is validated before any operation, with errors that name the
+host, the key, what was found and what is needed."""
+
+import pytest
+
+from tasks.settings import DataError, resolve
+from tests.helpers import REPO, FakeHost, group_data
+
+
+@pytest.fixture
+def sandbox_data(tmp_path):
+    """Sandbox group data with its controller artefacts stubbed by small real folders."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    (wheelhouse / "requirements.lock").write_text("# pins\n")
+    key = tmp_path / "api-key"
+    key.write_text("s3cret-key\n")
+    data = group_data("sandbox")
+    data.update(model_source_dir=str(model), vllm_wheelhouse_dir=str(wheelhouse),
+                vllm_api_key_file=str(key), vllm_cpu_threads_bind="1")
+    return data
+
+
+def test_sandbox_data_resolves(sandbox_data):
+    settings = resolve(FakeHost("sbx1", sandbox_data))
+    assert settings.model_dir == "/raid/models/tiny-kimi"
+    assert settings.serve_args[:2] == ["serve", "/raid/models/tiny-kimi"]
+    assert settings.environment["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert settings.api_key == "s3cret-key"
+    assert settings.health_timeout_s == 300
+    assert settings.draft_dir is None
+
+
+def test_speculative_on_adds_the_draft_beside_the_model(sandbox_data):
+    sandbox_data["model_profile"] = "kimi-k2.6"
+    sandbox_data["model_speculative"] = True
+    settings = resolve(FakeHost("h", sandbox_data))
+    assert settings.draft_dir == "/raid/models/kimi-k2.6-eagle3"
+    assert '"model":"/raid/models/kimi-k2.6-eagle3"' in " ".join(settings.serve_args)
+
+
+def test_health_timeout_is_derived_from_checkpoint_size(sandbox_data):
+    sandbox_data.update(model_profile="kimi-k2.6", vllm_health_timeout_s=None,
+                        vllm_load_bytes_per_s=1e9)
+    assert resolve(FakeHost("h", sandbox_data)).health_timeout_s == 120 + 595
+
+
+def test_relative_controller_paths_are_relative_to_the_repository(sandbox_data):
+    sandbox_data["vllm_api_key_file"] = "no/such/key"
+    with pytest.raises(DataError) as error:
+        resolve(FakeHost("h", sandbox_data))
+    assert "vllm_api_key_file = 'no/such/key'" in str(error.value)
+
+
+BAD_INPUTS = [
+    ("model_profile", "kimi-k3", "one of"),
+    ("model_profile", None, "one of"),
+    ("model_revision", 7, "commit SHA"),
+    ("model_speculative", "yes", "true or false"),
+    ("model_num_speculative_tokens", 0, "1..10"),
+    ("model_source_dir", "/nonexistent/model", "config.json"),
+    ("model_source_dir", None, "not implemented yet"),
+    ("weights_dir", "raid/models", "absolute path"),
+    ("weights_dir", 5, "absolute path"),
+    ("vllm_runtime", "podman", "one of"),
+    ("vllm_port", 0, "1..65535"),
+    ("vllm_port", 70000, "1..65535"),
+    ("vllm_port", "8000", "1..65535"),
+    ("vllm_port", True, "1..65535"),
+    ("vllm_tensor_parallel_size", 0, "positive integer"),
+    ("vllm_tensor_parallel_size", 2.5, "positive integer"),
+    ("vllm_gpu_memory_utilization", 1.5, "(0, 1]"),
+    ("vllm_gpu_memory_utilization", 0, "(0, 1]"),
+    ("vllm_gpu_memory_utilization", "0.9", "(0, 1]"),
+    ("vllm_extra_args", "--enforce-eager", "list of strings"),
+    ("vllm_extra_args", ["--max-model-len", 4096], "list of strings"),
+    ("vllm_environment", {"A": 1}, "NAME: value"),
+    ("vllm_api_key_file", "/nonexistent/key", "non-empty file"),
+    ("vllm_health_timeout_s", 5, ">= 10"),
+    ("vllm_load_bytes_per_s", -1, "> 0"),
+    ("vllm_wheelhouse_dir", None, "wheelhouse"),
+    ("vllm_wheelhouse_dir", "/nonexistent/wheelhouse", "requirements.lock"),
+    ("host_packages", "curl", "list of package names"),
+]
+
+
+@pytest.mark.parametrize("key,value,need", BAD_INPUTS, ids=[f"{k}={v!r}" for k, v, _ in BAD_INPUTS])
+def test_bad_input_is_refused_naming_host_and_key(sandbox_data, key, value, need):
+    sandbox_data[key] = value
+    with pytest.raises(DataError) as error:
+        resolve(FakeHost("tray-07", sandbox_data))
+    lines = [line for line in str(error.value).splitlines() if line.strip().startswith("tray-07:")]
+    assert any(f"tray-07: {key} = {value!r}" in line and need in line for line in lines), \
+        str(error.value)
+
+
+def test_every_problem_is_reported_together(sandbox_data):
+    sandbox_data.update(vllm_port=-1, vllm_gpu_memory_utilization=2.0, model_profile="nope")
+    with pytest.raises(DataError) as error:
+        resolve(FakeHost("h", sandbox_data))
+    message = str(error.value)
+    for key in ("vllm_port", "vllm_gpu_memory_utilization", "model_profile"):
+        assert f"h: {key} = " in message
+
+
+def test_api_key_never_appears_in_the_rendered_command(sandbox_data):
+    settings = resolve(FakeHost("h", sandbox_data))
+    assert "s3cret-key" not in " ".join(settings.serve_args)
+    assert "s3cret-key" not in str(settings.environment)
+
+
+def test_gb200_group_data_is_complete_but_for_the_weights_source():
+    """Until Hub downloads (issue 3) and the docker runtime (issue 5) land, production data
+    fails only on the two controller folders the sandbox provides."""
+    data = group_data("gb200")
+    with pytest.raises(DataError) as error:
+        resolve(FakeHost("gb200-tray-01", data))
+    problems = [line for line in str(error.value).splitlines()[1:]]
+    assert sorted(p.split(" = ")[0].strip() for p in problems) == \
+        ["gb200-tray-01: model_source_dir", "gb200-tray-01: vllm_wheelhouse_dir"]
