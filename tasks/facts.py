@@ -1,8 +1,23 @@
-"""Custom pyinfra facts: small, read-only questions asked of a host."""
+"""Custom pyinfra facts: small, read-only questions asked of a host.
+
+Every command here exits 0 on a host that lacks the tool it asks, so pyinfra never marks the host
+failed for a question; the fact is then empty (``[]`` or ``{}``), and a preflight can say so.
+"""
 
 from __future__ import annotations
 
+import re
+from xml.etree import ElementTree
+
 from pyinfra.api import FactBase, QuoteString, StringCommand
+
+# nvidia-smi prints "[N/A]", "[Not Supported]" or "[Insufficient Permissions]" (in -q -x: "N/A")
+# where a board has no such value; a number or a flag it cannot give is unknown, not zero or off.
+_UNAVAILABLE = ("N/A", "[N/A]")
+
+
+def _unavailable(value: str) -> bool:
+    return value in _UNAVAILABLE or value.startswith("[")
 
 
 class TreeDigests(FactBase):
@@ -34,16 +49,216 @@ class TreeDigests(FactBase):
         return {}
 
 
-class FirstLine(FactBase):
-    """The first line of a file, stripped, or ``None`` when the file is absent.
+class NvidiaGpus(FactBase):
+    """One dict per GPU that ``nvidia-smi`` lists, in its index order.
 
     .. code:: python
 
-        "3f7a...c2  requirements.lock"
+        [{"index": 0, "uuid": "GPU-68689df7-b80a-f728-c0b2-0efdfa468678", "name": "NVIDIA H200",
+          "bus_id": "00000000:00:06.0", "driver": "580.159.04", "memory_total_mib": 143771,
+          "memory_used_mib": 0, "mig": False, "persistence": True}]
+
+    ``mig`` is ``None`` on boards without MIG; a memory figure the board cannot report is
+    ``None``. No nvidia-smi, or one that cannot reach the driver (it prints its complaint on
+    stdout), yields ``[]``.
     """
 
-    def command(self, path: str) -> StringCommand:
-        return StringCommand("head", "-n1", QuoteString(path), "2>/dev/null", "||", "true")
+    FIELDS = ("index", "uuid", "name", "pci.bus_id", "driver_version", "memory.total",
+              "memory.used", "mig.mode.current", "persistence_mode")
+
+    def command(self) -> str:
+        query = ",".join(self.FIELDS)
+        return (f"command -v nvidia-smi >/dev/null && "
+                f"nvidia-smi --query-gpu={query} --format=csv,noheader,nounits || true")
+
+    def process(self, output: list[str]) -> list[dict]:
+        gpus = []
+        for line in output:
+            fields = [field.strip() for field in line.split(",")]
+            if len(fields) != len(self.FIELDS) or not fields[0].isdigit():
+                continue
+            index, uuid, name, bus_id, driver, total, used, mig, persistence = fields
+            gpus.append({
+                "index": int(index),
+                "uuid": uuid,
+                "name": name,
+                "bus_id": bus_id,
+                "driver": driver,
+                "memory_total_mib": None if _unavailable(total) else int(total),
+                "memory_used_mib": None if _unavailable(used) else int(used),
+                "mig": None if _unavailable(mig) else mig == "Enabled",
+                "persistence": persistence == "Enabled",
+            })
+        return gpus
+
+    @staticmethod
+    def default() -> list[dict]:
+        return []
+
+
+class NvidiaSmiInfo(FactBase):
+    """Driver and CUDA versions and, per GPU, its NVLink fabric registration (``nvidia-smi -q -x``).
+
+    .. code:: python
+
+        {"driver_version": "580.159.04", "cuda_version": "13.0",
+         "gpus": [{"bus_id": "00000008:01:00.0", "product_name": "NVIDIA GB200",
+                   "fabric_state": "Completed", "fabric_status": "Success",
+                   "clique_id": "32766", "cluster_uuid": "5c0f2b9e-..."}]}
+
+    A GB200 tray is ready for multi-GPU work once every GPU's fabric state reads ``Completed``;
+    PCIe boards (an H200 NVL) say ``"N/A"``, kept as is; a driver too old to report the fabric
+    gives ``None``. No nvidia-smi, or output that is not its XML, yields ``{}``.
+    """
+
+    GPU_FIELDS = {
+        "product_name": "product_name",
+        "fabric_state": "fabric/state",
+        "fabric_status": "fabric/status",
+        "clique_id": "fabric/cliqueId",
+        "cluster_uuid": "fabric/clusterUuid",
+    }
+
+    def command(self) -> str:
+        return "command -v nvidia-smi >/dev/null && nvidia-smi -q -x || true"
+
+    def process(self, output: list[str]) -> dict:
+        # Most of the document is per-GPU clock tables nobody here reads: pull-parse it and drop
+        # each <gpu> subtree once its few fields are out, so memory stays at one GPU's worth.
+        parser = ElementTree.XMLPullParser(events=("start", "end"))
+        info: dict = {"driver_version": None, "cuda_version": None, "gpus": []}
+        depth = 0
+        try:
+            for line in output:
+                parser.feed(line + "\n")
+                for event, element in parser.read_events():
+                    if event == "start":
+                        depth += 1
+                        continue
+                    depth -= 1
+                    if depth == 1 and element.tag in ("driver_version", "cuda_version"):
+                        info[element.tag] = (element.text or "").strip()
+                    elif depth == 1 and element.tag == "gpu":
+                        info["gpus"].append(self._gpu(element))
+                        element.clear()
+            parser.close()
+        except ElementTree.ParseError:
+            return {}
+        if info["driver_version"] is None:
+            return {}
+        return info
+
+    def _gpu(self, element: ElementTree.Element) -> dict:
+        gpu = {"bus_id": element.get("id")}
+        for key, path in self.GPU_FIELDS.items():
+            found = element.find(path)
+            gpu[key] = None if found is None else (found.text or "").strip()
+        return gpu
+
+    @staticmethod
+    def default() -> dict:
+        return {}
+
+
+class CpuArchitecture(FactBase):
+    """The machine hardware name from ``uname -m``: which wheels and images the host can run.
+
+    .. code:: python
+
+        "aarch64"
+    """
+
+    def command(self) -> str:
+        return "uname -m"
 
     def process(self, output: list[str]) -> str | None:
         return output[0].strip() if output else None
+
+
+class FreeBytes(FactBase):
+    """Free and total bytes of the filesystem that holds ``path``, or would hold it once created.
+
+    .. code:: python
+
+        {"path": "/raid", "mount": "/raid", "free_bytes": 3840755982336,
+         "total_bytes": 7681511964672}
+
+    A path that does not exist yet is measured at its nearest existing parent, named in
+    ``path``, because that is where its bytes will land. ``free_bytes`` is what an unprivileged
+    writer gets (df's "Available", net of the root reserve). ``{}`` if df fails.
+    """
+
+    def command(self, path: str) -> StringCommand:
+        return StringCommand(
+            "p=", QuoteString(path), "; ",
+            'while [ ! -e "$p" ]; do p=$(dirname -- "$p"); done; ',
+            "printf '%s\\n' \"$p\"; ",
+            'df -P -B1 -- "$p" 2>/dev/null || true',
+            _separator="",
+        )
+
+    def process(self, output: list[str]) -> dict:
+        if len(output) < 3:
+            return {}
+        # -P keeps each filesystem on one line; the mount point is the rest of it (spaces kept).
+        fields = output[-1].split(None, 5)
+        if len(fields) < 6 or not (fields[1].isdigit() and fields[3].isdigit()):
+            return {}
+        return {
+            "path": output[0],
+            "mount": fields[5],
+            "free_bytes": int(fields[3]),
+            "total_bytes": int(fields[1]),
+        }
+
+    @staticmethod
+    def default() -> dict:
+        return {}
+
+
+_SS_OWNER = re.compile(r'users:\(\("(?P<name>[^"]*)",pid=(?P<pid>\d+)')
+
+
+class ListeningTcpPorts(FactBase):
+    """Listening TCP sockets from ``ss -Htlnp``, one dict each, in ss's order.
+
+    .. code:: python
+
+        [{"address": "0.0.0.0", "port": 8000, "process": "vllm", "pid": 4242},
+         {"address": "::", "port": 22, "process": None, "pid": None}]
+
+    ``address`` is as ss prints it without IPv6 brackets (``"*"`` means every address, a
+    ``%lo`` suffix names the interface). Without root, ss cannot see other users' processes:
+    those sockets have ``process`` and ``pid`` ``None``. No ss yields ``[]``.
+    """
+
+    def command(self) -> str:
+        return "command -v ss >/dev/null && ss -Htlnp || true"
+
+    def process(self, output: list[str]) -> list[dict]:
+        sockets = []
+        for line in output:
+            fields = line.split()
+            # ss drops its State column when a filter selects a single state (-l selects two);
+            # accept lines with or without it.
+            if fields and not fields[0].isdigit():
+                fields = fields[1:]
+            if len(fields) < 4:
+                continue
+            address, colon, port = fields[2].rpartition(":")
+            if not colon or not port.isdigit():
+                continue
+            if address.startswith("[") and address.endswith("]"):
+                address = address[1:-1]
+            owner = _SS_OWNER.search(line)
+            sockets.append({
+                "address": address,
+                "port": int(port),
+                "process": owner["name"] if owner else None,
+                "pid": int(owner["pid"]) if owner else None,
+            })
+        return sockets
+
+    @staticmethod
+    def default() -> list[dict]:
+        return []
