@@ -1,0 +1,297 @@
+"""The seed's Kubernetes objects (section 4.1), rendered from the project's state.
+
+Pure: no pyinfra, no cluster. `render_manifests` turns one `ManifestValues` into one YAML
+text per object (templates/k8s/*.yaml.j2, one object per file), in the order they are
+applied. The container's argv is `tasks.models.vllm_serve_args` output, passed in unchanged,
+so a flag can never differ between the venv unit, a container unit and the Deployment.
+All decisions (names, probe windows, volumes, which keys a Secret holds) are made here; the
+templates only place explicit values. tests/unit/test_k8s_manifests.py validates every object
+against the Kubernetes 1.34 and 1.35 schemas and lines it up against the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates" / "k8s"
+# Apply order: the claim template and the Secret exist before the pod that names them.
+MANIFESTS = ("resourceclaimtemplate.yaml", "secret.yaml", "deployment.yaml", "service.yaml")
+
+# Where the container sees the weights: pass these to vllm_serve_args as model_path and
+# draft_path (the seed's paths).
+MODEL_MOUNT = "/app/model"
+DRAFT_MOUNT = "/app/eagle-model"
+CONTAINER_NAME = "vllm-server"
+GPU_CLAIM = "gpu"
+# vLLM reads VLLM_API_KEY as --api-key's default, so the key never sits in the argv.
+SECRET_KEYS = ("VLLM_API_KEY", "HF_TOKEN")
+VOLUME_TYPES = ("hostPath", "persistentVolumeClaim")
+SERVICE_TYPES = ("NodePort", "ClusterIP")
+
+PROBE_PERIOD_S = 10
+# Start-up work that does not scale with the checkpoint: CUDA init, torch.compile, CUDA graph
+# capture, KV cache allocation.
+STARTUP_FIXED_S = 600
+# A failed startup probe kills the container and the next start loads every byte again, so
+# the window errs long: twice the estimated load time. A healthy server passes at its first
+# good answer, so the slack costs nothing when the estimate is right.
+STARTUP_LOAD_FACTOR = 2
+
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def startup_probe_window_s(size_bytes: int, load_bytes_per_s: float) -> int:
+    """Seconds the startup probe lets vLLM take before Kubernetes kills it: a fixed allowance
+    plus `STARTUP_LOAD_FACTOR` times the time to load `size_bytes` at `load_bytes_per_s`,
+    rounded up to whole probe periods. Kimi-K2.6 (595 GB) at 1 GB/s: 1790 s.
+
+    + size_bytes: checkpoint bytes read at start (model plus draft)
+    + load_bytes_per_s: how fast a node moves weights from disk into GPU memory (data key
+      `vllm_load_bytes_per_s`)
+    """
+    if size_bytes < 0 or load_bytes_per_s <= 0:
+        raise ValueError(f"need size_bytes >= 0 and load_bytes_per_s > 0, "
+                         f"got {size_bytes!r} and {load_bytes_per_s!r}")
+    window = STARTUP_FIXED_S + STARTUP_LOAD_FACTOR * size_bytes / load_bytes_per_s
+    return math.ceil(window / PROBE_PERIOD_S) * PROBE_PERIOD_S
+
+
+def _flag_value(argv: tuple[str, ...], *names: str) -> str | None:
+    """The value the last occurrence of a flag gives, as argparse reads it (`--f v`, `--f=v`)."""
+    value = None
+    for index, arg in enumerate(argv):
+        for name in names:
+            if arg == name and index + 1 < len(argv):
+                value = argv[index + 1]
+            elif arg.startswith(name + "="):
+                value = arg[len(name) + 1:]
+    return value
+
+
+def _json_field(text: str, key: str) -> object:
+    try:
+        return json.loads(text).get(key)
+    except (ValueError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class ManifestValues:
+    """Everything the four objects are rendered from; defaults are the seed's values.
+
+    + serve_args: `vllm_serve_args(profile, model_path=MODEL_MOUNT, draft_path=DRAFT_MOUNT or
+      None, ...)`, without the `vllm` executable; the GPU count and container port are read
+      from it, so they cannot disagree with the command
+    + model_volume: hostPath: the node's model folder; persistentVolumeClaim: the claim name
+    + checkpoint_size_bytes: model (plus draft) bytes, which size the startup probe
+    + draft_volume: as model_volume, for the EAGLE-3 draft; None when speculative decoding is
+      off, and then serve_args must not name a draft
+    + volume_type: "hostPath" (the seed: weights already on the node, type Directory) or
+      "persistentVolumeClaim"
+    + model_sub_path, draft_sub_path: persistentVolumeClaim only: the folder inside the claim
+      (one claim holding a folder per model, as `weights_dir` does on hosts)
+    + load_bytes_per_s: disk to GPU load rate (data key `vllm_load_bytes_per_s`)
+    + name: Deployment, Service and `app` label; the claim template is NAME-gpu-claim
+    + namespace: where all four objects live
+    + image, image_digest: the pinned tag; a "sha256:..." digest pins it as image@digest
+    + device_class: the DRA DeviceClass of the GPU driver
+    + cpu_request, cpu_limit, memory_request, memory_limit: the container's quantities
+    + shm_size: size limit of the memory-backed /dev/shm (counts against memory_limit)
+    + node_selector: extra node labels, on top of kubernetes.io/arch: arm64
+    + environment: non-secret container environment; secret names are refused here
+    + secret_name: the Secret holding SECRET_KEYS; None gives NAME-secrets
+    + service_type: "NodePort" (the seed) or "ClusterIP"
+    + service_port, node_port: the Service's port; node_port for NodePort only
+    + api_key, hf_token: Secret values read by the caller from controller files at apply
+      time; None leaves the key out of the Secret (the pod then runs without it)
+    """
+
+    serve_args: tuple[str, ...]
+    model_volume: str
+    checkpoint_size_bytes: int
+    draft_volume: str | None = None
+    volume_type: str = "hostPath"
+    model_sub_path: str | None = None
+    draft_sub_path: str | None = None
+    load_bytes_per_s: float = 1.0e9
+    name: str = "kimi-k26"
+    namespace: str = "default"
+    image: str = "vllm/vllm-openai:v0.19.1-cu130"
+    image_digest: str | None = None
+    device_class: str = "gpu.nvidia.com"
+    cpu_request: str = "16"
+    cpu_limit: str = "32"
+    memory_request: str = "128Gi"
+    memory_limit: str = "256Gi"
+    shm_size: str = "16Gi"
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    environment: Mapping[str, str] = field(default_factory=dict)
+    secret_name: str | None = None
+    service_type: str = "NodePort"
+    service_port: int = 8000
+    node_port: int = 30180
+    api_key: str | None = field(default=None, repr=False)
+    hf_token: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # Lists from callers become tuples: the values stay what they were when checked.
+        object.__setattr__(self, "serve_args", tuple(self.serve_args))
+        problems = []
+        for key in ("name", "namespace"):
+            if not _DNS_LABEL.match(getattr(self, key)):
+                problems.append(f"{key}={getattr(self, key)!r}: a DNS-1035 label (a-z, 0-9, -)")
+        if self.secret_name is not None and not _DNS_LABEL.match(self.secret_name):
+            problems.append(f"secret_name={self.secret_name!r}: a DNS-1035 label")
+        if self.image_digest is not None and not _DIGEST.match(self.image_digest):
+            problems.append(f"image_digest={self.image_digest!r}: sha256:<64 hex digits>")
+        if self.volume_type not in VOLUME_TYPES:
+            problems.append(f"volume_type={self.volume_type!r}: one of {VOLUME_TYPES}")
+        if self.volume_type == "hostPath" and (self.model_sub_path or self.draft_sub_path):
+            problems.append("model_sub_path/draft_sub_path: persistentVolumeClaim only")
+        if self.service_type not in SERVICE_TYPES:
+            problems.append(f"service_type={self.service_type!r}: one of {SERVICE_TYPES}")
+        if self.service_type == "NodePort" and not 30000 <= self.node_port <= 32767:
+            problems.append(f"node_port={self.node_port!r}: the default NodePort range "
+                            "30000-32767")
+        clashing = sorted(set(self.environment) & set(SECRET_KEYS))
+        if clashing:
+            problems.append(f"environment holds {clashing}: secrets come from the Secret only")
+        bad_names = sorted(key for key in self.environment if not _ENV_NAME.match(key))
+        if bad_names:
+            problems.append(f"environment names {bad_names}: not valid variable names")
+        speculative = _flag_value(self.serve_args, "--speculative-config")
+        if (self.draft_volume is None) != (speculative is None):
+            problems.append("draft_volume and serve_args disagree: mount a draft exactly when "
+                            "--speculative-config is given")
+        # Host-path argv (Settings.serve_args) is the likely slip: the pod sees only the mounts.
+        if self.serve_args[:2] != ("serve", MODEL_MOUNT):
+            problems.append(f"serve_args: vllm_serve_args output with model_path={MODEL_MOUNT!r}")
+        if speculative is not None and _json_field(speculative, "model") != DRAFT_MOUNT:
+            problems.append(f"serve_args: --speculative-config with model {DRAFT_MOUNT!r} "
+                            f"(draft_path={DRAFT_MOUNT!r})")
+        for flag, label in (("--tensor-parallel-size", "GPU count"), ("--port", "port")):
+            value = _flag_value(self.serve_args, flag)
+            if value is None or not value.isdigit() or int(value) < 1:
+                problems.append(f"serve_args: {flag} with a positive integer (the {label})")
+        if problems:
+            raise ValueError("invalid Kubernetes manifest values:\n  " + "\n  ".join(problems))
+
+    @property
+    def gpu_count(self) -> int:
+        """GPUs the claim asks for: the tensor-parallel size the command runs with."""
+        return int(_flag_value(self.serve_args, "--tensor-parallel-size"))
+
+    @property
+    def container_port(self) -> int:
+        """The port vLLM listens on inside the pod: the command's --port."""
+        return int(_flag_value(self.serve_args, "--port"))
+
+    @property
+    def claim_template_name(self) -> str:
+        return f"{self.name}-gpu-claim"
+
+    @property
+    def secret_object_name(self) -> str:
+        """The Secret's name: secret_name, or NAME-secrets."""
+        return self.secret_name or f"{self.name}-secrets"
+
+    @property
+    def image_reference(self) -> str:
+        return f"{self.image}@{self.image_digest}" if self.image_digest else self.image
+
+
+def _labels(values: ManifestValues) -> list[tuple[str, str]]:
+    # `app` is the seed's selector and a Deployment's selector cannot change in place, so it
+    # stays exactly as the seed has it; managed-by tells kubectl users who owns the object.
+    return [("app", values.name), ("app.kubernetes.io/managed-by", "pyinfra")]
+
+
+def _volumes(values: ManifestValues) -> list[dict]:
+    """The weight volumes, the seed's names, in the seed's order."""
+    wanted = [("model-storage", MODEL_MOUNT, values.model_volume, values.model_sub_path)]
+    if values.draft_volume is not None:
+        wanted.append(("eagle-model-storage", DRAFT_MOUNT, values.draft_volume,
+                       values.draft_sub_path))
+    return [{"name": name, "mount_path": mount, "source": source, "sub_path": sub_path}
+            for name, mount, source, sub_path in wanted]
+
+
+def _probe(path: str, period_s: int, timeout_s: int, failure_threshold: int) -> dict:
+    return {"path": path, "period_s": period_s, "timeout_s": timeout_s,
+            "failure_threshold": failure_threshold}
+
+
+def template_context(values: ManifestValues) -> dict[str, dict]:
+    """Template file name -> the explicit values it receives. pyinfra's files.template gives
+    the same text for the same values, as both use one Jinja setup (no trim_blocks)."""
+    labels = _labels(values)
+    window_s = startup_probe_window_s(values.checkpoint_size_bytes, values.load_bytes_per_s)
+    common = {"name": values.name, "namespace": values.namespace, "labels": labels}
+    secret_data = [(key, value) for key, value in zip(SECRET_KEYS,
+                                                      (values.api_key, values.hf_token))
+                   if value is not None]
+    return {
+        "resourceclaimtemplate.yaml.j2": {
+            **common, "claim_template_name": values.claim_template_name,
+            "request_name": GPU_CLAIM, "device_class": values.device_class,
+            "gpu_count": values.gpu_count,
+        },
+        "secret.yaml.j2": {**common, "secret_name": values.secret_object_name,
+                           "string_data": secret_data},
+        "deployment.yaml.j2": {
+            **common,
+            "selector_labels": [("app", values.name)],
+            "container_name": CONTAINER_NAME,
+            "image": values.image_reference,
+            "command": ["vllm"],
+            "args": list(values.serve_args),
+            "environment": sorted(values.environment.items()),
+            "secret_name": values.secret_object_name,
+            "secret_keys": list(SECRET_KEYS),
+            "claim_name": GPU_CLAIM,
+            "claim_template_name": values.claim_template_name,
+            "cpu_request": values.cpu_request, "cpu_limit": values.cpu_limit,
+            "memory_request": values.memory_request, "memory_limit": values.memory_limit,
+            "port": values.container_port,
+            "volume_type": values.volume_type,
+            "volumes": _volumes(values),
+            "shm_size": values.shm_size,
+            "node_selector": [("kubernetes.io/arch", "arm64"),
+                              *sorted(values.node_selector.items())],
+            "startup_probe": _probe("/health", PROBE_PERIOD_S, 5, window_s // PROBE_PERIOD_S),
+            "readiness_probe": _probe("/health", PROBE_PERIOD_S, 5, 3),
+            # A liveness kill costs a full reload of the weights: only a server that has not
+            # answered for two and a half minutes is restarted.
+            "liveness_probe": _probe("/health", 30, 10, 5),
+        },
+        "service.yaml.j2": {
+            **common, "selector_labels": [("app", values.name)],
+            "service_type": values.service_type, "port": values.service_port,
+            "target_port": values.container_port,
+            "node_port": values.node_port if values.service_type == "NodePort" else None,
+        },
+    }
+
+
+def _environment() -> jinja2.Environment:
+    # pyinfra's own template settings, so files.template and this module render alike.
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+def render_manifests(values: ManifestValues) -> dict[str, str]:
+    """File name -> YAML text of one object, in apply order (MANIFESTS). secret.yaml holds
+    the secret values: write it 0600 and keep it out of diffs and logs."""
+    environment = _environment()
+    contexts = template_context(values)
+    return {name: environment.get_template(name + ".j2").render(**contexts[name + ".j2"])
+            for name in MANIFESTS}

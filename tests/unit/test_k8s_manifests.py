@@ -1,0 +1,452 @@
+"""tasks/k8s_manifests.py: the seed's Kubernetes objects rendered from the project's state,
+validated offline against the Kubernetes 1.34 and 1.35 schemas and lined up against the seed."""
+
+import dataclasses
+import shlex
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, TEMPLATE_DIR,
+                                 ManifestValues, render_manifests, startup_probe_window_s,
+                                 template_context)
+from tasks.models import PROFILES, vllm_serve_args
+from tests.helpers import REPO, SEED, group_data
+
+SEED_MANIFEST = REPO / "tests" / "fixtures" / "seed-k8s.yaml"
+SEED_LINES = (164, 257)  # the manifest's first and last line in the seed, 1-based
+K8S_VERSIONS = ("1.34.0", "1.35.0")
+# Recognisable stand-ins, so a leak into any text can be searched for.
+API_KEY = "sk-test-4f1c9e0b7d2a6e13"
+HF_TOKEN = "hf_testTokenValue8c3d1e0f"
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def gb200_serve_args(draft: bool, **overrides) -> list[str]:
+    """The container argv the GB200 group's data gives, as tasks/vllm_kubernetes.py builds it."""
+    data = {**group_data("gb200"), **overrides}
+    return vllm_serve_args(
+        PROFILES[data["model_profile"]], model_path=MODEL_MOUNT,
+        draft_path=DRAFT_MOUNT if draft else None, host=data["vllm_host"],
+        port=data["vllm_port"], tensor_parallel_size=data["vllm_tensor_parallel_size"],
+        gpu_memory_utilization=data["vllm_gpu_memory_utilization"],
+        num_speculative_tokens=data["model_num_speculative_tokens"],
+        extra_args=data["vllm_extra_args"])
+
+
+def make_values(*, draft: bool = True, volume_type: str = "hostPath",
+                service_type: str = "NodePort", **overrides) -> ManifestValues:
+    data = group_data("gb200")
+    profile = PROFILES[data["model_profile"]]
+    if volume_type == "hostPath":
+        weights = {"model_volume": f"{data['weights_dir']}/{profile.local_name}",
+                   "draft_volume": (f"{data['weights_dir']}/{profile.draft_local_name}"
+                                    if draft else None)}
+    else:
+        # One claim holding a folder per model, as weights_dir does on a host.
+        weights = {"model_volume": "kimi-models", "model_sub_path": profile.local_name,
+                   "draft_volume": "kimi-models" if draft else None,
+                   "draft_sub_path": profile.draft_local_name if draft else None}
+    values = {"serve_args": gb200_serve_args(draft), "checkpoint_size_bytes": profile.size_bytes,
+              "load_bytes_per_s": data["vllm_load_bytes_per_s"], "volume_type": volume_type,
+              "service_type": service_type, "api_key": API_KEY, "hf_token": HF_TOKEN,
+              **weights}
+    return ManifestValues(**{**values, **overrides})
+
+
+def load(text: str) -> dict:
+    documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    assert len(documents) == 1, "one object per file"
+    return documents[0]
+
+
+def objects(values: ManifestValues) -> dict[str, dict]:
+    return {name: load(text) for name, text in render_manifests(values).items()}
+
+
+def container(deployment: dict) -> dict:
+    (only,) = deployment["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+# (a) Offline schema validation, strict: an unknown or misplaced field fails.
+
+VARIANTS = [
+    pytest.param(draft, volume_type, service_type,
+                 id=f"{volume_type}-{'draft' if draft else 'nodraft'}-{service_type}")
+    for volume_type in ("hostPath", "persistentVolumeClaim")
+    for draft in (True, False)
+    for service_type in ("NodePort", "ClusterIP")
+]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("draft, volume_type, service_type", VARIANTS)
+def test_every_object_validates_strictly(version, draft, volume_type, service_type):
+    rendered = objects(make_values(draft=draft, volume_type=volume_type,
+                                   service_type=service_type))
+    assert list(rendered) == list(MANIFESTS)
+    for name, obj in rendered.items():
+        # validate() answers with the schema version it used: proof that the wanted one exists.
+        assert kubernetes_validate.validate(obj, version, strict=True) == version[:4], name
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("api_key, hf_token", [(None, None), (API_KEY, None), (None, HF_TOKEN)])
+def test_secret_validates_with_any_keys_left_out(version, api_key, hf_token):
+    secret = objects(make_values(api_key=api_key, hf_token=hf_token))["secret.yaml"]
+    assert kubernetes_validate.validate(secret, version, strict=True) == version[:4]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_seed_objects_validate_too(version):
+    """The comparison below is against objects the same schemas accept."""
+    for obj in yaml.safe_load_all(SEED_MANIFEST.read_text()):
+        assert kubernetes_validate.validate(obj, version, strict=True) == version[:4]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("break_it", [
+    lambda o: o["deployment.yaml"]["spec"]["template"]["spec"].update(nodeSelectr={}),
+    lambda o: container(o["deployment.yaml"])["startupProbe"].update(failureThreshold="179"),
+    lambda o: o["resourceclaimtemplate.yaml"]["spec"]["spec"]["devices"]["requests"][0]
+    .update(count=4),  # v1 moved count under `exactly`: the old place must fail
+], ids=["unknown-field", "wrong-type", "v1beta1-layout"])
+def test_strict_validation_catches_mistakes(version, break_it):
+    rendered = objects(make_values())
+    break_it(rendered)
+    with pytest.raises(kubernetes_validate.ValidationError):
+        for obj in rendered.values():
+            kubernetes_validate.validate(obj, version, strict=True)
+
+
+# (b) Field by field against the seed (section 4.1); every difference is listed with its reason.
+
+CONTAINER = ("spec", "template", "spec", "containers", "[vllm-server]")
+POD = ("spec", "template", "spec")
+MANAGED_BY = "app.kubernetes.io/managed-by"
+INTENTIONAL_DIFFERENCES = {
+    ("Secret",): "new object: the seed's endpoint had no API key; the key (and an HF token) "
+                 "now live in a Secret that the Deployment references by name",
+    ("ResourceClaimTemplate", "metadata", "labels"):
+        "labels on every object: `kubectl get all -l app=NAME` finds them all, managed-by "
+        "names the owner",
+    ("Service", "metadata", "labels"): "as above",
+    ("Deployment", "metadata", "labels"): "as above",
+    ("Deployment", "spec", "template", "metadata", "labels", MANAGED_BY):
+        "as above; the selector keeps the seed's lone `app` label (selectors are immutable)",
+    ("Deployment", "spec", "strategy"):
+        "Recreate: the old pod holds the tray's GPUs, so a rolling update's extra pod would "
+        "wait forever for GPUs that only its own rollout frees",
+    ("Deployment", *POD, "enableServiceLinks"):
+        "off: Kubernetes injects NAME_PORT-style variables for every Service, and vLLM reads "
+        "VLLM_* variables (a Service named vllm would set VLLM_PORT and break start-up)",
+    ("Deployment", *POD, "nodeSelector"):
+        "GB200 trays are arm64 (Grace): the pod must not land on an x86 node, whatever GPUs "
+        "it has; an extra selector can pin a node pool",
+    ("Deployment", *CONTAINER, "command"):
+        "exec form, `vllm` with the argv from tasks.models.vllm_serve_args: no shell to quote "
+        "the speculative-config JSON, and the same argv as every other runtime "
+        "(test_exec_form_is_the_seeds_shell_command_word_for_word)",
+    ("Deployment", *CONTAINER, "args"): "as command",
+    ("Deployment", *CONTAINER, "env"):
+        "VLLM_API_KEY and HF_TOKEN by secretKeyRef (optional: a missing key leaves the "
+        "endpoint open, as the seed's was); never a literal value",
+    ("Deployment", *CONTAINER, "startupProbe"):
+        "the seed had no probes: the window is derived from checkpoint size and load rate, "
+        "so a 595 GB load is not killed half-way",
+    ("Deployment", *CONTAINER, "readinessProbe"):
+        "the Service sends requests only once /health answers",
+    ("Deployment", *CONTAINER, "livenessProbe"): "a hung server is restarted",
+    ("Deployment", *CONTAINER, "volumeMounts", "[dshm]"):
+        "/dev/shm is 64 MiB in a pod by default; tensor-parallel vLLM needs more for its "
+        "shared-memory transfers between ranks",
+    ("Deployment", *POD, "volumes", "[dshm]"): "as the /dev/shm mount",
+    ("Deployment", *POD, "volumes", "[model-storage]", "hostPath", "path"):
+        "weights_dir is /raid/models/NAME; the seed's /raid/lixd/models is one user's folder",
+    ("Deployment", *POD, "volumes", "[eagle-model-storage]", "hostPath", "path"): "as above",
+}
+
+
+def flatten(node, path=()) -> dict[tuple, object]:
+    """Leaf path -> value; list items with a name are keyed by it, so order does not matter."""
+    if isinstance(node, dict):
+        leaves = {}
+        for key, value in node.items():
+            leaves.update(flatten(value, (*path, key)))
+        return leaves
+    if isinstance(node, list) and node and all(isinstance(i, dict) and "name" in i
+                                               for i in node):
+        return {leaf: value for item in node
+                for leaf, value in flatten(item, (*path, f"[{item['name']}]")).items()}
+    if isinstance(node, list) and node:
+        return {leaf: value for index, item in enumerate(node)
+                for leaf, value in flatten(item, (*path, index)).items()}
+    return {path: node}
+
+
+def by_kind(documents) -> dict[tuple, object]:
+    leaves = {}
+    for doc in documents:
+        leaves.update(flatten(doc, (doc["kind"],)))
+    return leaves
+
+
+def seed_documents() -> list[dict]:
+    return list(yaml.safe_load_all(SEED_MANIFEST.read_text()))
+
+
+def test_fixture_is_the_seeds_manifest_line_for_line():
+    if not SEED.exists():
+        pytest.skip(f"the seed is not beside this clone ({SEED}); the fixture stands for it")
+    first, last = SEED_LINES
+    seed = SEED.read_text().splitlines()[first - 1:last]
+    assert seed[0].startswith("| "), "the seed's code-block frame moved: update SEED_LINES"
+    seed[0] = seed[0][2:]
+    fixture = [line for line in SEED_MANIFEST.read_text().splitlines()
+               if not line.startswith("#")]
+    assert [line.strip() for line in fixture] == [line.strip() for line in seed]
+    assert [doc["kind"] for doc in seed_documents()] == \
+        ["ResourceClaimTemplate", "Deployment", "Service"]
+
+
+def test_rendered_objects_line_up_with_the_seed_field_by_field():
+    seed = by_kind(seed_documents())
+    rendered = by_kind(objects(make_values(draft=True)).values())  # the seed ran the draft
+    differing = {path for path in seed.keys() | rendered.keys()
+                 if seed.get(path, "<absent>") != rendered.get(path, "<absent>")}
+
+    def listed(path):
+        return [prefix for prefix in INTENTIONAL_DIFFERENCES if path[:len(prefix)] == prefix]
+
+    unexplained = sorted((path for path in differing if not listed(path)), key=str)
+    assert not unexplained, "differences from the seed without a listed reason:\n" + \
+        "\n".join(f"{p}: seed {seed.get(p, '<absent>')!r}, rendered "
+                  f"{rendered.get(p, '<absent>')!r}" for p in unexplained)
+    stale = [prefix for prefix in INTENTIONAL_DIFFERENCES
+             if not any(path[:len(prefix)] == prefix for path in differing)]
+    assert not stale, f"listed differences that no longer differ: {stale}"
+    # What the seed had and we keep: the GPU claim, resources, ports, mounts, the Service.
+    assert len(seed.keys() & rendered.keys()) > 30
+    assert all(seed[p] == rendered[p] for p in seed.keys() & rendered.keys() if not listed(p))
+
+
+def test_exec_form_is_the_seeds_shell_command_word_for_word():
+    seed = container(seed_documents()[1])
+    assert seed["command"] == ["/bin/bash"] and seed["args"][0] == "-c"
+    # bash joins backslash-newline continuations before splitting into words.
+    seed_argv = shlex.split(seed["args"][1].replace("\\\n", " "))
+    rendered = container(objects(make_values(draft=True))["deployment.yaml"])
+    assert rendered["command"] + rendered["args"] == seed_argv
+
+
+# (c) The container's argv is the one renderer's output, exactly.
+
+@pytest.mark.parametrize("draft", [True, False])
+def test_container_args_are_vllm_serve_args_exactly(draft):
+    rendered = container(objects(make_values(draft=draft))["deployment.yaml"])
+    assert rendered["command"] == ["vllm"]
+    assert rendered["args"] == gb200_serve_args(draft)
+    assert ("--speculative-config" in rendered["args"]) is draft
+
+
+def test_args_survive_any_characters_and_overrides():
+    args = vllm_serve_args(PROFILES["kimi-k2.6"], model_path=MODEL_MOUNT, draft_path=None,
+                           host="0.0.0.0", port=8080, tensor_parallel_size=8,
+                           extra_args=["--chat-template-kwargs", '{"a": "b: c # d"}',
+                                       "it's", "100%", "$HOME", "yes", "0.90", "null", "<&>"])
+    values = make_values(draft=False, serve_args=args)
+    rendered = objects(values)
+    deployment = rendered["deployment.yaml"]
+    # YAML would read yes/null/0.90 unquoted as bool/None/float: every arg stays a string.
+    assert container(deployment)["args"] == args
+    assert container(deployment)["ports"][0]["containerPort"] == 8080
+    assert rendered["service.yaml"]["spec"]["ports"][0]["targetPort"] == 8080
+    count = rendered["resourceclaimtemplate.yaml"]["spec"]["spec"]["devices"]["requests"][0]
+    assert count["exactly"]["count"] == 8  # the claim follows the tensor-parallel size
+
+
+def test_sandbox_profile_claims_one_gpu():
+    args = vllm_serve_args(PROFILES["sandbox-tiny"], model_path=MODEL_MOUNT, draft_path=None,
+                           host="0.0.0.0", port=8000)
+    values = make_values(draft=False, serve_args=args, checkpoint_size_bytes=2 * 10**6)
+    claim = objects(values)["resourceclaimtemplate.yaml"]
+    assert claim["spec"]["spec"]["devices"]["requests"][0]["exactly"] == \
+        {"deviceClassName": "gpu.nvidia.com", "allocationMode": "ExactCount", "count": 1}
+
+
+# (d) The startup probe's window comes from checkpoint size and load rate.
+
+def startup_window(values: ManifestValues) -> int:
+    probe = container(objects(values)["deployment.yaml"])["startupProbe"]
+    return probe["failureThreshold"] * probe["periodSeconds"]
+
+
+def test_startup_window_scales_with_checkpoint_size_and_load_rate():
+    kimi = make_values(draft=False)
+    assert startup_window(kimi) == startup_probe_window_s(595 * 10**9, 1.0e9) == 1790
+    bigger = dataclasses.replace(kimi, checkpoint_size_bytes=1200 * 10**9)
+    slower = dataclasses.replace(kimi, load_bytes_per_s=0.25e9)
+    tiny = dataclasses.replace(kimi, checkpoint_size_bytes=2 * 10**6)
+    assert startup_window(tiny) < startup_window(kimi) < startup_window(bigger)
+    assert startup_window(kimi) < startup_window(slower)
+    # Always longer than the load itself: a probe shorter than the load kills every start.
+    for values in (kimi, bigger, slower, tiny):
+        assert startup_window(values) > values.checkpoint_size_bytes / values.load_bytes_per_s
+    # Growth is linear in size, with a fixed allowance for start-up work that does not scale.
+    assert (startup_probe_window_s(2 * 10**12, 1e9) - startup_probe_window_s(10**12, 1e9)) == \
+        startup_probe_window_s(10**12, 1e9) - startup_probe_window_s(0, 1e9)
+
+
+@pytest.mark.parametrize("size, rate", [(-1, 1e9), (10, 0), (10, -5.0)])
+def test_startup_window_refuses_nonsense(size, rate):
+    with pytest.raises(ValueError):
+        startup_probe_window_s(size, rate)
+
+
+def test_readiness_and_liveness_probe_health_on_the_named_port():
+    rendered = container(objects(make_values())["deployment.yaml"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert rendered[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert rendered["ports"] == [{"containerPort": 8000, "name": "http"}]
+
+
+# (e) Secrets: by reference in the Deployment, values only in the Secret.
+
+def test_no_secret_value_outside_the_secret():
+    values = make_values()
+    texts = render_manifests(values)
+    for name, text in texts.items():
+        leaked = [secret for secret in (API_KEY, HF_TOKEN) if secret in text]
+        assert leaked == ([API_KEY, HF_TOKEN] if name == "secret.yaml" else []), name
+    assert API_KEY not in repr(values) and HF_TOKEN not in repr(values)
+    env = container(load(texts["deployment.yaml"]))["env"]
+    assert env == [{"name": key, "valueFrom": {"secretKeyRef": {
+        "name": "kimi-k26-secrets", "key": key, "optional": True}}}
+        for key in ("VLLM_API_KEY", "HF_TOKEN")]
+
+
+def test_secret_holds_exactly_the_values_given():
+    def string_data(**secrets):
+        return objects(make_values(**secrets))["secret.yaml"].get("stringData")
+
+    assert string_data() == {"VLLM_API_KEY": API_KEY, "HF_TOKEN": HF_TOKEN}
+    assert string_data(hf_token=None) == {"VLLM_API_KEY": API_KEY}
+    assert string_data(api_key=None) == {"HF_TOKEN": HF_TOKEN}
+    assert string_data(api_key=None, hf_token=None) is None
+    secret = objects(make_values(secret_name="vllm-keys"))
+    assert secret["secret.yaml"]["metadata"]["name"] == "vllm-keys"
+    assert secret["secret.yaml"]["type"] == "Opaque"
+    assert {ref["valueFrom"]["secretKeyRef"]["name"]
+            for ref in container(secret["deployment.yaml"])["env"]} == {"vllm-keys"}
+
+
+def test_secret_names_cannot_ride_in_plain_environment():
+    with pytest.raises(ValueError, match="secrets come from the Secret only"):
+        make_values(environment={"VLLM_API_KEY": API_KEY})
+
+
+def test_plain_environment_is_rendered_before_the_secret_references():
+    env = container(objects(make_values(environment={"HF_HUB_OFFLINE": "1"}))
+                    ["deployment.yaml"])["env"]
+    assert env[0] == {"name": "HF_HUB_OFFLINE", "value": "1"}
+    assert [item["name"] for item in env[1:]] == ["VLLM_API_KEY", "HF_TOKEN"]
+
+
+# Volumes, Service, image, node selection.
+
+@pytest.mark.parametrize("draft", [True, False])
+def test_host_path_volumes_are_read_only_directories(draft):
+    pod = objects(make_values(draft=draft))["deployment.yaml"]["spec"]["template"]["spec"]
+    weights = [v for v in pod["volumes"] if v["name"] != "dshm"]
+    assert weights == [
+        {"name": "model-storage", "hostPath": {"path": "/raid/models/kimi-k2.6",
+                                               "type": "Directory"}},
+        *([{"name": "eagle-model-storage",
+            "hostPath": {"path": "/raid/models/kimi-k2.6-eagle3", "type": "Directory"}}]
+          if draft else []),
+    ]
+    mounts = container(objects(make_values(draft=draft))["deployment.yaml"])["volumeMounts"]
+    assert [(m["mountPath"], m.get("readOnly")) for m in mounts] == [
+        (MODEL_MOUNT, True), *([(DRAFT_MOUNT, True)] if draft else []), ("/dev/shm", None)]
+
+
+def test_claim_volumes_mount_a_folder_of_one_claim_read_only():
+    deployment = objects(make_values(volume_type="persistentVolumeClaim"))["deployment.yaml"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["model-storage"]["persistentVolumeClaim"] == \
+        {"claimName": "kimi-models", "readOnly": True}
+    mounts = {m["name"]: m for m in container(deployment)["volumeMounts"]}
+    assert mounts["model-storage"]["subPath"] == "kimi-k2.6"
+    assert mounts["eagle-model-storage"]["subPath"] == "kimi-k2.6-eagle3"
+
+
+def test_shared_memory_is_memory_backed_and_bounded():
+    volumes = objects(make_values(shm_size="8Gi"))["deployment.yaml"]["spec"]["template"]
+    (dshm,) = [v for v in volumes["spec"]["volumes"] if v["name"] == "dshm"]
+    assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
+
+
+@pytest.mark.parametrize("service_type, node_port", [("NodePort", 30180), ("ClusterIP", None)])
+def test_service_type_and_node_port(service_type, node_port):
+    service = objects(make_values(service_type=service_type))["service.yaml"]
+    assert service["spec"]["type"] == service_type
+    assert service["spec"]["ports"][0].get("nodePort") == node_port
+    assert service["spec"]["selector"] == {"app": "kimi-k26"}
+
+
+def test_image_pins_a_digest_when_given():
+    assert container(objects(make_values())["deployment.yaml"])["image"] == \
+        "vllm/vllm-openai:v0.19.1-cu130"
+    assert container(objects(make_values(image_digest=DIGEST))["deployment.yaml"])["image"] \
+        == f"vllm/vllm-openai:v0.19.1-cu130@{DIGEST}"
+
+
+def test_node_selector_is_arm64_plus_extras():
+    pod = objects(make_values(node_selector={"nvidia.com/gpu.product": "NVIDIA-GB200"}))
+    assert pod["deployment.yaml"]["spec"]["template"]["spec"]["nodeSelector"] == \
+        {"kubernetes.io/arch": "arm64", "nvidia.com/gpu.product": "NVIDIA-GB200"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"draft": False, "draft_volume": "/raid/models/kimi-k2.6-eagle3"}, "disagree"),
+    ({"draft_volume": None}, "disagree"),
+    ({"name": "Kimi_K26"}, "name="),
+    ({"image_digest": "sha256:abc"}, "image_digest"),
+    ({"volume_type": "nfs"}, "volume_type"),
+    ({"model_sub_path": "kimi-k2.6"}, "persistentVolumeClaim only"),
+    ({"service_type": "LoadBalancer"}, "service_type"),
+    ({"node_port": 8000}, "node_port"),
+    ({"serve_args": ["serve", "/app/model", "--port", "8000"]}, "--tensor-parallel-size"),
+    # Settings.serve_args holds host paths: the pod would look for weights that are not there.
+    ({"serve_args": vllm_serve_args(PROFILES["kimi-k2.6"], model_path="/raid/models/kimi-k2.6",
+                                    draft_path=None, host="0.0.0.0", port=8000),
+      "draft": False}, "model_path='/app/model'"),
+    ({"serve_args": vllm_serve_args(PROFILES["kimi-k2.6"], model_path=MODEL_MOUNT,
+                                    draft_path="/raid/models/kimi-k2.6-eagle3",
+                                    host="0.0.0.0", port=8000)}, "--speculative-config"),
+])
+def test_values_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_values(**overrides)
+
+
+# The templates themselves.
+
+def test_each_template_names_its_task_and_holds_one_object():
+    templates = sorted(path.name for path in TEMPLATE_DIR.glob("*.j2"))
+    assert templates == sorted(name + ".j2" for name in MANIFESTS)
+    for name, text in render_manifests(make_values()).items():
+        assert text.startswith("# Managed by tasks/vllm_kubernetes.py"), name
+        load(text)
+
+
+def test_pyinfra_files_template_renders_the_same_text():
+    from pyinfra.api.util import get_template
+
+    values = make_values()
+    contexts = template_context(values)
+    for name, text in render_manifests(values).items():
+        template = get_template(str(TEMPLATE_DIR / (name + ".j2")))
+        assert template.render(**contexts[name + ".j2"]) == text, name
