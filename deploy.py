@@ -9,13 +9,14 @@ unchanged deploy yields zero changes and no restart.
 
 from tasks import preflight, system, vllm_service, vllm_venv, weights
 
-# 1. Refuse bad data before anything on any host changes.
-preflight.check()
-# 2. OS packages, the service user, the weights folder.
-system.prepare()
-# 3. Model weights into <weights_dir>/<model> (the seed's `hf download ... --local-dir`).
-model = weights.place()
-# 4. The runtime that runs `vllm serve`.
-runtime = vllm_venv.install()
-# 5. vllm.service with the rendered command line; restart only if something above changed.
-vllm_service.run(restart_triggers=[model, runtime])
+# 1. Refuse what cannot work (bad data, too few GPUs, no disk, port taken): the first
+#    operation fails on every such host, and the run stops before any change anywhere.
+if preflight.check():
+    # 2. OS packages and the weights folder.
+    system.prepare()
+    # 3. Model weights into <weights_dir>/<model> (the seed's `hf download ... --local-dir`).
+    model = weights.place()
+    # 4. The runtime that runs `vllm serve`.
+    runtime = vllm_venv.install()
+    # 5. vllm.service with the rendered command line; restart only if something above changed.
+    vllm_service.run(restart_triggers=[model, runtime])

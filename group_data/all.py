@@ -4,10 +4,19 @@ Group files (gb200.py, sandbox.py) hold differences only; inventories hold per-m
 README.md's data-keys table is kept in step with this file by tests/unit/test_readme.py.
 """
 
-# ---- host: packages and directories (tasks/host.py) -----------------------------------------
+# ---- system: packages and the weights folder (tasks/system.py) -----------------------------
 # OS packages every serving host needs (vLLM links libnuma; the venv runtime needs venv; the
-# health wait uses curl). Already-installed packages cost nothing, so offline hosts are fine.
-host_packages = ["python3-venv", "libnuma1", "curl"]
+# health wait uses curl; preflight reads listening ports with ss). Installed packages cost
+# nothing, so offline hosts are fine.
+host_packages = ["python3-venv", "libnuma1", "curl", "iproute2"]
+
+# ---- preflight: checks before any change (tasks/preflight.py) -------------------------------
+# Proceed although GPU memory x utilisation is under the profile's minimum. The seed ran
+# Kimi-K2.6 INT4 (recipe: >= 714 GB) on 4 x GB200 (~666 GB usable at 0.90) with a tight KV
+# cache; kimi-k2.6-nvfp4 (600 GB) is the roomier choice on Blackwell.
+preflight_accept_low_gpu_memory = False
+# Oldest NVIDIA driver branch accepted on GPU hosts (CUDA 13 builds of vLLM need 580).
+nvidia_driver_min_branch = 580
 
 # ---- model: which model and where its weights live (tasks/models.py, tasks/weights.py) -------
 # Catalog entry in tasks/models.py: kimi-k2.6 (INT4, the seed), kimi-k2.6-nvfp4, sandbox-tiny.

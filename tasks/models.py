@@ -25,6 +25,7 @@ class ModelProfile:
     size_bytes: int  # weights on disk: free-space preflight, health and probe timeouts
     min_gpu_memory_gb: int  # all GPUs together, from the vLLM recipe
     tensor_parallel_size: int
+    attention_heads: int  # tensor parallel size must divide it (vLLM shards heads evenly)
     gpu_memory_utilization: float | None  # None: vLLM's default (and CPU builds ignore it)
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
@@ -55,6 +56,7 @@ PROFILES: dict[str, ModelProfile] = {
             size_bytes=595 * GB,
             min_gpu_memory_gb=714,
             tensor_parallel_size=4,
+            attention_heads=64,
             gpu_memory_utilization=0.90,
             tool_call_parser="kimi_k2",
             reasoning_parser="kimi_k2",
@@ -75,6 +77,7 @@ PROFILES: dict[str, ModelProfile] = {
             size_bytes=600 * GB,
             min_gpu_memory_gb=600,
             tensor_parallel_size=4,
+            attention_heads=64,
             gpu_memory_utilization=0.90,
             tool_call_parser="kimi_k2",
             reasoning_parser="kimi_k2",
@@ -96,6 +99,7 @@ PROFILES: dict[str, ModelProfile] = {
             size_bytes=2 * 10**6,
             min_gpu_memory_gb=0,
             tensor_parallel_size=1,
+            attention_heads=4,
             gpu_memory_utilization=None,
             tool_call_parser="kimi_k2",
             reasoning_parser="kimi_k2",

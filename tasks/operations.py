@@ -60,8 +60,15 @@ def tree_synced(src: str, dest: str):
                             "mv", "-f", QuoteString(partial), QuoteString(target))
 
 
+# Part of the venv's identity besides the lock: bump it when the way a venv is built changes,
+# so every host rebuilds. (2: byte-compile at install, since the service's /opt is read-only
+# and a venv without .pyc files spends ~60 s compiling on every start.)
+VENV_RECIPE = "2"
+
+
 def wheelhouse_lock_digest(wheelhouse_dir: str) -> str:
-    return local_sha256(Path(wheelhouse_dir) / "requirements.lock")
+    lock = (Path(wheelhouse_dir) / "requirements.lock").read_bytes()
+    return hashlib.sha256(lock + f"\nrecipe {VENV_RECIPE}".encode()).hexdigest()
 
 
 @operation()
@@ -96,7 +103,7 @@ def wheelhouse_venv(wheelhouse_dir: str, venv_link: str, python: str = "python3"
     yield FileUploadCommand(str(lock_path), f"{staging}/requirements.lock")
     yield StringCommand(python, "-m", "venv", QuoteString(target))
     yield StringCommand(f"{target}/bin/pip", "install", "--quiet", "--no-index", "--no-deps",
-                        "--require-hashes", "--no-compile", "--disable-pip-version-check",
+                        "--require-hashes", "--disable-pip-version-check",
                         "--find-links", QuoteString(staging),
                         "-r", QuoteString(f"{staging}/requirements.lock"))
     yield StringCommand("rm", "-rf", QuoteString(staging))

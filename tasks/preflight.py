@@ -1,18 +1,158 @@
-"""Read-only checks that stop a deploy before its first change."""
+"""Read-only checks that stop a deploy before its first change.
 
-from pyinfra import host
-from pyinfra.api import deploy
+The checks are a pure function of (host data, host facts), `host_problems`, so they are tested
+as data; the @deploy gathers the facts and turns problems into a failing first operation.
+"""
 
-from tasks.settings import resolve
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyinfra import host, logger
+from pyinfra.api import QuoteString, StringCommand, deploy, operation
+from pyinfra.facts.server import Command
+
+from tasks.facts import CpuArchitecture, FreeBytes, ListeningTcpPorts, NvidiaGpus, NvidiaSmiInfo
+from tasks.settings import UNIT_NAME, DataError, Settings, resolve
+
+GIB = 2**30
+# GPUs whose trays sit on an NVLink fabric (GB200/GB300 NVL72): their fabric must be up.
+NVL_GPU_MARKERS = ("GB200", "GB300")
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the checks need to know about a host, gathered once."""
+
+    gpus: list[dict] = field(default_factory=list)  # tasks.facts.NvidiaGpus
+    smi: dict = field(default_factory=dict)  # tasks.facts.NvidiaSmiInfo
+    arch: str = "x86_64"
+    weights_free: dict | None = None  # tasks.facts.FreeBytes(weights_dir)
+    weights_present_bytes: int = 0  # bytes already in the model folder
+    listening: list[dict] = field(default_factory=list)  # tasks.facts.ListeningTcpPorts
+    service_pid: int | None = None  # MainPID of vllm.service, when running
+
+
+def needs_gpus(settings: Settings) -> bool:
+    return settings.profile.min_gpu_memory_gb > 0
+
+
+def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
+    """Every reason this host cannot take the deploy, one line each: host, key, found, need."""
+    problems = []
+    name = settings.host_name
+
+    def problem(key: str, found: str, need: str) -> None:
+        problems.append(f"{name}: {key}: found {found}; need {need}")
+
+    tp = settings.tensor_parallel_size
+    if needs_gpus(settings):
+        gpus = facts.gpus
+        if tp > len(gpus):
+            problem("vllm_tensor_parallel_size", f"{len(gpus)} visible GPU(s)",
+                    f"at least {tp} for tensor parallel {tp} "
+                    f"(model_profile {settings.profile.name})")
+        else:
+            used = gpus[:tp]
+            # vLLM's own default when the profile leaves it unset.
+            utilisation = settings.gpu_memory_utilization or 0.9
+            usable_gb = sum(gpu["memory_total_mib"] for gpu in used) / 1024 * utilisation
+            minimum = settings.profile.min_gpu_memory_gb
+            if usable_gb < minimum and not settings.accept_low_gpu_memory:
+                per_gpu = used[0]["memory_total_mib"] / 1024
+                seed_note = (
+                    " The seed ran Kimi-K2.6 INT4 on 4 x GB200 this way with a tight KV cache: "
+                    "set preflight_accept_low_gpu_memory = True to do the same, or choose "
+                    "model_profile kimi-k2.6-nvfp4 (600 GB) on Blackwell."
+                    if settings.profile.name == "kimi-k2.6" else "")
+                problem("vllm_gpu_memory_utilization",
+                        f"{usable_gb:.0f} GB usable ({tp} x {per_gpu:.0f} GB x {utilisation:.2f})",
+                        f">= {minimum} GB for {settings.profile.name}.{seed_note}")
+            mig = [gpu["index"] for gpu in used if gpu.get("mig")]
+            if mig:
+                problem("GPUs", f"MIG enabled on GPU {mig}", "MIG disabled for tensor parallel")
+        drivers = {gpu["driver"] for gpu in gpus}
+        for driver in sorted(drivers):
+            if int(driver.split(".")[0]) < settings.driver_min_branch:
+                problem("nvidia_driver_min_branch", f"driver {driver}",
+                        f"branch >= {settings.driver_min_branch} (CUDA 13 builds of vLLM)")
+        if any(marker in gpu["name"] for gpu in gpus for marker in NVL_GPU_MARKERS):
+            states = {gpu.get("fabric_state") for gpu in facts.smi.get("gpus", [])}
+            if states != {"Completed"}:
+                problem("GPU fabric", f"state {sorted(map(str, states))} on an NVL tray",
+                        "Completed on every GPU (check nvidia-imex / the ComputeDomain)")
+
+    if facts.weights_free is not None:
+        needed = max(settings.weights_bytes - facts.weights_present_bytes, 0)
+        free = facts.weights_free["free_bytes"]
+        if needed > free:
+            problem("weights_dir", f"{free / 1e9:.1f} GB free on {facts.weights_free['mount']} "
+                    f"for {settings.model_dir}",
+                    f"{needed / 1e9:.1f} GB more for the weights not yet present")
+
+    for listener in facts.listening:
+        ours = listener["pid"] is not None and listener["pid"] == facts.service_pid
+        if listener["port"] == settings.port and not ours:
+            owner = listener["process"] or "an unknown process"
+            if listener["pid"]:
+                owner += f" (pid {listener['pid']})"
+            problem("vllm_port", f"port {settings.port} held by {owner}",
+                    f"a free port, or one held by {UNIT_NAME}")
+            break
+    return problems
+
+
+@operation()
+def passed(problems: list[str], checks: str):
+    """
+    Fail, printing every problem, when there are any; otherwise change nothing.
+
+    + problems: one line each
+    + checks: what was checked, for the no-change message
+    """
+    if not problems:
+        host.noop(f"preflight passed: {checks}")
+        return
+    message = "preflight refused the deploy:\n" + "\n".join(problems) + "\n"
+    yield StringCommand("printf", "%s", QuoteString(message), ">&2", "&&", "exit", "1")
+
+
+def gather(settings: Settings) -> HostFacts:
+    pid = host.get_fact(Command, command=f"systemctl show -p MainPID --value {UNIT_NAME} "
+                                         "2>/dev/null || true")
+    present = host.get_fact(Command, command=f"du -sb {settings.model_dir} 2>/dev/null "
+                                             "| cut -f1 || true")
+    gpus = host.get_fact(NvidiaGpus) if needs_gpus(settings) else []
+    return HostFacts(
+        gpus=gpus,
+        smi=host.get_fact(NvidiaSmiInfo) if gpus else {},
+        arch=host.get_fact(CpuArchitecture),
+        weights_free=host.get_fact(FreeBytes, path=settings.weights_dir),
+        weights_present_bytes=int(present or 0),
+        listening=host.get_fact(ListeningTcpPorts),
+        service_pid=int(pid) if pid and pid != "0" else None,
+    )
 
 
 @deploy("Preflight")
-def check() -> None:
-    """Refuse, before anything on the host changes, data that cannot work.
+def check() -> bool:
+    """Refuse, before anything on any host changes, what cannot work; True when all passed.
 
-    Reads every data key in group_data/all.py (through tasks.settings.resolve); raises
-    DataError with one line per problem, each naming the host, the key, what was found and what
-    is needed. pyinfra prepares every host before it executes any, so one bad host stops the
-    whole run with all hosts untouched.
+    Reads every data key (tasks.settings.resolve) and the host's GPUs, free space on
+    weights_dir, listening ports and architecture. Each problem is one line naming the host,
+    the data key, what was found and what is needed; all are reported at once, logged while
+    planning (so `--dry` shows them) and raised by this deploy's first operation, which stops
+    the run on every host before any change (config.FAIL_PERCENT = 0).
     """
-    resolve(host)
+    try:
+        settings = resolve(host)
+    except DataError as error:
+        problems = str(error).splitlines()[1:]
+        problems = [line.strip() for line in problems]
+    else:
+        problems = host_problems(settings, gather(settings))
+    for line in problems:
+        logger.warning(f"preflight: {line}")
+    passed(name="Check data, GPUs, disk and port", problems=problems,
+           checks="data, GPUs, weights disk space, serving port")
+    return not problems

@@ -46,6 +46,11 @@ class Settings:
     environment: dict[str, str]
     serve_args: list[str]
     packages: list[str]
+    tensor_parallel_size: int
+    gpu_memory_utilization: float | None
+    weights_bytes: int  # what the model folder holds when complete
+    accept_low_gpu_memory: bool
+    driver_min_branch: int
 
     @property
     def health_url(self) -> str:
@@ -154,6 +159,15 @@ def resolve(host) -> Settings:
         read.error("model_source_dir", None,
                    "a controller folder to push (fetching from the Hub is not implemented yet)")
     packages = read.get("host_packages", (list, tuple), "a list of package names")
+    accept_low = read.get("preflight_accept_low_gpu_memory", (bool,), "true or false")
+    driver_branch = read.get("nvidia_driver_min_branch", (int,), "a driver branch like 580")
+    if driver_branch is not None and not 400 <= driver_branch <= 9999:
+        read.error("nvidia_driver_min_branch", driver_branch, "a driver branch like 580")
+
+    if profile is not None and tp is not None and tp >= 1 and profile.attention_heads % tp:
+        read.error("vllm_tensor_parallel_size", tp,
+                   f"a divisor of the {profile.attention_heads} attention heads of "
+                   f"{profile.name} (vLLM shards heads evenly)")
 
     if read.errors:
         raise DataError("invalid host data:\n  " + "\n  ".join(read.errors))
@@ -161,6 +175,8 @@ def resolve(host) -> Settings:
     model_dir = f"{weights_dir.rstrip('/')}/{profile.local_name}"
     draft_dir = (f"{weights_dir.rstrip('/')}/{profile.draft_local_name}"
                  if speculative and profile.draft_local_name else None)
+    tp = tp if tp is not None else profile.tensor_parallel_size
+    memory = memory if memory is not None else profile.gpu_memory_utilization
     serve_args = vllm_serve_args(
         profile, model_path=model_dir, draft_path=draft_dir, host=listen_host, port=port,
         tensor_parallel_size=tp, gpu_memory_utilization=memory,
@@ -178,4 +194,7 @@ def resolve(host) -> Settings:
         model_dir=model_dir, draft_dir=draft_dir, model_source_dir=source, runtime=runtime,
         listen_host=listen_host, port=port, api_key=api_key, health_timeout_s=health_timeout,
         venv_dir=venv_dir, wheelhouse_dir=wheelhouse, environment=env, serve_args=serve_args,
-        packages=list(packages))
+        packages=list(packages), tensor_parallel_size=tp, gpu_memory_utilization=memory,
+        weights_bytes=(sum(p.stat().st_size for p in Path(source).rglob("*") if p.is_file())
+                       if source else profile.size_bytes),
+        accept_low_gpu_memory=accept_low, driver_min_branch=driver_branch)

@@ -1,16 +1,17 @@
-"""The host layer every runtime needs: OS packages, the service user, the weights folder."""
+"""The host layer every runtime needs: OS packages and the weights folder."""
 
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
-from pyinfra.operations import apt, files, server
+from pyinfra.operations import apt, files
 
 from tasks.settings import resolve
 
 
 @deploy("System")
 def prepare() -> None:
-    """Converge OS packages, the `vllm` system user and the weights folder.
+    """Converge OS packages and the weights folder. (vllm.service needs no user account: it
+    runs as a systemd DynamicUser.)
 
     Data keys: host_packages, weights_dir.
     """
@@ -20,7 +21,5 @@ def prepare() -> None:
         # Only then: offline hosts that already have everything never touch the network.
         apt.update(name="Refresh apt package lists")
     apt.packages(name="Install host packages", packages=settings.packages)
-    server.user(name="Create vllm system user", user="vllm", system=True,
-                home="/var/lib/vllm", shell="/usr/sbin/nologin", create_home=False)
     files.directory(name=f"Create weights folder {settings.weights_dir}",
                     path=settings.weights_dir, user="root", group="root", mode="755")

@@ -146,6 +146,27 @@ def test_dry_run_plans_no_change(sandbox):
             if op["hosts_with_change"]} == {}
 
 
+def files_snapshot(host) -> str:
+    """A digest of every managed file's path, size and mtime: any write changes it."""
+    return host.check_output("find /etc /opt/vllm /raid -xdev -type f -printf '%p %s %T@\\n' "
+                             "| sort | sha256sum")
+
+
+def test_refused_deploy_reports_every_host_and_changes_no_file(hosts):
+    before = {name: (files_snapshot(host), service_start(host)) for name, host in hosts.items()}
+    result = subprocess.run([PYINFRA, "-y", "--data", "model_profile=kimi-k2.6",
+                             "inventories/sandbox.py", "deploy.py"],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    for name in hosts:
+        assert (f"{name}: vllm_tensor_parallel_size: found 0 visible GPU(s); need at least 4 "
+                "for tensor parallel 4 (model_profile kimi-k2.6)") in output
+    assert "Starting operation: System" not in output  # the run stopped at preflight
+    assert {name: (files_snapshot(host), service_start(host))
+            for name, host in hosts.items()} == before
+
+
 def test_rotated_api_key_restarts_the_service_once_and_takes_effect(hosts, sandbox):
     before = {name: service_start(host) for name, host in hosts.items()}
     old_key = api_key(sandbox)

@@ -1,0 +1,158 @@
+"""tasks/preflight.py: the checks that need host facts, run as data against facts shaped like
+the real captures (tests/fixtures/facts) and the seed's 4 x GB200 tray."""
+
+import dataclasses
+
+import pytest
+
+from tasks.preflight import HostFacts, host_problems
+from tasks.settings import resolve
+from tests.helpers import FakeHost, group_data
+
+GB = 10**9
+
+
+def gpus(count, name="NVIDIA GB200", mib=189471, driver="580.95.05", mig=False):
+    return [{"index": i, "uuid": f"GPU-{i}", "name": name, "bus_id": f"0000000{i}:01:00.0",
+             "driver": driver, "memory_total_mib": mib, "memory_used_mib": 0, "mig": mig,
+             "persistence": True} for i in range(count)]
+
+
+def fabric(count, state="Completed"):
+    return {"driver_version": "580.95.05", "cuda_version": "13.0",
+            "gpus": [{"bus_id": f"0000000{i}:01:00.0", "product_name": "NVIDIA GB200",
+                      "fabric_state": state, "fabric_status": "Success", "clique_id": "1",
+                      "cluster_uuid": "x"} for i in range(count)]}
+
+
+GB200_TRAY = HostFacts(gpus=gpus(4), smi=fabric(4), arch="aarch64",
+                       weights_free={"path": "/raid", "mount": "/raid",
+                                     "free_bytes": 7000 * GB, "total_bytes": 15000 * GB},
+                       listening=[{"address": "0.0.0.0", "port": 22, "process": "sshd",
+                                   "pid": 900}])
+H200_BOX = dataclasses.replace(GB200_TRAY, gpus=gpus(1, "NVIDIA H200", 143771, "580.159.04"),
+                               smi={}, arch="x86_64")
+CPU_BOX = dataclasses.replace(GB200_TRAY, gpus=[], smi={}, arch="x86_64")
+
+
+@pytest.fixture
+def data(tmp_path):
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    (wheelhouse / "requirements.lock").write_text("# pins\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    values = group_data("gb200")
+    values.update(vllm_wheelhouse_dir=str(wheelhouse), model_source_dir=str(model))
+    return values
+
+
+def check(data, facts, **overrides):
+    data.update(overrides)
+    settings = resolve(FakeHost("tray-01", data))
+    if data.get("_use_profile_size"):
+        settings = dataclasses.replace(settings, weights_bytes=settings.profile.size_bytes)
+    return host_problems(settings, facts)
+
+
+def only(problems, key):
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"tray-01: {key}: found "), problems[0]
+    return problems[0]
+
+
+def test_kimi_int4_on_a_gb200_tray_is_refused_naming_the_seed_and_the_override(data):
+    line = only(check(data, GB200_TRAY), "vllm_gpu_memory_utilization")
+    assert "666 GB usable (4 x 185 GB x 0.90)" in line and ">= 714 GB" in line
+    assert "preflight_accept_low_gpu_memory" in line and "kimi-k2.6-nvfp4" in line
+    assert "seed" in line
+
+
+def test_kimi_int4_on_a_gb200_tray_passes_with_the_named_override(data):
+    assert check(data, GB200_TRAY, preflight_accept_low_gpu_memory=True) == []
+
+
+def test_nvfp4_fits_a_gb200_tray(data):
+    assert check(data, GB200_TRAY, model_profile="kimi-k2.6-nvfp4") == []
+
+
+def test_tensor_parallel_4_on_one_h200_is_refused(data):
+    line = only(check(data, H200_BOX), "vllm_tensor_parallel_size")
+    assert "1 visible GPU(s)" in line and "at least 4" in line
+
+
+def test_a_gpu_profile_on_a_host_without_gpus_is_refused(data):
+    line = only(check(data, CPU_BOX, model_profile="kimi-k2.6-nvfp4"),
+                "vllm_tensor_parallel_size")
+    assert "0 visible GPU(s)" in line
+
+
+def test_the_sandbox_profile_needs_no_gpu(data):
+    assert check(data, CPU_BOX, model_profile="sandbox-tiny") == []
+
+
+def test_tensor_parallel_1_on_one_h200_is_judged_on_memory(data):
+    line = only(check(data, H200_BOX, model_profile="kimi-k2.6-nvfp4",
+                      vllm_tensor_parallel_size=1), "vllm_gpu_memory_utilization")
+    assert "126 GB usable (1 x 140 GB x 0.90)" in line and ">= 600 GB" in line
+
+
+def test_an_old_driver_is_refused(data):
+    facts = dataclasses.replace(GB200_TRAY, gpus=gpus(4, driver="570.133.20"))
+    line = only(check(data, facts, model_profile="kimi-k2.6-nvfp4"), "nvidia_driver_min_branch")
+    assert "570.133.20" in line and ">= 580" in line
+
+
+def test_an_nvl_tray_whose_fabric_is_not_up_is_refused(data):
+    facts = dataclasses.replace(GB200_TRAY, smi=fabric(4, "In Progress"))
+    line = only(check(data, facts, model_profile="kimi-k2.6-nvfp4"), "GPU fabric")
+    assert "In Progress" in line and "Completed" in line
+
+
+def test_a_pcie_board_has_no_fabric_to_check(data):
+    facts = dataclasses.replace(H200_BOX, gpus=gpus(8, "NVIDIA H200", 143771),
+                                smi={"gpus": [{"fabric_state": "N/A"}] * 8})
+    assert check(data, facts, vllm_tensor_parallel_size=8) == []
+
+
+def test_mig_on_a_serving_gpu_is_refused(data):
+    facts = dataclasses.replace(GB200_TRAY, gpus=gpus(4, mig=True))
+    line = only(check(data, facts, model_profile="kimi-k2.6-nvfp4"), "GPUs")
+    assert "MIG enabled" in line
+
+
+def test_too_little_disk_for_the_weights_is_refused(data):
+    facts = dataclasses.replace(GB200_TRAY, weights_free={
+        "path": "/raid", "mount": "/raid", "free_bytes": 100 * GB, "total_bytes": 1000 * GB})
+    line = only(check(data, facts, model_profile="kimi-k2.6-nvfp4", _use_profile_size=True),
+                "weights_dir")
+    assert "100.0 GB free on /raid" in line and "600.0 GB more" in line
+
+
+def test_weights_already_present_do_not_count_against_free_space(data):
+    facts = dataclasses.replace(GB200_TRAY, weights_present_bytes=550 * GB, weights_free={
+        "path": "/raid", "mount": "/raid", "free_bytes": 100 * GB, "total_bytes": 1000 * GB})
+    assert check(data, facts, model_profile="kimi-k2.6-nvfp4", _use_profile_size=True) == []
+
+
+def test_a_port_held_by_another_process_is_refused(data):
+    facts = dataclasses.replace(GB200_TRAY, listening=[
+        {"address": "0.0.0.0", "port": 8000, "process": "nginx", "pid": 4242}])
+    line = only(check(data, facts, model_profile="kimi-k2.6-nvfp4"), "vllm_port")
+    assert "port 8000 held by nginx (pid 4242)" in line
+
+
+def test_a_port_held_by_our_own_service_is_fine(data):
+    facts = dataclasses.replace(GB200_TRAY, service_pid=4242, listening=[
+        {"address": "0.0.0.0", "port": 8000, "process": "vllm", "pid": 4242}])
+    assert check(data, facts, model_profile="kimi-k2.6-nvfp4") == []
+
+
+def test_every_problem_of_a_host_is_reported_together(data):
+    facts = dataclasses.replace(H200_BOX, gpus=gpus(1, "NVIDIA H200", 143771, "550.1"),
+                                listening=[{"address": "::", "port": 8000, "process": None,
+                                            "pid": None}])
+    problems = check(data, facts)
+    keys = [line.split(":")[1].strip() for line in problems]
+    assert keys == ["vllm_tensor_parallel_size", "nvidia_driver_min_branch", "vllm_port"]
