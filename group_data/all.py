@@ -17,6 +17,8 @@ host_packages = ["python3-venv", "libnuma1", "curl", "iproute2"]
 preflight_accept_low_gpu_memory = False
 # Oldest NVIDIA driver branch accepted on GPU hosts (CUDA 13 builds of vLLM need 580).
 nvidia_driver_min_branch = 580
+# GPU model every GPU of the host must report (infra checks); None accepts any.
+nvidia_gpu_model = None
 
 # ---- model: which model and where its weights live (tasks/models.py, tasks/weights.py) -------
 # Catalog entry in tasks/models.py: kimi-k2.6 (INT4, the seed), kimi-k2.6-nvfp4, sandbox-tiny.
@@ -37,6 +39,9 @@ model_num_speculative_tokens = None
 model_source_dir = None
 # Folder on the host that holds one sub-folder per model (the seed: /raid/<user>/models).
 weights_dir = "/raid/models"
+# Free space the infra checks require on the weights filesystem once the weights are in
+# (room for logs, caches and the next revision).
+weights_min_free_bytes = 100 * 10**9
 
 # ---- vllm: the server (tasks/vllm_service.py, tasks/vllm_venv.py) ---------------------------
 # How vLLM runs: venv (pip-installed under systemd). docker and kubernetes are to come.

@@ -6,3 +6,5 @@
 model_profile = "kimi-k2.6"
 weights_dir = "/raid/models"
 vllm_port = 8000
+# What nvidia-smi reports on a GB200 tray (the seed's table).
+nvidia_gpu_model = "NVIDIA GB200"

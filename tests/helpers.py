@@ -27,3 +27,13 @@ class FakeHost:
     def __init__(self, name: str, data: dict):
         self.name = name
         self.data = data
+
+
+def run_fact(testinfra_host, fact_class, *args):
+    """Run one of tasks/facts.py's facts through a testinfra host: the same command and the
+    same parser pyinfra uses, so checks and deploys agree on what a host looks like."""
+    fact = fact_class()
+    command = fact.command(*args)
+    text = command.get_raw_value() if hasattr(command, "get_raw_value") else str(command)
+    output = testinfra_host.check_output(text)
+    return fact.process(output.splitlines()) if output else fact.default()

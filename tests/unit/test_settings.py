@@ -4,7 +4,7 @@ host, the key, what was found and what is needed."""
 import pytest
 
 from tasks.settings import DataError, resolve
-from tests.helpers import REPO, FakeHost, group_data
+from tests.helpers import FakeHost, group_data
 
 
 @pytest.fixture

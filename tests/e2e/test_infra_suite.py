@@ -1,0 +1,24 @@
+"""The infra suite (tests/infra) run the way an SRE runs it, against the e2e sandbox: every
+check passes on both hosts in parallel, GPU checks are skipped with their reason shown, and
+the JUnit report names each host."""
+
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+
+from tests.e2e.common import ENV
+from tests.helpers import REPO
+
+
+def test_infra_suite_passes_on_every_host_in_parallel(sandbox, tmp_path):
+    junit = tmp_path / "infra.xml"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/infra", "--inventory", "inventories/sandbox.py",
+         "-n", "2", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "profile sandbox-tiny runs without GPUs: no GPU to check" in result.stdout
+    names = {case.get("name") for case in ElementTree.parse(junit).iter("testcase")}
+    for host in sandbox["hosts"]:
+        assert f"test_service_is_active_and_enabled[{host['name']}]" in names
+        assert f"test_chat_completion_answers[{host['name']}]" in names

@@ -1,0 +1,20 @@
+"""Last e2e module: `tools/sandbox down` leaves no process, mount, veth or state behind."""
+
+from pathlib import Path
+
+from tests.e2e.common import SANDBOX, sandbox_tool
+from tests.helpers import REPO
+
+
+def test_down_leaves_no_process_mount_or_veth_behind(sandbox):
+    pids = [h["pid"] for h in sandbox["hosts"]]
+    down = sandbox_tool("down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or b"nspawn" not in \
+            Path(f"/proc/{pid}/cmdline").read_bytes()
+    mounts = Path("/proc/mounts").read_text()
+    assert f".sandbox/{SANDBOX}/" not in mounts
+    for host in sandbox["hosts"]:
+        assert not Path(f"/sys/class/net/ve-{host['name']}").exists()
+    assert not (REPO / ".sandbox" / SANDBOX / "hosts.json").exists()

@@ -1,0 +1,96 @@
+"""Turn a pyinfra inventory into testinfra hosts: `pytest tests/infra --inventory INVENTORY`.
+
+Every check reads what to expect from the host's own data (group_data + inventory, resolved by
+tasks.settings), never from constants, so one suite runs unchanged against the sandbox and
+against GB200 trays. Hosts are test parameters: `-n 4` checks four hosts at once, and a
+failure's test id names its host (`test_service_active[gb200-tray-01]`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import testinfra
+
+from tasks.settings import Settings, resolve
+from tests.helpers import REPO, FakeHost
+
+
+def pytest_addoption(parser):
+    parser.addoption("--inventory", default=os.environ.get("INFRA_INVENTORY"),
+                     help="pyinfra inventory whose hosts to check (or $INFRA_INVENTORY)")
+    parser.addoption("--infra-limit", default=None,
+                     help="comma-separated host names to check (default: every host)")
+
+
+def _inventory(config) -> dict[str, dict]:
+    cached = getattr(config, "_infra_inventory", None)
+    if cached is not None:
+        return cached
+    path = config.getoption("--inventory")
+    if not path:
+        raise pytest.UsageError("tests/infra needs --inventory INVENTORY (or $INFRA_INVENTORY)")
+    result = subprocess.run([sys.executable, "-m", "tests.infra.inventory", path], cwd=REPO,
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise pytest.UsageError(f"cannot load inventory {path}:\n{result.stderr[-2000:]}")
+    hosts = json.loads(result.stdout)
+    limit = config.getoption("--infra-limit")
+    if limit:
+        hosts = {name: data for name, data in hosts.items() if name in limit.split(",")}
+    config._infra_inventory = hosts
+    return hosts
+
+
+def pytest_generate_tests(metafunc):
+    if "host_name" in metafunc.fixturenames:
+        metafunc.parametrize("host_name", sorted(_inventory(metafunc.config)), scope="session")
+
+
+@pytest.fixture(scope="session")
+def host_data(request, host_name) -> dict:
+    return _inventory(request.config)[host_name]
+
+
+@pytest.fixture(scope="session")
+def settings(host_name, host_data) -> Settings:
+    return resolve(FakeHost(host_name, host_data))
+
+
+@pytest.fixture(scope="session")
+def host(host_name, host_data):
+    """A testinfra host over the same SSH settings pyinfra uses (or local for @local)."""
+    if host_name.startswith("@local"):
+        return testinfra.get_host("local://")
+    address = host_data.get("ssh_hostname") or host_name
+    user = host_data.get("ssh_user") or "root"
+    extra = ["-o BatchMode=yes"]
+    if host_data.get("ssh_known_hosts_file"):
+        extra.append(f"-o UserKnownHostsFile={host_data['ssh_known_hosts_file']}")
+    if host_data.get("ssh_strict_host_key_checking"):
+        extra.append(f"-o StrictHostKeyChecking={host_data['ssh_strict_host_key_checking']}")
+    if host_data.get("ssh_port"):
+        extra.append(f"-p {host_data['ssh_port']}")
+    # One master connection per host, reused by every check (a handshake costs ~0.3 s).
+    return testinfra.get_host(f"ssh://{user}@{address}", ssh_identity_file=host_data.get("ssh_key"),
+                              ssh_extra_args=" ".join(extra), sudo=user != "root",
+                              controlpath=f"/tmp/infra-ssh-{user}@{address}", controlpersist=30)
+
+
+@pytest.fixture(scope="session")
+def endpoint(host_name, host_data, settings) -> str:
+    """The server's base URL as the controller reaches it."""
+    address = "127.0.0.1" if host_name.startswith("@local") else (
+        host_data.get("ssh_hostname") or host_name)
+    return f"http://{address}:{settings.port}"
+
+
+@pytest.fixture(autouse=True)
+def _record_host(request, record_property):
+    """Name the host in the JUnit XML, so tools/drift-check attributes each failure."""
+    if "host_name" in request.fixturenames:
+        record_property("host", request.getfixturevalue("host_name"))

@@ -1,0 +1,54 @@
+"""GPUs as the host's data expects them: enough for tensor parallel, the right model, enough
+memory, a recent driver branch, no MIG, and the NVLink fabric up on NVL trays. Hosts whose
+profile needs no GPU (the sandbox) skip these, and the report says so."""
+
+import pytest
+
+from tasks.facts import NvidiaGpus, NvidiaSmiInfo
+from tasks.preflight import NVL_GPU_MARKERS, needs_gpus
+from tests.helpers import run_fact
+
+
+@pytest.fixture(scope="session")
+def gpus(host, settings):
+    if not needs_gpus(settings):
+        pytest.skip(f"profile {settings.profile.name} runs without GPUs: no GPU to check")
+    return run_fact(host, NvidiaGpus)
+
+
+def test_enough_gpus_for_tensor_parallel(gpus, settings):
+    assert len(gpus) >= settings.tensor_parallel_size, \
+        f"{len(gpus)} GPU(s) visible, tensor parallel {settings.tensor_parallel_size}"
+
+
+def test_gpu_model_is_the_expected_one(gpus, host_data):
+    expected = host_data.get("nvidia_gpu_model")
+    if not expected:
+        pytest.skip("nvidia_gpu_model is not set for this host")
+    assert {gpu["name"] for gpu in gpus} == {expected}
+
+
+def test_gpu_memory_holds_the_model(gpus, settings):
+    used = gpus[:settings.tensor_parallel_size]
+    usable_gb = (sum(gpu["memory_total_mib"] for gpu in used) / 1024
+                 * (settings.gpu_memory_utilization or 0.9))
+    if settings.accept_low_gpu_memory:
+        pytest.skip(f"preflight_accept_low_gpu_memory is set ({usable_gb:.0f} GB usable, "
+                    f"profile minimum {settings.profile.min_gpu_memory_gb} GB)")
+    assert usable_gb >= settings.profile.min_gpu_memory_gb
+
+
+def test_driver_branch_is_recent_enough(gpus, settings):
+    branches = {int(gpu["driver"].split(".")[0]) for gpu in gpus}
+    assert min(branches) >= settings.driver_min_branch, f"driver branches {sorted(branches)}"
+
+
+def test_no_gpu_is_in_mig_mode(gpus):
+    assert [gpu["index"] for gpu in gpus if gpu["mig"]] == []
+
+
+def test_nvlink_fabric_is_up_on_nvl_trays(gpus, host):
+    if not any(marker in gpu["name"] for gpu in gpus for marker in NVL_GPU_MARKERS):
+        pytest.skip(f"{gpus[0]['name']} is not on an NVLink fabric tray")
+    info = run_fact(host, NvidiaSmiInfo)
+    assert {gpu["fabric_state"] for gpu in info["gpus"]} == {"Completed"}
