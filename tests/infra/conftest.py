@@ -25,6 +25,8 @@ def pytest_addoption(parser):
                      help="pyinfra inventory whose hosts to check (or $INFRA_INVENTORY)")
     parser.addoption("--infra-limit", default=None,
                      help="comma-separated host names to check (default: every host)")
+    parser.addoption("--infra-data", action="append", default=[], metavar="KEY=VALUE",
+                     help="override host data, as pyinfra's --data (repeatable)")
 
 
 def _inventory(config) -> dict[str, dict]:
@@ -34,7 +36,8 @@ def _inventory(config) -> dict[str, dict]:
     path = config.getoption("--inventory")
     if not path:
         raise pytest.UsageError("tests/infra needs --inventory INVENTORY (or $INFRA_INVENTORY)")
-    result = subprocess.run([sys.executable, "-m", "tests.infra.inventory", path], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "tests.infra.inventory", path,
+                             *config.getoption("--infra-data")], cwd=REPO,
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise pytest.UsageError(f"cannot load inventory {path}:\n{result.stderr[-2000:]}")

@@ -1,6 +1,9 @@
 """Print a pyinfra inventory's hosts with their merged data as JSON:
 
-    python -m tests.infra.inventory inventories/sandbox.py  ->  {"sbx1": {"ssh_hostname": ...}}
+    python -m tests.infra.inventory inventories/sandbox.py [KEY=VALUE ...]
+        ->  {"sbx1": {"ssh_hostname": ...}}
+
+KEY=VALUE pairs override data as pyinfra's `--data` does (same parsing).
 
 Run in its own process by tests/infra/conftest.py: importing pyinfra's CLI patches gevent into
 the interpreter, which breaks pytest-xdist workers.
@@ -19,8 +22,12 @@ def main() -> int:
 
     ctx_state.set(State())
     from pyinfra_cli.inventory import make_inventory
+    from pyinfra_cli.util import parse_cli_arg
 
-    inventory = make_inventory(sys.argv[1], cwd=str(REPO))
+    overrides = dict(pair.split("=", 1) for pair in sys.argv[2:])
+    inventory = make_inventory(sys.argv[1], cwd=str(REPO),
+                               override_data={key: parse_cli_arg(value)
+                                              for key, value in overrides.items()})
     hosts = {host.name: {**host.data.dict(), "_groups": sorted(map(str, host.groups))}
              for host in inventory}
     json.dump(hosts, sys.stdout, default=list)

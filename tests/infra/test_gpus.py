@@ -48,6 +48,8 @@ def test_no_gpu_is_in_mig_mode(gpus):
 
 
 def test_nvlink_fabric_is_up_on_nvl_trays(gpus, host):
+    if not gpus:
+        pytest.skip("no GPU visible (test_enough_gpus_for_tensor_parallel reports it)")
     if not any(marker in gpu["name"] for gpu in gpus for marker in NVL_GPU_MARKERS):
         pytest.skip(f"{gpus[0]['name']} is not on an NVLink fabric tray")
     info = run_fact(host, NvidiaSmiInfo)

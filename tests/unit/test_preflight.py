@@ -156,3 +156,26 @@ def test_every_problem_of_a_host_is_reported_together(data):
     problems = check(data, facts)
     keys = [line.split(":")[1].strip() for line in problems]
     assert keys == ["vllm_tensor_parallel_size", "nvidia_driver_min_branch", "vllm_port"]
+
+
+def real_h200_facts() -> HostFacts:
+    """The facts pyinfra read on a real single-H200 machine (tests/fixtures/gpu-check)."""
+    import json
+
+    from tests.helpers import REPO
+    captured = json.loads((REPO / "tests/fixtures/gpu-check/h200-1gpu/facts.json").read_text())
+    fact = {name.split(" ")[0].rsplit(".", 1)[1]: hosts["@local"]
+            for name, hosts in captured.items()}
+    return HostFacts(gpus=fact["NvidiaGpus"], smi=fact["NvidiaSmiInfo"],
+                     arch=fact["CpuArchitecture"], weights_free=fact["FreeBytes"],
+                     listening=fact["ListeningTcpPorts"])
+
+
+def test_real_h200_capture_refuses_the_seeds_tensor_parallel(data):
+    line = only(check(data, real_h200_facts()), "vllm_tensor_parallel_size")
+    assert "found 1 visible GPU(s); need at least 4" in line
+
+
+def test_real_h200_capture_passes_tensor_parallel_1_with_the_override(data):
+    assert check(data, real_h200_facts(), model_profile="kimi-k2.6-nvfp4",
+                 vllm_tensor_parallel_size=1, preflight_accept_low_gpu_memory=True) == []
