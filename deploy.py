@@ -4,14 +4,21 @@
     pyinfra inventories/sandbox.py deploy.py       # disposable local hosts (tools/sandbox)
 
 Each step converges one concern and changes nothing that is already right; a second run of an
-unchanged deploy yields zero changes and no restart.
+unchanged deploy yields zero changes and no restart. Hosts of group `drift_control` get the
+scheduled drift check instead of a server.
 """
 
-from tasks import preflight, system, vllm_service, vllm_venv, weights
+from pyinfra import host
+
+from tasks import drift_control, preflight, system, vllm_service, vllm_venv, weights
+
+if host.in_group("drift_control"):
+    # The control host: tools/drift-check on a systemd timer, reporting to Prometheus.
+    drift_control.install()
 
 # 1. Refuse what cannot work (bad data, too few GPUs, no disk, port taken): the first
 #    operation fails on every such host, and the run stops before any change anywhere.
-if preflight.check():
+elif preflight.check():
     # 2. OS packages and the weights folder.
     system.prepare()
     # 3. Model weights into <weights_dir>/<model> (the seed's `hf download ... --local-dir`).

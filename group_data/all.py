@@ -72,3 +72,17 @@ vllm_load_bytes_per_s = 1.0e9
 vllm_venv_dir = "/opt/vllm/venv"
 # venv runtime: controller folder made by tools/wheelhouse (hosts reach no package index).
 vllm_wheelhouse_dir = None
+
+# ---- drift: the drift check on a timer, on hosts of group drift_control (tasks/drift_control.py)
+# Control host: absolute path of a checkout of this repository with its .venv (the timer runs it).
+drift_repo_dir = None  # required on drift_control hosts
+# Inventory the drift check compares with the declared state, relative to drift_repo_dir.
+drift_inventory = "inventories/gb200.py"
+# When the check runs: systemd OnCalendar syntax, not cron (every 15 minutes: *:0/15).
+drift_schedule = "*:0/15"
+# Control-host folder for the latest report (report.json, junit.xml, drift.prom).
+drift_out_dir = "/var/lib/vllm-drift"
+# Prometheus textfile that SREs alert on; node_exporter's textfile collector reads *.prom only.
+drift_textfile = "/var/lib/prometheus/node-exporter/vllm_drift.prom"
+# Account the check runs as: it logs in to the hosts with this user's SSH key and known_hosts.
+drift_user = "root"

@@ -11,3 +11,10 @@ gb200 = [
     ("gb200-tray-01", {"ssh_hostname": "198.51.100.11", "ssh_user": "root"}),
     ("gb200-tray-02", {"ssh_hostname": "198.51.100.12", "ssh_user": "root"}),
 ]
+
+# The host that runs the drift check on a timer (tools/drift-check, tasks/drift_control.py):
+# a bastion with a checkout of this repository, its .venv and an SSH key for the trays.
+drift_control = [
+    ("drift-control-01", {"ssh_hostname": "198.51.100.2", "ssh_user": "root",
+                          "drift_repo_dir": "/opt/kimi-gb200"}),
+]

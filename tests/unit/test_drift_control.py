@@ -1,0 +1,382 @@
+"""tasks/drift_control.py: the drift check's systemd units, the deploy that installs them, its
+Kubernetes CronJob and the checks on its data. No host needed."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+
+import jinja2
+import jinja2.meta
+import kubernetes_validate
+import pytest
+import yaml
+from pyinfra.api import Config, FileUploadCommand, Inventory, State, StringCommand
+from pyinfra.api.connect import connect_all
+from pyinfra.api.deploy import add_deploy
+from pyinfra.api.util import get_template
+from pyinfra.context import ctx_host, ctx_state
+from pyinfra.operations import files
+
+from tasks import drift_control
+from tasks.drift_control import (CRONJOB_TEMPLATE, SERVICE_UNIT, TEMPLATES, TIMER_UNIT,
+                                 UNIT_DIR, read_drift_config, render_drift_cronjob,
+                                 unit_template_values)
+from tasks.settings import DataError
+from tests.helpers import group_data
+
+# The defaults group_data/all.py declares for these keys; its own values win once it has them.
+DRIFT_DEFAULTS = {
+    "drift_repo_dir": None,
+    "drift_inventory": "inventories/gb200.py",
+    "drift_schedule": "*:0/15",
+    "drift_out_dir": "/var/lib/vllm-drift",
+    "drift_textfile": "/var/lib/prometheus/node-exporter/vllm_drift.prom",
+    "drift_user": "root",
+}
+REPO_ON_CONTROL = "/srv/kimi-gb200"
+FAKE_HOST = "@fake/control"
+K8S_VERSIONS = ("1.34.0", "1.35.0")
+
+
+def control_data(**overrides) -> dict:
+    declared = {key: value for key, value in group_data().items() if key.startswith("drift_")}
+    return {**DRIFT_DEFAULTS, **declared, "drift_repo_dir": REPO_ON_CONTROL, **overrides}
+
+
+def render_units(data: dict) -> dict[str, str]:
+    """Unit name -> text, rendered by pyinfra's own get_template (StrictUndefined, trailing
+    newline kept) from the values install() passes to files.template."""
+    config = read_drift_config("control", data)
+    return {unit: get_template(str(TEMPLATES / f"{unit}.j2")).render(values)
+            for unit, values in unit_template_values(config).items()}
+
+
+def directives(text: str) -> dict[str, list[str]]:
+    """Key -> every value it is given in a unit file, comments and sections left out."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            found.setdefault(key, []).append(value)
+    return found
+
+
+# (a) The units as pyinfra renders them.
+
+def test_service_runs_the_drift_check_from_the_checkout():
+    service = directives(render_units(control_data())[SERVICE_UNIT])
+    assert service["ExecStart"] == [
+        f"{REPO_ON_CONTROL}/.venv/bin/python {REPO_ON_CONTROL}/tools/drift-check "
+        "inventories/gb200.py --out /var/lib/vllm-drift "
+        "--textfile /var/lib/prometheus/node-exporter/vllm_drift.prom"]
+    assert service["WorkingDirectory"] == [REPO_ON_CONTROL]
+    assert service["Type"] == ["oneshot"]
+    assert service["User"] == ["root"]
+    # Drift (1) is reported by the textfile; only could-not-check (2) fails the unit.
+    assert service["SuccessExitStatus"] == ["1"]
+    assert service["TimeoutStartSec"] == [str(drift_control.TIMEOUT_START_S)]
+    assert service["NoNewPrivileges"] == ["yes"]
+    assert "ProtectHome" not in service, "the SSH key under the home folder must stay readable"
+
+
+def test_service_follows_the_data():
+    service = directives(render_units(control_data(
+        drift_repo_dir="/home/operator/kimi-gb200/", drift_inventory="inventories/sandbox.py",
+        drift_user="operator", drift_out_dir="/var/tmp/drift",
+        drift_textfile="/srv/textfiles/drift.prom"))[SERVICE_UNIT])
+    assert service["ExecStart"] == [
+        "/home/operator/kimi-gb200/.venv/bin/python /home/operator/kimi-gb200/tools/drift-check "
+        "inventories/sandbox.py --out /var/tmp/drift --textfile /srv/textfiles/drift.prom"]
+    assert service["User"] == ["operator"]
+
+
+def test_timer_follows_the_schedule():
+    timer = directives(render_units(control_data(drift_schedule="Mon..Fri *-*-* 06:00"))[
+        TIMER_UNIT])
+    assert timer["OnCalendar"] == ["Mon..Fri *-*-* 06:00"]
+    assert timer["Persistent"] == ["true"]
+    assert timer["RandomizedDelaySec"] == [str(drift_control.RANDOMIZED_DELAY_S)]
+    assert timer["Unit"] == [SERVICE_UNIT]
+    assert timer["WantedBy"] == ["timers.target"]
+
+
+@pytest.mark.parametrize("unit", [SERVICE_UNIT, TIMER_UNIT])
+def test_templates_take_exactly_the_values_given(unit):
+    """StrictUndefined stops a missing value at render time; this also catches a value that
+    is passed but never used, or a template that reads pyinfra's host object behind the
+    task's back."""
+    source = (TEMPLATES / f"{unit}.j2").read_text()
+    used = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(source))
+    config = read_drift_config("control", control_data())
+    values = set(unit_template_values(config)[unit])
+    assert used == values
+    # A value named like a files.template argument breaks the call; one named host, state or
+    # inventory silently replaces the object pyinfra hands every template.
+    taken = set(inspect.signature(files.template._inner).parameters) | {"host", "state",
+                                                                         "inventory"}
+    assert not values & taken
+    assert source.startswith("# Managed by tasks/drift_control.py")
+
+
+# (b) systemd's own reading of the units.
+
+def test_units_pass_systemd_analyze_verify(tmp_path):
+    """`systemd-analyze verify` on both rendered units, in a temporary folder, when this machine
+    has it (shutil.which). verify also requires ExecStart's program to exist, so a stand-in
+    checkout holds a .venv/bin/python. Without systemd-analyze the test checks the units' text
+    only (every line a comment, a section or Key=Value), and warns that it did no more, rather
+    than skipping."""
+    repo = tmp_path / "checkout"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
+    units = render_units(control_data(drift_repo_dir=str(repo)))
+    # The timer starts the service, so only the timer is enabled and has an [Install].
+    wanted_sections = {SERVICE_UNIT: ["Unit", "Service"], TIMER_UNIT: ["Unit", "Timer", "Install"]}
+    for unit, text in units.items():
+        assert re.findall(r"^\[(\w+)\]$", text, flags=re.M) == wanted_sections[unit]
+        for line in text.splitlines():
+            assert re.match(r"^(#.*|\[\w+\]|[A-Z]\w*=.+|)$", line), f"{unit}: {line!r}"
+        (tmp_path / unit).write_text(text)
+
+    analyzer = shutil.which("systemd-analyze")
+    if analyzer is None:
+        warnings.warn("systemd-analyze is not installed: the drift check's units were checked "
+                      "as text only")
+        return
+    result = subprocess.run([analyzer, "verify", *(str(tmp_path / unit) for unit in units)],
+                            capture_output=True, text=True, timeout=60)
+    ours = [line for line in (result.stdout + result.stderr).splitlines()
+            if "drift-check" in line]
+    assert result.returncode == 0 and not ours, result.stdout + result.stderr
+
+    # The same verify refuses a cron-style schedule: the check above can fail.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / SERVICE_UNIT).write_text(units[SERVICE_UNIT])
+    (bad / TIMER_UNIT).write_text(units[TIMER_UNIT].replace("OnCalendar=*:0/15",
+                                                            "OnCalendar=*/15 * * * *"))
+    result = subprocess.run([analyzer, "verify", str(bad / TIMER_UNIT)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and "calendar" in result.stderr, result.stderr
+
+
+# (c) The deploy's plan, on pyinfra's @fake connector.
+
+def stat_line(path: str, mode: str, user: str = "root", size: int = 4096) -> str:
+    """What `stat -c` prints for a path, in the format pyinfra's File fact asks for."""
+    return (f"user={user} group=root mode={mode} atime=1700000000 mtime=1700000000 "
+            f"ctime=1700000000 size={size} '{path}'")
+
+
+def host_answers(folders: dict[str, str], units: dict[str, str], timer_running: bool) -> dict:
+    """fake_responses for a host whose folders (path -> owner) and units (path -> text)
+    exist, and whose timer is running and enabled, or neither. Matchers are tried in order."""
+    answers: dict = {}
+    for path, text in units.items():
+        digest = hashlib.sha1(text.encode()).hexdigest()
+        answers[re.compile(rf"sha1sum {re.escape(path)} ")] = f"{digest}  {path}"
+        answers[re.compile(rf"\(test -e {re.escape(path)} \|\|")] = stat_line(
+            path, "-rw-r--r--", size=len(text.encode()))
+    for path, owner in folders.items():
+        answers[re.compile(rf"\(test -e {re.escape(path)} \|\|")] = stat_line(
+            path, "drwxr-xr-x", user=owner)
+    if timer_running:
+        answers[f"--property SubState {TIMER_UNIT}"] = [f"Id={TIMER_UNIT}", "SubState=waiting"]
+        answers[f"--property UnitFileState {TIMER_UNIT}"] = [f"Id={TIMER_UNIT}",
+                                                             "UnitFileState=enabled"]
+    return answers
+
+
+def plan(data: dict, answers: dict) -> tuple[list[tuple[str, list]], int]:
+    """Plan install() on one fake host: (operation name, commands) in order, and how many
+    operations pyinfra counted as changes. Uploads read as ("upload", dest, text)."""
+    inventory = Inventory(([(FAKE_HOST, {**data, "fake_responses": answers, "fake_delay": 0,
+                                         "fake_delay_jitter": 0})], {}))
+    state = State(inventory, Config())
+    connect_all(state)
+    add_deploy(state, drift_control.install)
+    host = inventory.get_host(FAKE_HOST)
+    operations = []
+    with ctx_state.use(state), ctx_host.use(host):
+        for op_hash in state.get_op_order():
+            (name,) = state.op_meta[op_hash].names
+            commands = []
+            for command in state.get_op_data_for_host(host, op_hash).command_generator():
+                if isinstance(command, FileUploadCommand):
+                    commands.append(("upload", command.dest, command.src.getvalue()))
+                else:
+                    assert isinstance(command, StringCommand)
+                    commands.append(command.get_raw_value())
+            operations.append((name.split(" | ", 1)[1], commands))
+    return operations, state.get_meta_for_host(host).ops_change
+
+
+def test_deploy_plan_on_a_fake_host():
+    """A fake connector stands in for the control host: a real control host needs a checkout
+    of this repository with its venv, which sandbox hosts lack; the units themselves are
+    checked by systemd-analyze above. Here the plan itself is the subject. First run: an
+    empty host (only systemd's unit folder) gets both units, the folders, one daemon-reload and
+    the timer enabled and started. Second run: the host answers that the files hold what was
+    uploaded and the timer runs and is enabled, and nothing changes."""
+    data = control_data()
+    service_path, timer_path = f"{UNIT_DIR}/{SERVICE_UNIT}", f"{UNIT_DIR}/{TIMER_UNIT}"
+    textfile_dir = "/var/lib/prometheus/node-exporter"
+    empty = host_answers({UNIT_DIR: "root"}, {}, timer_running=False)
+    first, changes = plan(data, empty)
+    units = render_units(data)
+    unit_commands = {path: [("upload", path, units[unit]), f"chown root:root {path}",
+                            f"chmod 644 {path}"]
+                     for unit, path in ((SERVICE_UNIT, service_path), (TIMER_UNIT, timer_path))}
+    assert first == [
+        ("Create drift report folder /var/lib/vllm-drift",
+         ["mkdir -p /var/lib/vllm-drift", "chmod 755 /var/lib/vllm-drift",
+          "chown root /var/lib/vllm-drift"]),
+        (f"Create Prometheus textfile folder {textfile_dir}",
+         [f"mkdir -p {textfile_dir}", f"chmod 755 {textfile_dir}", f"chown root {textfile_dir}"]),
+        (f"Install {SERVICE_UNIT} unit", unit_commands[service_path]),
+        (f"Install {TIMER_UNIT} unit", unit_commands[timer_path]),
+        (f"Enable and start {TIMER_UNIT}, reload systemd if a unit changed",
+         ["systemctl daemon-reload", f"systemctl start {TIMER_UNIT}",
+          f"systemctl enable {TIMER_UNIT}"]),
+    ]
+    assert changes == 5
+
+    converged = host_answers(
+        {UNIT_DIR: "root", "/var/lib/vllm-drift": "root", textfile_dir: "root"},
+        {path: commands[0][2] for path, commands in unit_commands.items()}, timer_running=True)
+    second, changes = plan(data, converged)
+    assert [commands for _, commands in second] == [[]] * 5
+    assert changes == 0
+
+
+def test_new_schedule_reloads_systemd_and_restarts_only_the_timer():
+    data = control_data()
+    textfile_dir = "/var/lib/prometheus/node-exporter"
+    units = render_units(data)
+    installed = host_answers(
+        {UNIT_DIR: "root", "/var/lib/vllm-drift": "root", textfile_dir: "root"},
+        {f"{UNIT_DIR}/{unit}": text for unit, text in units.items()}, timer_running=True)
+    operations, changes = plan(control_data(drift_schedule="hourly"), installed)
+    changed = {name: commands for name, commands in operations if commands}
+    timer_path = f"{UNIT_DIR}/{TIMER_UNIT}"
+    assert list(changed) == [f"Install {TIMER_UNIT} unit",
+                             f"Enable and start {TIMER_UNIT}, reload systemd if a unit changed"]
+    upload = changed[f"Install {TIMER_UNIT} unit"][0]
+    assert upload[:2] == ("upload", timer_path) and "OnCalendar=hourly\n" in upload[2]
+    assert changed[f"Enable and start {TIMER_UNIT}, reload systemd if a unit changed"] == [
+        "systemctl daemon-reload", f"systemctl restart {TIMER_UNIT}"]
+    assert changes == 2
+
+
+# (d) The CronJob.
+
+def cronjob(**overrides) -> dict:
+    values = {"image": "kimi-gb200-tools:2026.11", "service_account": "vllm-drift",
+              "ssh_secret": "vllm-drift-ssh", "inventory_config_map": "vllm-drift-inventory",
+              **overrides}
+    documents = [doc for doc in yaml.safe_load_all(render_drift_cronjob(**values)) if doc]
+    assert len(documents) == 1, "one object per file"
+    return documents[0]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("overrides", [{}, {"schedule": "@hourly", "namespace": "ops",
+                                            "successful_jobs_history_limit": 0}],
+                         ids=["defaults", "hourly"])
+def test_cronjob_validates_strictly(version, overrides):
+    # validate() answers with the schema version it used: proof that the wanted one exists.
+    assert kubernetes_validate.validate(cronjob(**overrides), version, strict=True) == \
+        version[:4]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_strict_validation_catches_a_misplaced_field(version):
+    job = cronjob()
+    job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["concurrencyPolicy"] = "Forbid"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, version, strict=True)
+
+
+def test_cronjob_runs_the_drift_check_with_referenced_secrets():
+    job = cronjob(schedule="*/30 * * * *", inventory_key="sites-a.py")
+    spec = job["spec"]
+    assert (job["apiVersion"], job["kind"]) == ("batch/v1", "CronJob")
+    assert spec["schedule"] == "*/30 * * * *"
+    assert spec["concurrencyPolicy"] == "Forbid"
+    assert (spec["successfulJobsHistoryLimit"], spec["failedJobsHistoryLimit"]) == (3, 5)
+    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "vllm-drift"
+    assert pod["automountServiceAccountToken"] is False
+    (container,) = pod["containers"]
+    assert container["image"] == "kimi-gb200-tools:2026.11"
+    assert container["command"] == [
+        "/opt/kimi-gb200/.venv/bin/python", "/opt/kimi-gb200/tools/drift-check",
+        f"{drift_control.INVENTORY_MOUNT}/sites-a.py", "--out", drift_control.CRONJOB_OUT_DIR]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["ssh"]["secret"] == {"secretName": "vllm-drift-ssh", "defaultMode": 0o440}
+    assert volumes["inventory"]["configMap"] == {"name": "vllm-drift-inventory"}
+    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+    assert mounts["ssh"] == {"name": "ssh", "mountPath": drift_control.SSH_MOUNT,
+                             "readOnly": True}
+    assert spec["jobTemplate"]["spec"]["activeDeadlineSeconds"] == \
+        drift_control.TIMEOUT_START_S
+    text = (TEMPLATES / "k8s" / CRONJOB_TEMPLATE).read_text()
+    assert text.startswith("# Managed by tasks/drift_control.py")
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"schedule": "*:0/15"}, "schedule"),  # OnCalendar, not cron
+    ({"schedule": "*/15 * * *"}, "schedule"),
+    ({"name": "a" * 53}, "name"),
+    ({"ssh_secret": "Drift_SSH"}, "ssh_secret"),
+    ({"inventory_key": "inventories/gb200.py"}, "inventory_key"),
+    ({"failed_jobs_history_limit": -1}, "failed_jobs_history_limit"),
+    ({"image": ""}, "image"),
+])
+def test_cronjob_refuses_bad_values(overrides, named):
+    with pytest.raises(ValueError, match=rf"\n  {named}="):
+        cronjob(**overrides)
+
+
+# (e) Bad data stops the deploy before its first operation, naming host and key.
+
+@pytest.mark.parametrize("key, value", [
+    ("drift_repo_dir", "work/kimi-gb200"),  # relative
+    ("drift_repo_dir", None),  # the required key left unset
+    ("drift_schedule", 15),  # wrong type
+    ("drift_schedule", "*/15 * * * *"),  # cron syntax where OnCalendar is read
+    ("drift_schedule", "*:0/15\nExecStartPre=/bin/false"),
+    ("drift_inventory", "/etc/inventory.py"),
+    ("drift_inventory", "../elsewhere/inventory.py"),
+    ("drift_out_dir", "/var/lib/vllm drift"),
+    ("drift_out_dir", "/var/lib"),  # a shared folder the task would chown
+    ("drift_textfile", "/vllm_drift.prom"),
+    ("drift_textfile", "/var/lib/prometheus/node-exporter/vllm_drift.txt"),
+    ("drift_user", "ops team"),
+])
+def test_bad_data_raises_data_error_naming_host_and_key(key, value):
+    inventory = Inventory(([(FAKE_HOST, control_data(**{key: value}))], {}))
+    state = State(inventory, Config())
+    connect_all(state)
+    with pytest.raises(DataError) as raised:
+        add_deploy(state, drift_control.install)
+    (problem,) = str(raised.value).splitlines()[1:]
+    assert problem.startswith(f"  {FAKE_HOST}: {key} = {value!r}: "), problem
+    assert state.get_op_order() == []
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(DataError) as raised:
+        read_drift_config("control", control_data(drift_repo_dir=None, drift_schedule=15,
+                                                  drift_user=""))
+    lines = str(raised.value).splitlines()[1:]
+    assert [line.split(" = ")[0] for line in lines] == [
+        "  control: drift_repo_dir", "  control: drift_schedule", "  control: drift_user"]
+
