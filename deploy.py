@@ -12,7 +12,7 @@ from pyinfra import host
 
 from tasks import drift_control, preflight, system, vllm_service, vllm_venv, weights
 
-if host.in_group("drift_control"):
+if "drift_control" in host.groups:
     # The control host: tools/drift-check on a systemd timer, reporting to Prometheus.
     drift_control.install()
 

@@ -19,6 +19,35 @@ preflight_accept_low_gpu_memory = False
 nvidia_driver_min_branch = 580
 # GPU model every GPU of the host must report (infra checks); None accepts any.
 nvidia_gpu_model = None
+# Interconnect acceptance (tests/infra -m interconnect): least all-reduce bus bandwidth, GB/s,
+# per GPU model. NVLink 4 (H200 SXM, 900 GB/s) and NVLink 5 (GB200, 1.8 TB/s) reach far more.
+nvidia_allreduce_min_busbw_gbps = {"NVIDIA H200": 300, "NVIDIA GB200": 600}
+# Bytes all-reduced per step in that test (1 GiB, as nccl-tests' large sizes).
+nvidia_allreduce_bytes = 2**30
+# Python with torch and NCCL on the host for that test; None uses the vLLM venv's.
+nvidia_allreduce_python = None
+
+# ---- nvidia: the container host of the docker runtime (tasks/nvidia.py) ----------------------
+# Debian package that provides dockerd: docker.io from the distribution, or docker-ce where
+# the host has Docker's own apt source (installing one beside the other removes the other).
+docker_package = "docker.io"
+# /etc/docker/daemon.json besides the "nvidia" runtime entry the task always adds (as
+# `nvidia-ctk runtime configure` does). The task owns the whole file: edits on the host are
+# replaced, and docker restarts only when the file changes. Log rotation keeps a long-running
+# vLLM container from filling the disk.
+docker_daemon_settings = {"log-opts": {"max-file": "3", "max-size": "100m"}}
+# NVIDIA Container Toolkit package, from the NVIDIA apt repository the operator configured
+# (this deploy adds no apt sources); "name=version" pins it.
+nvidia_container_toolkit_package = "nvidia-container-toolkit"
+# Install nvidia_driver_package when the loaded driver is missing or older than
+# nvidia_driver_min_branch. Off: the deploy stops on such a host and says so.
+nvidia_driver_install = False
+# Driver package installed when nvidia_driver_install is on (Blackwell GPUs need the open
+# kernel modules).
+nvidia_driver_package = "nvidia-driver-580-open"
+# Reboot after a driver install when the loaded kernel module is not the installed version (a
+# new driver loads only at boot). Off: the deploy warns and the operator reboots.
+nvidia_driver_allow_reboot = False
 
 # ---- model: which model and where its weights live (tasks/models.py, tasks/weights.py) -------
 # Catalog entry in tasks/models.py: kimi-k2.6 (INT4, the seed), kimi-k2.6-nvfp4, sandbox-tiny.

@@ -71,7 +71,8 @@ def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
             mig = [gpu["index"] for gpu in used if gpu.get("mig")]
             if mig:
                 problem("GPUs", f"MIG enabled on GPU {mig}", "MIG disabled for tensor parallel")
-        drivers = {gpu["driver"] for gpu in gpus}
+        # With nvidia_driver_install on, tasks/nvidia.py brings the driver up to the branch.
+        drivers = set() if settings.driver_install else {gpu["driver"] for gpu in gpus}
         for driver in sorted(drivers):
             if int(driver.split(".")[0]) < settings.driver_min_branch:
                 problem("nvidia_driver_min_branch", f"driver {driver}",

@@ -51,6 +51,7 @@ class Settings:
     weights_bytes: int  # what the model folder holds when complete
     accept_low_gpu_memory: bool
     driver_min_branch: int
+    driver_install: bool  # the deploy may install a driver (tasks/nvidia.py)
 
     @property
     def health_url(self) -> str:
@@ -160,6 +161,7 @@ def resolve(host) -> Settings:
                    "a controller folder to push (fetching from the Hub is not implemented yet)")
     packages = read.get("host_packages", (list, tuple), "a list of package names")
     accept_low = read.get("preflight_accept_low_gpu_memory", (bool,), "true or false")
+    driver_install = read.get("nvidia_driver_install", (bool,), "true or false")
     driver_branch = read.get("nvidia_driver_min_branch", (int,), "a driver branch like 580")
     if driver_branch is not None and not 400 <= driver_branch <= 9999:
         read.error("nvidia_driver_min_branch", driver_branch, "a driver branch like 580")
@@ -197,4 +199,5 @@ def resolve(host) -> Settings:
         packages=list(packages), tensor_parallel_size=tp, gpu_memory_utilization=memory,
         weights_bytes=(sum(p.stat().st_size for p in Path(source).rglob("*") if p.is_file())
                        if source else profile.size_bytes),
-        accept_low_gpu_memory=accept_low, driver_min_branch=driver_branch)
+        accept_low_gpu_memory=accept_low, driver_min_branch=driver_branch,
+        driver_install=driver_install)

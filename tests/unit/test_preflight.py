@@ -179,3 +179,8 @@ def test_real_h200_capture_refuses_the_seeds_tensor_parallel(data):
 def test_real_h200_capture_passes_tensor_parallel_1_with_the_override(data):
     assert check(data, real_h200_facts(), model_profile="kimi-k2.6-nvfp4",
                  vllm_tensor_parallel_size=1, preflight_accept_low_gpu_memory=True) == []
+
+
+def test_an_old_driver_is_accepted_when_the_deploy_may_install_one(data):
+    facts = dataclasses.replace(GB200_TRAY, gpus=gpus(4, driver="570.133.20"))
+    assert check(data, facts, model_profile="kimi-k2.6-nvfp4", nvidia_driver_install=True) == []

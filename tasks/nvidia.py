@@ -1,0 +1,357 @@
+"""The host layer the docker runtime needs on a GPU host: Docker, the NVIDIA Container Toolkit,
+GPUs handed to containers, persistence mode, and a driver no older than the minimum branch.
+
+The driver check is a pure function of the GPU fact, `driver_problems`, tested as data; the
+@deploy reads the facts and yields only the commands that close the gap, so a converged host
+gets none, and an offline host that has every package never touches the network.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shlex
+from dataclasses import dataclass
+
+from pyinfra import host, logger
+from pyinfra.api import FactBase, QuoteString, StringCommand, deploy, operation
+from pyinfra.facts.deb import DebPackages
+from pyinfra.operations import apt, files, server, systemd
+
+from tasks.facts import NvidiaGpus
+from tasks.settings import DataError, _Reader
+
+DAEMON_JSON = "/etc/docker/daemon.json"
+CDI_SPEC = "/etc/cdi/nvidia.yaml"
+# Generated beside /etc/cdi, not in it: every CDI reader (Docker among them) rejects two specs
+# naming the same devices in one folder, so a half-done spec there would break both.
+CDI_SPEC_PARTIAL_DIR = "/etc/cdi-nvidia.partial"
+# The entry `nvidia-ctk runtime configure --runtime=docker` writes, key for key (it writes no
+# default-runtime unless asked): `docker run --runtime=nvidia` then goes through NVIDIA's
+# runtime shim, which hands the GPUs to the container.
+NVIDIA_RUNTIME = {"nvidia": {"args": [], "path": "nvidia-container-runtime"}}
+# A Grace-Blackwell tray takes minutes to come back (firmware, ~1 TB of memory, 4 GPUs):
+# pyinfra's 300 s default would give up on a healthy boot.
+REBOOT_DELAY_S = 60
+REBOOT_TIMEOUT_S = 1800
+# Where each package comes from, for the message when apt offers none; this task adds no apt
+# sources: the operator owns them (a mirror, an offline site's local repository).
+PACKAGE_SOURCES = {
+    "docker": "the distribution archive (Ubuntu: universe), or set docker_package to the package "
+              "of the Docker apt source configured on the host",
+    "toolkit": "the NVIDIA Container Toolkit apt repository, which must be configured on the "
+               "host (see the NVIDIA Container Toolkit install guide; this deploy adds no "
+               "repositories)",
+    "driver": "the distribution restricted archive or the NVIDIA CUDA apt repository, configured "
+              "on the host (this deploy adds no repositories)",
+}
+
+_MODULE_VERSION = re.compile(r"Kernel Module\b.*?\s(\d+\.\d+(?:\.\d+)*)(?=\s|$)")
+
+
+class NvidiaKernelModuleVersion(FactBase):
+    """The version of the NVIDIA kernel module loaded now, from ``/proc/driver/nvidia/version``.
+
+    .. code:: python
+
+        "580.95.05"
+
+    ``None`` when no NVIDIA module is loaded. After a driver install it names the old driver
+    until the host reboots.
+    """
+
+    def command(self) -> str:
+        return "cat /proc/driver/nvidia/version 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> str | None:
+        for line in output:
+            match = _MODULE_VERSION.search(line)
+            if match:
+                return match[1]
+        return None
+
+
+class CdiSpecDriverVersion(FactBase):
+    """The driver version a CDI spec was generated for: that of the ``libcuda.so.<version>`` it
+    mounts into containers.
+
+    .. code:: python
+
+        "580.95.05"
+
+    ``None`` when the spec is absent or mounts no versioned libcuda. (The spec also names
+    ``libcuda.so.1`` in its symlink hook, which the pattern skips: it needs two dots.)
+    """
+
+    def command(self, path: str) -> StringCommand:
+        return StringCommand("grep", "-oE", "-m1", "'libcuda[.]so[.][0-9]+[.][0-9.]+'",
+                             QuoteString(path), "2>/dev/null", "||", "true")
+
+    def process(self, output: list[str]) -> str | None:
+        return output[0].strip().removeprefix("libcuda.so.").rstrip(".") if output else None
+
+
+@dataclass(frozen=True)
+class NvidiaHostSettings:
+    docker_package: str
+    docker_daemon_settings: dict
+    toolkit_package: str
+    driver_min_branch: int
+    driver_install: bool
+    driver_package: str
+    driver_allow_reboot: bool
+
+
+def read_settings(host_name: str, data) -> NvidiaHostSettings:
+    """This task's data keys, checked the way tasks.settings checks the others: every problem
+    in one DataError naming the host and the key."""
+    read = _Reader(host_name, data)
+    docker_package = read.get("docker_package", (str,), "a Debian package name, e.g. docker.io")
+    daemon = read.get("docker_daemon_settings", (dict,), "a mapping of daemon.json settings")
+    if daemon is not None:
+        try:
+            json.dumps(daemon)
+        except (TypeError, ValueError):
+            read.error("docker_daemon_settings", daemon, "JSON values only (str, number, bool, "
+                       "list, mapping)")
+    toolkit = read.get("nvidia_container_toolkit_package", (str,),
+                       "a Debian package name, e.g. nvidia-container-toolkit")
+    branch = read.get("nvidia_driver_min_branch", (int,), "a driver branch like 580")
+    install = read.get("nvidia_driver_install", (bool,), "true or false")
+    driver_package = read.get("nvidia_driver_package", (str,),
+                              "a Debian package name, e.g. nvidia-driver-580-open")
+    allow_reboot = read.get("nvidia_driver_allow_reboot", (bool,), "true or false")
+    if read.errors:
+        raise DataError("invalid host data:\n  " + "\n  ".join(read.errors))
+    return NvidiaHostSettings(
+        docker_package=docker_package, docker_daemon_settings=daemon, toolkit_package=toolkit,
+        driver_min_branch=branch, driver_install=install, driver_package=driver_package,
+        driver_allow_reboot=allow_reboot)
+
+
+def driver_problems(gpus: list[dict], min_branch: int, host_name: str) -> list[str]:
+    """Why the loaded driver cannot serve, one line each naming the host, the data key, what
+    was found and what is needed; ``[]`` when every GPU runs a driver of ``min_branch`` or
+    newer. ``gpus`` is tasks.facts.NvidiaGpus: empty when no driver is loaded."""
+    key = "nvidia_driver_min_branch"
+    need = f"a driver of branch >= {min_branch}"
+    if not gpus:
+        return [f"{host_name}: {key}: found no GPU visible to nvidia-smi (no NVIDIA driver "
+                f"loaded); need {need}"]
+    problems = []
+    for driver in sorted({gpu["driver"] for gpu in gpus}):
+        branch = driver.split(".")[0]
+        if branch.isdigit() and int(branch) >= min_branch:
+            continue
+        indexes = ", ".join(str(gpu["index"]) for gpu in gpus if gpu["driver"] == driver)
+        problems.append(f"{host_name}: {key}: found driver {driver} on GPU {indexes}; "
+                        f"need {need}")
+    return problems
+
+
+def daemon_json(settings: dict) -> str:
+    """/etc/docker/daemon.json: the data's settings plus the nvidia runtime, laid out as
+    nvidia-ctk lays it out (sorted keys, 4-space indent).
+
+    Built here rather than from a template: the content is data turned into JSON, and JSON has
+    no comments, while dockerd refuses to start on a key it does not know (a "managed by" key
+    such as "//" would stop Docker), so a template would add nothing but a way to break it.
+    """
+    runtimes = {**settings.get("runtimes", {}), **NVIDIA_RUNTIME}
+    return json.dumps({**settings, "runtimes": runtimes}, indent=4, sort_keys=True) + "\n"
+
+
+def missing_packages(wanted: list[str], installed: dict[str, set[str]]) -> list[str]:
+    """The entries of ``wanted`` (``name`` or ``name=version``, as apt.packages takes them)
+    that DebPackages does not show installed."""
+    missing = []
+    for spec in wanted:
+        name, _, version = spec.partition("=")
+        if name not in installed or (version and version not in installed[name]):
+            missing.append(spec)
+    return missing
+
+
+def upstream_version(debian_version: str) -> str:
+    """580.95.05 from 1:580.95.05-0ubuntu0.24.04.2: what the kernel module reports."""
+    return debian_version.split(":", 1)[-1].split("-", 1)[0]
+
+
+def loaded_driver_is_stale(package: str) -> bool:
+    """True when the loaded kernel module is not the version of the installed driver package:
+    the new driver waits for a reboot."""
+    loaded = host.get_fact(NvidiaKernelModuleVersion)
+    installed = host.get_fact(DebPackages).get(package, set())
+    return loaded not in {upstream_version(version) for version in installed}
+
+
+@operation()
+def driver_accepted(problems: list[str]):
+    """
+    Fail, printing every driver problem, when there are any; otherwise change nothing.
+
+    + problems: lines from driver_problems
+
+    **Example:**
+
+    .. code:: python
+
+        driver_accepted(name="Check NVIDIA driver branch", problems=[])
+    """
+    if not problems:
+        host.noop("the loaded NVIDIA driver is recent enough")
+        return
+    message = ("NVIDIA driver refused:\n" + "\n".join(problems) + "\nInstall a newer driver, "
+               "or set nvidia_driver_install = True to install nvidia_driver_package.\n")
+    yield StringCommand("printf", "%s", QuoteString(message), ">&2", "&&", "exit", "1")
+
+
+@operation()
+def apt_candidates_present(sources: dict[str, str]):
+    """
+    Fail, naming each package and where it comes from, when apt offers no version of a package
+    that is not installed yet; installed packages are not looked up at all.
+
+    + sources: package (``name`` or ``name=version``) -> where it comes from, for the message
+
+    Run it after the package lists are refreshed: it reads them at execution time.
+
+    **Example:**
+
+    .. code:: python
+
+        apt_candidates_present(name="Check apt offers the missing packages",
+                               sources={"nvidia-container-toolkit": "NVIDIA's repository"})
+    """
+    missing = missing_packages(list(sources), host.get_fact(DebPackages))
+    if not missing:
+        host.noop(f"installed: {', '.join(sources)}")
+        return
+    checks = []
+    for spec in missing:
+        name = spec.partition("=")[0]
+        message = f"{spec} is not installed and no apt source offers it: {sources[spec]}"
+        # LC_ALL=C: apt-cache translates its "Candidate:" label.
+        checks.append(f"LC_ALL=C apt-cache policy {shlex.quote(name)} 2>/dev/null "
+                      f"| grep -q '^ *Candidate: [^(]' "
+                      f"|| {{ echo {shlex.quote(message)} >&2; missing=1; }}")
+    script = "missing=0; " + "; ".join(checks) + "; exit $missing"
+    yield StringCommand("sh", "-c", QuoteString(script))
+
+
+@operation()
+def cdi_spec_generated(path: str):
+    """
+    Make ``path`` a CDI spec of this host's GPUs for the driver loaded now.
+
+    + path: the spec file, under /etc/cdi
+
+    Regenerated only when it is absent or was generated for another driver version (its
+    library mounts name the driver's version, so an old spec mounts files that no longer
+    exist). Docker re-reads CDI specs when they change: no restart. Toolkits from 1.18 also
+    keep a spec under /var/run/cdi (their nvidia-cdi-refresh service) that wins over this one;
+    both then describe the same driver, and this one serves toolkits without that service.
+
+    **Example:**
+
+    .. code:: python
+
+        cdi_spec_generated(name="Generate CDI spec", path="/etc/cdi/nvidia.yaml")
+    """
+    gpus = host.get_fact(NvidiaGpus)
+    if not gpus:
+        host.noop(f"no GPU visible to nvidia-smi: {path} waits for a loaded driver")
+        return
+    driver = gpus[0]["driver"]
+    if host.get_fact(CdiSpecDriverVersion, path=path) == driver:
+        host.noop(f"{path} is for driver {driver}")
+        return
+    partial = f"{CDI_SPEC_PARTIAL_DIR}/{path.rsplit('/', 1)[-1]}"
+    folder = path.rsplit("/", 1)[0] or "/"
+    yield StringCommand(
+        "mkdir", "-p", QuoteString(folder), QuoteString(CDI_SPEC_PARTIAL_DIR), "&&",
+        "nvidia-ctk", "cdi", "generate", QuoteString(f"--output={partial}"), "&&",
+        "mv", "-f", QuoteString(partial), QuoteString(path), "&&",
+        "rmdir", QuoteString(CDI_SPEC_PARTIAL_DIR))
+
+
+@operation()
+def persistence_mode_on():
+    """
+    Turn persistence mode on for every GPU when nvidia-smi shows any with it off.
+
+    Without it the driver tears a GPU down whenever no process holds it and sets it up again
+    for the next one, which slows every start of the server. ``nvidia-smi -pm 1`` lasts until
+    the next reboot; every deploy checks it again.
+
+    **Example:**
+
+    .. code:: python
+
+        persistence_mode_on(name="Turn on persistence mode on every GPU")
+    """
+    gpus = host.get_fact(NvidiaGpus)
+    off = [gpu["index"] for gpu in gpus if not gpu["persistence"]]
+    if not off:
+        host.noop(f"persistence mode is on for all {len(gpus)} GPU(s)")
+        return
+    yield "nvidia-smi -pm 1"
+
+
+@deploy("NVIDIA container host")
+def prepare() -> None:
+    """Converge a GPU host to run vLLM's container: Docker installed, enabled and running with
+    the nvidia runtime in a managed daemon.json (restarted only when that file changes), the
+    NVIDIA Container Toolkit installed, a CDI spec for the loaded driver, persistence mode on,
+    and a driver of at least the minimum branch (installed only on request, rebooting only on
+    request).
+
+    Data keys: docker_package, docker_daemon_settings, nvidia_container_toolkit_package,
+    nvidia_driver_min_branch, nvidia_driver_install, nvidia_driver_package,
+    nvidia_driver_allow_reboot.
+    """
+    settings = read_settings(host.name, host.data)
+    problems = driver_problems(host.get_fact(NvidiaGpus), settings.driver_min_branch, host.name)
+    install_driver = settings.driver_install and bool(problems)
+    if not settings.driver_install:
+        driver_accepted(name="Check NVIDIA driver branch", problems=problems)
+
+    sources = {settings.docker_package: PACKAGE_SOURCES["docker"],
+               settings.toolkit_package: PACKAGE_SOURCES["toolkit"]}
+    if install_driver:
+        sources[settings.driver_package] = PACKAGE_SOURCES["driver"]
+    if missing_packages(list(sources), host.get_fact(DebPackages)):
+        # Only then: offline hosts that already have everything never touch the network.
+        apt.update(name="Refresh apt package lists")
+    apt_candidates_present(name="Check apt offers the packages not yet installed",
+                           sources=sources)
+    apt.packages(name="Install Docker and the NVIDIA Container Toolkit",
+                 packages=[settings.docker_package, settings.toolkit_package])
+
+    if install_driver:
+        package = settings.driver_package
+        driver = apt.packages(name=f"Install NVIDIA driver {package}", packages=[package])
+        if not driver.will_change:
+            logger.warning(f"{host.name}: {package} is installed but is not the driver loaded "
+                           "now: reboot the host (nvidia_driver_allow_reboot reboots only in "
+                           "the run that installs the driver)")
+        elif not settings.driver_allow_reboot:
+            logger.warning(f"{host.name}: {package} loads at the next reboot "
+                           "(nvidia_driver_allow_reboot is False)")
+        else:
+            # Checked again when the reboot is due: the package may bring the very version
+            # that is loaded already, and then a reboot gains nothing.
+            server.reboot(name="Reboot into the NVIDIA driver just installed",
+                          delay=REBOOT_DELAY_S, reboot_timeout=REBOOT_TIMEOUT_S,
+                          _if=[driver.did_change, lambda: loaded_driver_is_stale(package)])
+
+    daemon = files.put(name=f"Install Docker daemon settings {DAEMON_JSON}",
+                       src=io.StringIO(daemon_json(settings.docker_daemon_settings)),
+                       dest=DAEMON_JSON, user="root", group="root", mode="644")
+    systemd.service(name="Enable and start docker.service, restart it if daemon.json changed",
+                    service="docker.service", running=True, enabled=True,
+                    restarted=daemon.will_change)
+    cdi_spec_generated(name=f"Generate CDI spec {CDI_SPEC} for the loaded driver",
+                       path=CDI_SPEC)
+    persistence_mode_on(name="Turn on persistence mode on every GPU")
