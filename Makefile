@@ -8,7 +8,7 @@ SANDBOX_HOSTS ?= 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test unit e2e venv system-deps artefacts wheelhouse tiny-model rootfs down clean
+.PHONY: demo test unit e2e venv system-deps artefacts wheelhouse hf-wheelhouse tiny-model rootfs down clean
 
 demo: venv system-deps artefacts
 	tools/sandbox up $(SANDBOX_HOSTS)
@@ -39,9 +39,11 @@ system-deps:
 	    --no-install-recommends debootstrap systemd-container zstd openssh-client iproute2 \
 	    curl >/dev/null; }
 
-artefacts: wheelhouse tiny-model rootfs
+artefacts: wheelhouse hf-wheelhouse tiny-model rootfs
 wheelhouse: venv
 	$(BIN)/python tools/wheelhouse
+hf-wheelhouse: venv
+	$(BIN)/python tools/hf-wheelhouse
 tiny-model: venv
 	$(BIN)/python tools/make-tiny-model
 rootfs: system-deps

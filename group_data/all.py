@@ -64,13 +64,52 @@ model_draft_repo = "lightseekorg/kimi-k2.6-eagle3-mla"
 # Draft tokens proposed per step; None takes the profile's (3, as the seed and the recipe).
 model_num_speculative_tokens = None
 # A controller folder pushed as the model instead of a Hub download (sandbox, air-gapped
-# sites). Relative paths are relative to this repository.
+# sites); None downloads model_profile's repo with the hf CLI. Relative paths are relative to
+# this repository.
 model_source_dir = None
 # Folder on the host that holds one sub-folder per model (the seed: /raid/<user>/models).
 weights_dir = "/raid/models"
 # Free space the infra checks require on the weights filesystem once the weights are in
 # (room for logs, caches and the next revision).
 weights_min_free_bytes = 100 * 10**9
+
+# Revision of model_draft_repo to fetch when model_speculative is on. Pin a commit SHA in
+# production.
+model_draft_revision = "main"
+# Hub endpoint (HF_ENDPOINT) for metadata and downloads: None is the client's default Hub; a
+# mirror's base URL otherwise (common for sites in China).
+weights_hf_endpoint = None
+# Controller file (outside this repository) holding the Hub token; None reads HF_TOKEN from the
+# controller's environment. On hosts it lives only in a root-owned 0600 file.
+weights_hf_token_file = None
+# Glob patterns passed to `hf download --include`; the preflight's size check applies the same
+# filter.
+weights_include = []
+# Glob patterns passed to `hf download --exclude`.
+weights_exclude = []
+# Files fetched in parallel (`hf download --max-workers`); it parallelises across files only.
+weights_max_workers = 8
+# Use Xet transfers when the Hub offers them; a stalled attempt is retried with Xet off
+# regardless.
+weights_xet = True
+# Seconds without a new byte before the watchdog stops an attempt (well above the client's own
+# 10 s read timeout x 5 retries).
+weights_stall_timeout_s = 300
+# Attempts before the fetch fails (each: remove *.incomplete, run hf download, verify
+# checksums).
+weights_download_attempts = 4
+# Re-hash every file against the Hub's checksums on this run; fail naming missing, corrupt
+# (deleted: the next run re-fetches) and extra files. Slow: ~1 s per GB.
+weights_verify_full = False
+
+# ---- hf_cli: the Hugging Face CLI on the host (tasks/hf_cli.py) -------------------------------
+# huggingface_hub version of the host's `hf` CLI; must match hf_cli_wheelhouse_dir.
+hf_cli_version = "2.4.0"
+# venv of the hf CLI on the host (a symlink to the current build); /usr/local/bin/hf points
+# into it.
+hf_cli_venv_dir = "/opt/hf/venv"
+# Controller folder made by tools/hf-wheelhouse (hosts reach no package index).
+hf_cli_wheelhouse_dir = ".cache/hf-wheelhouse"
 
 # ---- vllm: the server (tasks/vllm_service.py, tasks/vllm_venv.py) ---------------------------
 # How vLLM runs: venv (pip-installed under systemd). docker and kubernetes are to come.

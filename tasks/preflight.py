@@ -156,6 +156,15 @@ def check() -> bool:
         problems = [line.strip() for line in problems]
     else:
         problems = host_problems(settings, gather(settings))
+        if settings.model_source_dir is None:
+            # Imported here: tasks.weights imports this module's siblings at load time.
+            from tasks import hf_cli, weights
+            try:
+                hf_cli.read(host.name, host.data)
+                problems += weights.problems(
+                    host, settings, weights.read_hub_settings(host.name, host.data))
+            except DataError as error:
+                problems += [line.strip() for line in str(error).splitlines()[1:]]
     for line in problems:
         logger.warning(f"preflight: {line}")
     passed(name="Check data, GPUs, disk and port", problems=problems,

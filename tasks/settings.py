@@ -166,9 +166,6 @@ def resolve(host) -> Settings:
             if not (Path(wheelhouse) / "requirements.lock").is_file():
                 read.error("vllm_wheelhouse_dir", wheelhouse,
                            "a folder with requirements.lock: run tools/wheelhouse")
-    if source is None and profile is not None:
-        read.error("model_source_dir", None,
-                   "a controller folder to push (fetching from the Hub is not implemented yet)")
     packages = read.get("host_packages", (list, tuple), "a list of package names")
     accept_low = read.get("preflight_accept_low_gpu_memory", (bool,), "true or false")
     driver_install = read.get("nvidia_driver_install", (bool,), "true or false")

@@ -62,7 +62,6 @@ BAD_INPUTS = [
     ("model_speculative", "yes", "true or false"),
     ("model_num_speculative_tokens", 0, "1..10"),
     ("model_source_dir", "/nonexistent/model", "config.json"),
-    ("model_source_dir", None, "not implemented yet"),
     ("weights_dir", "raid/models", "absolute path"),
     ("weights_dir", 5, "absolute path"),
     ("vllm_runtime", "podman", "one of"),
@@ -116,12 +115,11 @@ def test_api_key_never_appears_in_the_rendered_command(sandbox_data):
     assert "s3cret-key" not in str(settings.environment)
 
 
-def test_gb200_group_data_is_complete_but_for_the_weights_source():
-    """Until Hub downloads (issue 3) and the docker runtime (issue 5) land, production data
-    fails only on the two controller folders the sandbox provides."""
+def test_gb200_group_data_is_complete_but_for_the_wheelhouse():
+    """Until the docker runtime (issue 5) lands, production data fails only on the controller
+    folder the sandbox provides: the venv runtime's wheelhouse."""
     data = group_data("gb200")
     with pytest.raises(DataError) as error:
         resolve(FakeHost("gb200-tray-01", data))
     problems = [line for line in str(error.value).splitlines()[1:]]
-    assert sorted(p.split(" = ")[0].strip() for p in problems) == \
-        ["gb200-tray-01: model_source_dir", "gb200-tray-01: vllm_wheelhouse_dir"]
+    assert [p.split(" = ")[0].strip() for p in problems] == ["gb200-tray-01: vllm_wheelhouse_dir"]

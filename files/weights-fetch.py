@@ -1,0 +1,383 @@
+#!/usr/bin/env python3
+# Managed by tasks/weights.py: runs on the host, as a transient systemd unit, under the hf venv.
+"""Fetch one Hub repo at one commit into a folder with the pinned `hf` CLI, verified, resumable.
+
+    weights-fetch.py --job JOB.json [--verify]
+
+JOB.json (written by the deploy; no secrets: the token is a path to a root-only file):
+    {"repo", "commit", "local_dir", "state_dir", "endpoint", "include", "exclude",
+     "max_workers", "xet", "stall_timeout_s", "attempts", "token_file", "hf",
+     "files": {PATH: {"size": N, "sha256": HEX | null, "git_sha1": HEX}}}
+
+Writes STATE_DIR/status.json (atomically, every second) for the deploy to follow:
+    {"state": "fetching" | "verifying" | "done" | "failed", "attempt", "attempts",
+     "bytes_done", "bytes_total", "rate_bytes_per_s", "message", "missing", "corrupt", "extra"}
+and, once every file of the listing has its Hub checksum, LOCAL_DIR/.cache/weights-manifest.json:
+    {"repo", "commit", "complete": true, "files": {PATH: {"size", "mtime_ns", "sha256"|"git_sha1"}}}
+which is how a later deploy knows, from sizes and mtimes alone, that nothing needs fetching.
+
+Why this wrapper and not a bare `hf download`: the client checks sizes only (never sha256),
+exits 1 on a reset connection, may hang on Xet, and leaves `*.incomplete` files behind when
+killed (each restart writes a new one from byte 0). Here every attempt starts by removing those,
+a watchdog stops an attempt that makes no progress and retries with Xet off, every file is
+hashed once against the Hub's checksum, and a bad one is deleted and fetched again.
+
+--verify re-hashes every file instead, reports missing, corrupt and extra files, deletes the
+corrupt ones (so the next deploy fetches them) and exits 1 if any file is missing or corrupt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+MANIFEST = ".cache/weights-manifest.json"
+HF_METADATA = ".cache/huggingface/download"
+BLOCK = 8 * 1024 * 1024
+POLL_S = 1.0
+# hf answers SIGTERM within a second or two; past this it is stuck in a syscall.
+KILL_AFTER_S = 15
+
+
+def log(message: str) -> None:
+    print(f"weights-fetch: {message}", file=sys.stderr, flush=True)
+
+
+def write_json(path: Path, value: dict) -> None:
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+    partial.replace(path)
+
+
+def file_checksum(path: Path, want: dict) -> str:
+    """The checksum the Hub lists for this file: sha256 for LFS files, git's blob sha1 else."""
+    if want.get("sha256"):
+        digest = hashlib.sha256()
+    else:
+        digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as handle:
+        while block := handle.read(BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def expected_checksum(want: dict) -> str:
+    return want.get("sha256") or want["git_sha1"]
+
+
+class Fetch:
+    def __init__(self, job: dict):
+        self.job = job
+        self.local_dir = Path(job["local_dir"])
+        self.state_dir = Path(job["state_dir"])
+        self.files: dict[str, dict] = job["files"]
+        self.total = sum(want["size"] for want in self.files.values())
+        self.status = {"state": "starting", "attempt": 0, "attempts": job["attempts"],
+                       "bytes_done": 0, "bytes_total": self.total, "rate_bytes_per_s": 0.0,
+                       "message": "", "missing": [], "corrupt": [], "extra": [],
+                       "commit": job["commit"], "repo": job["repo"], "pid": os.getpid()}
+        self.samples: collections.deque = collections.deque(maxlen=10)
+        self.verified: dict[str, dict] = {}
+        self.child: subprocess.Popen | None = None
+        self.stopping = False
+        self.load_manifest()
+
+    # --- status and manifest --------------------------------------------------------------
+
+    def report(self, **changes) -> None:
+        self.status.update(changes, updated=time.time())
+        write_json(self.state_dir / "status.json", self.status)
+
+    def load_manifest(self) -> None:
+        """Entries of an earlier run still valid for this listing: same checksum, same stat."""
+        try:
+            manifest = json.loads((self.local_dir / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return
+        self.previous = manifest.get("files", {})
+        for path, entry in self.previous.items():
+            want = self.files.get(path)
+            if want is None or entry.get("checksum") != expected_checksum(want):
+                continue
+            try:
+                stat = (self.local_dir / path).stat()
+            except OSError:
+                continue
+            if (stat.st_size, stat.st_mtime_ns) == (entry["size"], entry["mtime_ns"]):
+                self.verified[path] = entry
+
+    previous: dict[str, dict] = {}
+
+    def save_manifest(self, complete: bool) -> None:
+        (self.local_dir / ".cache").mkdir(parents=True, exist_ok=True)
+        write_json(self.local_dir / MANIFEST, {
+            "repo": self.job["repo"], "commit": self.job["commit"], "complete": complete,
+            "files": dict(sorted(self.verified.items()))})
+
+    # --- the folder -----------------------------------------------------------------------
+
+    def remove_incomplete(self) -> int:
+        """Temp files of an interrupted client: the next one never resumes them."""
+        removed = 0
+        metadata = self.local_dir / HF_METADATA
+        if metadata.is_dir():
+            for partial in metadata.rglob("*.incomplete"):
+                removed += partial.stat().st_size
+                partial.unlink()
+        return removed
+
+    def forget(self, path: str) -> None:
+        """Delete a file and the client's record of it, so the client fetches it again."""
+        self.verified.pop(path, None)
+        for stale in (self.local_dir / path, self.local_dir / HF_METADATA / f"{path}.metadata"):
+            stale.unlink(missing_ok=True)
+
+    def remove_superseded(self) -> None:
+        """Files an earlier revision placed here that this one no longer has: vLLM would read
+        stray shards. Files nobody listed are left alone and reported as extra by --verify."""
+        for path in self.previous:
+            if path not in self.files and (self.local_dir / path).is_file():
+                log(f"removing {path}: not in {self.job['repo']}@{self.job['commit'][:12]}")
+                (self.local_dir / path).unlink()
+
+    def extra_files(self) -> list[str]:
+        extra = []
+        for path in sorted(self.local_dir.rglob("*")):
+            relative = path.relative_to(self.local_dir).as_posix()
+            if path.is_file() and not relative.startswith(".cache/") and relative not in self.files:
+                extra.append(relative)
+        return extra
+
+    def bytes_done(self) -> int:
+        done = 0
+        for path, want in self.files.items():
+            try:
+                done += min((self.local_dir / path).stat().st_size, want["size"])
+            except OSError:
+                pass
+        metadata = self.local_dir / HF_METADATA
+        if metadata.is_dir():
+            for partial in metadata.rglob("*.incomplete"):
+                try:
+                    done += partial.stat().st_size
+                except OSError:
+                    pass  # renamed into place between the listing and the stat
+        return min(done, self.total)
+
+    def check(self, paths: list[str], state: str) -> tuple[list[str], list[str]]:
+        """Hash files not yet verified; returns (missing, corrupt). Corrupt files are deleted."""
+        missing, corrupt = [], []
+        todo = []
+        for path in paths:
+            want = self.files[path]
+            target = self.local_dir / path
+            if not target.is_file():
+                missing.append(path)
+            elif target.stat().st_size != want["size"]:
+                log(f"{path}: {target.stat().st_size} bytes, the Hub lists {want['size']}")
+                corrupt.append(path)
+            else:
+                todo.append(path)
+        hashed = [0]
+        lock = threading.Lock()
+        todo_bytes = sum(self.files[path]["size"] for path in todo)
+        self.report(state=state, bytes_done=0, bytes_total=todo_bytes,
+                    message=f"hashing {len(todo)} files")
+
+        def one(path: str) -> tuple[str, str, os.stat_result]:
+            target = self.local_dir / path
+            before = target.stat()
+            checksum = file_checksum(target, self.files[path])
+            with lock:
+                hashed[0] += before.st_size
+            return path, checksum, before
+
+        workers = max(1, min(8, os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(one, path) for path in todo]
+            while not all(future.done() for future in futures):
+                time.sleep(POLL_S)
+                self.report(bytes_done=hashed[0])
+            for future in futures:
+                path, checksum, stat = future.result()
+                if checksum == expected_checksum(self.files[path]):
+                    self.verified[path] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                                           "checksum": checksum}
+                else:
+                    log(f"{path}: checksum {checksum}, the Hub lists "
+                        f"{expected_checksum(self.files[path])}")
+                    corrupt.append(path)
+        for path in corrupt:
+            self.forget(path)
+        self.save_manifest(complete=False)
+        return missing, sorted(corrupt)
+
+    # --- the client -----------------------------------------------------------------------
+
+    def environment(self, xet: bool) -> dict[str, str]:
+        env = {key: value for key, value in os.environ.items()
+               if not key.startswith("HF_") and key not in ("HUGGING_FACE_HUB_TOKEN",)}
+        env.update(HF_HUB_DISABLE_UPDATE_CHECK="1", HF_HUB_DISABLE_TELEMETRY="1",
+                   HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HOME=str(self.state_dir / "hf-home"))
+        if self.job.get("endpoint"):
+            env["HF_ENDPOINT"] = self.job["endpoint"]
+        # The client reads the token from this root-only file itself: never argv, never env.
+        env["HF_TOKEN_PATH"] = self.job.get("token_file") or str(self.state_dir / "no-token")
+        if not xet:
+            env["HF_HUB_DISABLE_XET"] = "1"
+        return env
+
+    def command(self) -> list[str]:
+        command = [self.job["hf"], "download", self.job["repo"], "--revision", self.job["commit"],
+                   "--local-dir", str(self.local_dir),
+                   "--max-workers", str(self.job["max_workers"])]
+        for pattern in self.job.get("include") or []:
+            command += ["--include", pattern]
+        for pattern in self.job.get("exclude") or []:
+            command += ["--exclude", pattern]
+        return command
+
+    def attempt(self, number: int, xet: bool) -> str:
+        """One run of the client: "exited 0", "exited N" or "stalled"."""
+        freed = self.remove_incomplete()
+        if freed:
+            log(f"removed {freed} bytes of .incomplete files left by an interrupted client")
+        log(f"attempt {number}/{self.job['attempts']}: hf download {self.job['repo']} "
+            f"--revision {self.job['commit']} (Xet {'on' if xet else 'off'})")
+        self.child = subprocess.Popen(self.command(), env=self.environment(xet),
+                                      stdin=subprocess.DEVNULL)
+        last_bytes, last_progress = -1, time.monotonic()
+        while True:
+            try:
+                rc = self.child.wait(timeout=POLL_S)
+            except subprocess.TimeoutExpired:
+                rc = None
+            now = time.monotonic()
+            done = self.bytes_done()
+            self.samples.append((now, done))
+            rate = 0.0
+            if len(self.samples) > 1 and self.samples[-1][0] > self.samples[0][0]:
+                rate = max(0.0, (self.samples[-1][1] - self.samples[0][1])
+                           / (self.samples[-1][0] - self.samples[0][0]))
+            self.report(state="fetching", attempt=number, bytes_done=done,
+                        bytes_total=self.total, rate_bytes_per_s=round(rate, 1),
+                        message=f"Xet {'on' if xet else 'off'}")
+            if rc is not None:
+                return f"exited {rc}"
+            if done != last_bytes:
+                last_bytes, last_progress = done, now
+            elif now - last_progress > self.job["stall_timeout_s"]:
+                log(f"no progress for {self.job['stall_timeout_s']} s at {done} bytes: "
+                    "stopping the client")
+                self.stop_child()
+                return "stalled"
+
+    def stop_child(self) -> None:
+        if self.child is None or self.child.poll() is not None:
+            return
+        self.child.terminate()
+        try:
+            self.child.wait(timeout=KILL_AFTER_S)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            self.child.wait()
+
+    # --- the two modes --------------------------------------------------------------------
+
+    def fetch(self) -> int:
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        self.remove_superseded()
+        present = [path for path in self.files
+                   if path not in self.verified and (self.local_dir / path).exists()]
+        # Files changed since they were verified (or never verified): check them before the
+        # client, which trusts its own metadata and would keep a corrupt file.
+        if present:
+            self.check(present, "verifying")
+        xet = bool(self.job["xet"])
+        outcomes = []
+        for number in range(1, self.job["attempts"] + 1):
+            if self.stopping:
+                break
+            outcome = self.attempt(number, xet)
+            outcomes.append(outcome)
+            if outcome == "stalled":
+                xet = False  # reported upstream: Xet hangs on large downloads
+            unverified = [path for path in self.files if path not in self.verified]
+            missing, corrupt = self.check(unverified, "verifying")
+            if not missing and not corrupt:
+                self.remove_incomplete()
+                self.save_manifest(complete=True)
+                self.report(state="done", bytes_done=self.total, bytes_total=self.total,
+                            message=f"{len(self.files)} files verified")
+                log(f"{self.job['repo']}@{self.job['commit']}: {len(self.files)} files, "
+                    f"{self.total} bytes, verified")
+                return 0
+            log(f"after attempt {number} ({outcome}): {len(missing)} missing, "
+                f"{len(corrupt)} corrupt: {', '.join((missing + corrupt)[:5])}")
+            self.report(missing=missing, corrupt=corrupt)
+        self.remove_incomplete()
+        stalls = outcomes.count("stalled")
+        why = (f"no progress for {self.job['stall_timeout_s']} s in {stalls} of "
+               f"{len(outcomes)} attempts" if stalls else
+               f"hf download {', '.join(outcomes)}")
+        self.report(state="failed", message=f"{self.job['repo']}@{self.job['commit'][:12]} "
+                    f"incomplete after {len(outcomes)} attempts ({why}); see "
+                    f"journalctl -u {self.job.get('unit', 'the unit')}")
+        return 1
+
+    def verify(self) -> int:
+        self.verified.clear()
+        missing, corrupt = self.check(list(self.files), "verifying")
+        extra = self.extra_files()
+        complete = not missing and not corrupt
+        self.save_manifest(complete=complete)
+        message = (f"{len(self.files) - len(missing) - len(corrupt)} of {len(self.files)} files "
+                   f"match the Hub's checksums; {len(missing)} missing, {len(corrupt)} corrupt "
+                   f"(deleted: the next deploy fetches them), {len(extra)} extra")
+        log(message)
+        self.report(state="done" if complete else "failed", missing=missing, corrupt=corrupt,
+                    extra=extra, message=message, bytes_done=self.total, bytes_total=self.total)
+        return 0 if complete else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job", type=Path, required=True)
+    parser.add_argument("--verify", action="store_true")
+    args = parser.parse_args()
+    job = json.loads(args.job.read_text())
+    state_dir = Path(job["state_dir"])
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(state_dir / "lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"another fetch holds {state_dir}/lock")
+        return 75
+    fetch = Fetch(job)
+
+    def terminate(*_):
+        fetch.stopping = True
+        fetch.stop_child()
+        fetch.remove_incomplete()
+        fetch.report(state="failed", message="stopped by SIGTERM")
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, terminate)
+    return fetch.verify() if args.verify else fetch.fetch()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Weights from a Hub mirror with the real `hf` CLI on the e2e sandbox hosts: tools/hub-mirror
+listens on each host's controller address (never anything wider) and serves a repo of several
+shards at a pinned commit; tests/e2e/hub_deploy.py runs preflight, system and weights into
+/raid/hub-e2e (vLLM keeps serving the pushed model), then the last test runs the whole runbook
+with a changed revision and counts restarts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.common import ENV, PYINFRA, service_start
+from tests.helpers import REPO
+
+REPO_ID = "sandbox/tiny-kimi"
+WEIGHTS = "/raid/hub-e2e"
+TREE = f"{WEIGHTS}/tiny-kimi"
+PIECE = 10 * 1024 * 1024  # the client writes in pieces of this size
+BIG = "extra-00001-of-00002.safetensors"
+BIG2 = "extra-00002-of-00002.safetensors"
+# Developing this module alone on one's own sandbox: HUB_E2E_SANDBOX=name (see conftest there).
+OWN_SANDBOX = ({"SANDBOX_NAME": os.environ["HUB_E2E_SANDBOX"]}
+               if os.environ.get("HUB_E2E_SANDBOX") else {})
+
+
+class HostMirror:
+    """tools/hub-mirror on one sandbox host's controller address."""
+
+    def __init__(self, workdir: Path, address: str, folder: Path, token_file: Path):
+        self.state = workdir / f"mirror-{address}.json"
+        self.log = open(workdir / f"mirror-{address}.log", "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, str(REPO / "tools" / "hub-mirror"), "--listen", f"{address}:0",
+             "--repo", f"{REPO_ID}={folder}", "--state-file", str(self.state),
+             "--token-file", str(token_file)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.token = token_file.read_text().strip()
+        deadline = time.monotonic() + 30
+        while not self.state.exists():
+            assert self.process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        self.url = json.loads(self.state.read_text())["url"]
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def call(self, method: str, path: str, body=None):
+        request = urllib.request.Request(self.url + path, method=method,
+                                         data=json.dumps(body).encode() if body else None,
+                                         headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+
+    def sent(self) -> dict[str, int]:
+        return {key.split("/")[-1]: n for key, n in self.call("GET", "/_mirror/stats")
+                ["bytes_sent"].items()}
+
+    def reset(self) -> None:
+        self.call("POST", "/_mirror/stats/reset")
+        self.call("DELETE", "/_mirror/faults")
+
+    def stop(self) -> None:
+        os.kill(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=10)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Path:
+    """The tiny model plus two random 25 MB shards: big enough to cut mid-file."""
+    folder = tmp_path_factory.mktemp("hub-repo")
+    for path in (REPO / ".cache" / "tiny-model").iterdir():
+        shutil.copy2(path, folder / path.name)
+    for name in (BIG, BIG2):
+        (folder / name).write_bytes(os.urandom(25 * 1024 * 1024))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def token_file(tmp_path_factory) -> Path:
+    # Outside the repository, as weights_hf_token_file requires.
+    path = tmp_path_factory.mktemp("hub-token") / "token"
+    path.write_text("hf_e2e_" + os.urandom(12).hex() + "\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mirrors(sandbox, served, token_file, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("mirrors")
+    started = {h["name"]: HostMirror(workdir, h["controller_address"], served, token_file)
+               for h in sandbox["hosts"]}
+    yield started
+    for mirror in started.values():
+        mirror.stop()
+
+
+@pytest.fixture
+def mirror(mirrors):
+    for each in mirrors.values():
+        each.reset()
+    return mirrors
+
+
+def deploy(mirrors, token_file, check=True, background=False, full=False, **data):
+    env = {**ENV, **OWN_SANDBOX, "HUB_E2E_PORTS": json.dumps({n: m.port for n, m in mirrors.items()}),
+           "HUB_E2E_TOKEN_FILE": str(token_file), "HUB_E2E_RUNBOOK": "full" if full else "",
+           "HUB_E2E_DATA": json.dumps({"weights_dir": WEIGHTS, "weights_stall_timeout_s": 30,
+                                       **data})}
+    command = [PYINFRA, "-y", "--json", "tests/e2e/hub_inventory.py", "tests/e2e/hub_deploy.py"]
+    if background:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=900)
+    result.output = result.stdout + result.stderr
+    if check:
+        assert result.returncode == 0, result.output[-4000:]
+    return result
+
+
+def host_digests(host, tree=TREE) -> dict[str, str]:
+    out = host.check_output(f"cd {tree} && find . -path ./.cache -prune -o -type f -print0 "
+                            "| sort -z | xargs -0r sha256sum")
+    return {line.split("  ", 1)[1][2:]: line.split()[0] for line in out.splitlines()}
+
+
+def local_digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def test_fresh_fetch_places_every_file_and_keeps_the_token_private(hosts, mirror, served,
+                                                                   token_file):
+    for host in hosts.values():
+        host.run(f"rm -rf {WEIGHTS}")
+    result = deploy(mirror, token_file)
+    token = token_file.read_text().strip()
+    assert token not in result.output
+    assert "fetch sandbox/tiny-kimi" in result.output  # progress was reported
+    for name, host in hosts.items():
+        assert host_digests(host) == local_digests(served)
+        secret = host.file("/etc/weights-fetch/hf-token")
+        assert (secret.user, secret.mode) == ("root", 0o600)
+        assert token not in host.check_output("journalctl -u 'weights-fetch-*' -o cat")
+        assert set(mirror[name].sent()) == set(local_digests(served))
+        assert host.run("hf version").rc == 0 or host.run("hf --help").rc == 0
+
+
+def test_second_run_is_a_no_op_and_fast(hosts, mirror, token_file):
+    started = time.monotonic()
+    result = deploy(mirror, token_file)
+    elapsed = time.monotonic() - started
+    changed = [op["name"] for op in json.loads(result.stdout)["results"]["operations"]
+               if op["success"]]
+    assert changed == [] and elapsed < 20, (changed, elapsed)
+    for each in mirror.values():
+        assert each.sent() == {}
+
+
+def test_token_is_absent_from_ps_during_the_download(hosts, mirror, token_file):
+    for host in hosts.values():
+        host.run(f"rm -f {TREE}/{BIG} {TREE}/{BIG2}")
+    for each in mirror.values():
+        each.call("POST", "/_mirror/faults", {"path": f"{REPO_ID}/{BIG}",
+                                              "stall_after_bytes": PIECE, "stall_seconds": 8})
+    running = deploy(mirror, token_file, background=True)
+    token = token_file.read_text().strip()
+    seen_download = False
+    while running.poll() is None:
+        for host in hosts.values():
+            processes = host.check_output("ps -eo args")
+            seen_download |= "hf download" in processes
+            assert token not in processes
+        time.sleep(0.5)
+    output = running.stdout.read()
+    assert running.returncode == 0, output[-3000:]
+    assert seen_download and token not in output
+
+
+def test_dropped_connection_mid_shard_completes_with_the_right_bytes(hosts, mirror, served,
+                                                                     token_file):
+    for host in hosts.values():
+        host.run(f"rm -f {TREE}/{BIG}")
+    for each in mirror.values():
+        each.call("POST", "/_mirror/faults", {"path": f"{REPO_ID}/{BIG}",
+                                              "drop_after_bytes": PIECE + 4321})
+    deploy(mirror, token_file)
+    for host in hosts.values():
+        assert host_digests(host) == local_digests(served)
+
+
+def test_killed_client_rerun_completes_without_refetching_or_orphans(hosts, mirror, served,
+                                                                     token_file):
+    for host in hosts.values():
+        host.run(f"rm -f {TREE}/{BIG} {TREE}/{BIG2}")
+    for each in mirror.values():
+        each.call("POST", "/_mirror/faults", {"path": f"{REPO_ID}/{BIG2}",
+                                              "stall_after_bytes": PIECE + 1, "stall_seconds": 60})
+    running = deploy(mirror, token_file, background=True)
+    deadline = time.monotonic() + 120
+    for host in hosts.values():
+        while host.run(f"test -s {TREE}/{BIG} && find {TREE}/.cache -name '*.incomplete' "
+                       "| grep -q .").rc != 0:
+            assert time.monotonic() < deadline, "no partial download to interrupt"
+            time.sleep(0.5)
+    for host in hosts.values():
+        host.run("systemctl kill -s KILL weights-fetch-tiny-kimi.service")
+    os.killpg(running.pid, signal.SIGKILL)
+    running.wait()
+    for host in hosts.values():
+        assert host.run(f"find {TREE}/.cache -name '*.incomplete' | grep -q .").rc == 0
+    for each in mirror.values():
+        each.reset()
+    deploy(mirror, token_file)
+    for name, host in hosts.items():
+        assert host_digests(host) == local_digests(served)
+        assert BIG not in mirror[name].sent()  # completed before the kill: not served again
+        assert host.run(f"find {TREE}/.cache -name '*.incomplete' | grep -q .").rc != 0
+
+
+def test_corrupted_shard_is_fetched_again(hosts, mirror, served, token_file):
+    for host in hosts.values():
+        host.run(f"printf 'garbage' | dd of={TREE}/model-00001-of-00002.safetensors bs=1 "
+                 "seek=1000 conv=notrunc status=none")
+    deploy(mirror, token_file)
+    for name, host in hosts.items():
+        assert host_digests(host) == local_digests(served)
+        assert set(mirror[name].sent()) == {"model-00001-of-00002.safetensors"}
+
+
+def test_not_enough_disk_fails_clearly_and_writes_nothing(hosts, mirror, token_file):
+    for host in hosts.values():
+        host.run("mkdir -p /raid/small && (mountpoint -q /raid/small || "
+                 "mount -t tmpfs -o size=4m tmpfs /raid/small)")
+    try:
+        result = deploy(mirror, token_file, check=False, weights_dir="/raid/small")
+        assert result.returncode != 0
+        for name, host in hosts.items():
+            assert (f"{name}: weights_dir: /raid/small/tiny-kimi (filesystem /raid/small) needs "
+                    in result.output)
+            assert "GB free" in result.output
+            assert host.check_output("find /raid/small -mindepth 1 | wc -l") == "0"
+    finally:
+        for host in hosts.values():
+            host.run("umount /raid/small; rmdir /raid/small")
+
+
+def test_wrong_revision_fails_clearly(hosts, mirror, token_file):
+    result = deploy(mirror, token_file, check=False, model_revision="0" * 40)
+    assert result.returncode != 0
+    assert f"model_revision: revision '{'0' * 40}' not found in {REPO_ID}" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_changed_revision_restarts_vllm_exactly_once(hosts, mirrors, tmp_path_factory,
+                                                     token_file, sandbox):
+    """The whole runbook, weights into /raid/models: first from the mirror at revision A (the
+    pushed model's bytes), then B (one changed file): one restart, then none."""
+    folder = tmp_path_factory.mktemp("rev")
+    for path in (REPO / ".cache" / "tiny-model").iterdir():
+        shutil.copy2(path, folder / path.name)
+    workdir = tmp_path_factory.mktemp("rev-mirrors")
+    started = {h["name"]: HostMirror(workdir, h["controller_address"], folder, token_file)
+               for h in sandbox["hosts"]}
+    try:
+        data = {"weights_dir": "/raid/models"}
+        deploy(started, token_file, full=True, **data)
+        before = {name: service_start(host) for name, host in hosts.items()}
+        deploy(started, token_file, full=True, **data)
+        assert {name: service_start(host) for name, host in hosts.items()} == before
+        for mirror in started.values():
+            mirror.stop()
+        generation = json.loads((folder / "generation_config.json").read_text())
+        (folder / "generation_config.json").write_text(json.dumps({**generation,
+                                                                   "temperature": 0.7}))
+        started = {h["name"]: HostMirror(workdir, h["controller_address"], folder, token_file)
+                   for h in sandbox["hosts"]}
+        deploy(started, token_file, full=True, **data)
+        after = {name: service_start(host) for name, host in hosts.items()}
+        assert all(after[name] != before[name] for name in hosts)
+        deploy(started, token_file, full=True, **data)
+        assert {name: service_start(host) for name, host in hosts.items()} == after
+    finally:
+        for mirror in started.values():
+            if mirror.process.poll() is None:
+                mirror.stop()

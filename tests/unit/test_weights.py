@@ -1,0 +1,315 @@
+"""tasks/weights.py and files/weights-fetch.py: the Hub listing from the controller, the
+completeness rule, the space check, and the host-side fetch run here against tools/hub-mirror
+on loopback with the real `hf` CLI (the same script the sandbox hosts run under systemd)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks import weights
+from tasks.settings import DataError
+from tests.helpers import REPO, group_data
+from tests.unit.test_hub_mirror import CLIENT_PIECE, Mirror, digests
+
+HF = REPO / ".venv" / "bin" / "hf"
+REPO_ID = "test-org/tiny-kimi"
+BIG_REPO = "test-org/big"
+SHARD = "model-00001-of-00002.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-model")
+    subprocess.run([sys.executable, str(REPO / "tools" / "make-tiny-model"), "--out", str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory) -> Path:
+    """Three shards of 3 client pieces each, random so a wrong byte changes the checksum."""
+    out = tmp_path_factory.mktemp("big-model")
+    for index in range(3):
+        (out / f"model-0000{index + 1}-of-00003.safetensors").write_bytes(
+            os.urandom(3 * CLIENT_PIECE))
+    (out / "config.json").write_text('{"model_type": "test"}\n')
+    return out
+
+
+@pytest.fixture(scope="module")
+def module_mirror(tmp_path_factory, tiny_model, big_model):
+    mirror = Mirror(tmp_path_factory.mktemp("mirror"), {REPO_ID: tiny_model, BIG_REPO: big_model},
+                    token="hf_unit_test_token_0123456789")
+    yield mirror
+    mirror.stop()
+
+
+@pytest.fixture
+def mirror(module_mirror):
+    assert module_mirror.call("POST", "/_mirror/stats/reset")[0] == 200
+    assert module_mirror.call("DELETE", "/_mirror/faults")[0] == 200
+    return module_mirror
+
+
+def hub_settings(**overrides) -> weights.HubSettings:
+    values = dict(endpoint=None, token=None, include=(), exclude=(), max_workers=4, xet=True,
+                  stall_timeout_s=30, attempts=3, verify_full=False, draft_revision="main")
+    values.update(overrides)
+    return weights.HubSettings(**values)
+
+
+def job(mirror, tmp_path, repo=REPO_ID, **overrides) -> Path:
+    listing = weights.hub_listing(repo, "main", mirror.url, mirror.token)
+    target = weights.Target("model", repo, "main", str(tmp_path / "out"))
+    token_file = tmp_path / "token"
+    token_file.write_text(mirror.token)
+    token_file.chmod(0o600)
+    body = weights.job_for(target, listing, hub_settings(endpoint=mirror.url,
+                                                         token=mirror.token),
+                           str(HF.parent / "python3"))
+    body.update(state_dir=str(tmp_path / "state"), token_file=str(token_file), **overrides)
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(body))
+    return path
+
+
+def fetch(job_path: Path, *args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(weights.FETCH_SCRIPT), "--job", str(job_path),
+                           *args], capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": os.environ["PATH"], "HOME": str(job_path.parent)})
+
+
+def status(tmp_path) -> dict:
+    return json.loads((tmp_path / "state" / "status.json").read_text())
+
+
+def tree_of(folder: Path) -> dict:
+    """What the WeightsTree fact reports, computed here with the same rules."""
+    present = {}
+    for path in folder.rglob("*"):
+        relative = path.relative_to(folder).as_posix()
+        if path.is_file() and not relative.startswith(".cache/"):
+            stat = path.stat()
+            present[relative] = [stat.st_size, stat.st_mtime_ns]
+    try:
+        manifest = json.loads((folder / weights.MANIFEST).read_text())
+    except OSError:
+        manifest = None
+    return {"manifest": manifest, "files": present, "incomplete_bytes": 0, "unit_active": False,
+            "job_sha256": None}
+
+
+# ---- data keys -----------------------------------------------------------------------------
+
+def test_defaults_pass_and_read_the_token_from_the_environment():
+    hub = weights.read_hub_settings("h1", group_data(), environ={"HF_TOKEN": " hf_abc \n"})
+    assert hub.token == "hf_abc" and hub.endpoint is None and hub.xet and hub.attempts == 4
+
+
+@pytest.mark.parametrize("key, value", [
+    ("weights_hf_endpoint", "mirror.example:8080"), ("weights_max_workers", 0),
+    ("weights_xet", "yes"), ("weights_stall_timeout_s", 5), ("weights_download_attempts", True),
+    ("weights_include", "*.safetensors"), ("model_draft_revision", ""),
+    ("weights_hf_token_file", "/nonexistent/token")])
+def test_bad_values_name_host_and_key(key, value):
+    with pytest.raises(DataError) as error:
+        weights.read_hub_settings("h1", {**group_data(), key: value}, environ={})
+    assert f"h1: {key} = {value!r}" in str(error.value)
+
+
+def test_a_token_file_inside_the_repository_is_refused():
+    with pytest.raises(DataError, match="outside this repository"):
+        weights.read_hub_settings("h1", {**group_data(), "weights_hf_token_file": "README.md"},
+                                  environ={})
+
+
+# ---- the listing and the rules -------------------------------------------------------------
+
+def test_listing_has_the_commit_sizes_and_checksums(mirror, tiny_model):
+    listing = weights.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
+    assert set(listing.files) == {p.name for p in tiny_model.iterdir()}
+    shard = listing.files[SHARD]
+    assert shard["sha256"] == hashlib.sha256((tiny_model / SHARD).read_bytes()).hexdigest()
+    config = (tiny_model / "config.json").read_bytes()
+    assert listing.files["config.json"]["git_sha1"] == hashlib.sha1(
+        b"blob %d\0" % len(config) + config).hexdigest()
+    filtered = weights.hub_listing(REPO_ID, "main", mirror.url, mirror.token,
+                                   include=("*.json",), exclude=("tokenizer*",))
+    assert set(filtered.files) == {"config.json", "generation_config.json",
+                                   "model.safetensors.index.json"}
+
+
+@pytest.mark.parametrize("repo, revision, token, message", [
+    (REPO_ID, "0" * 40, "ok", "revision '0000000000000000000000000000000000000000' not found"),
+    ("test-org/nope", "main", "ok", "repo test-org/nope not found"),
+    (REPO_ID, "main", None, f"repo {REPO_ID} not found"),
+])
+def test_lookup_errors_are_one_clear_line(mirror, repo, revision, token, message):
+    with pytest.raises(weights.HubLookupError) as error:
+        weights.hub_listing(repo, revision, mirror.url, mirror.token if token else None)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unreachable_endpoint_is_one_clear_line():
+    with pytest.raises(weights.HubLookupError, match="cannot reach http://127.0.0.1:9"):
+        weights.hub_listing(REPO_ID, "main", "http://127.0.0.1:9", None)
+
+
+def test_space_problem_names_host_path_needed_and_free():
+    listing = weights.Listing("o/m", "main", "a" * 40, {
+        "a.safetensors": {"size": 6 * 10**9, "sha256": "x", "git_sha1": "y"},
+        "b.safetensors": {"size": 4 * 10**9, "sha256": "z", "git_sha1": "w"}})
+    tree = {"manifest": None, "files": {"a.safetensors": [6 * 10**9, 1]}, "incomplete_bytes": 10**9}
+    free = {"mount": "/raid", "free_bytes": 2 * 10**9}
+    assert weights.bytes_to_fetch(listing, tree) == 4 * 10**9
+    problem = weights.space_problem("h1", "/raid/models/m", listing, tree, free)
+    assert problem == ("h1: weights_dir: /raid/models/m (filesystem /raid) needs 4.00 GB more "
+                       "for o/m@aaaaaaaaaaaa, 3.00 GB free (4000000000 > 3000000000 bytes)")
+    assert weights.space_problem("h1", "/raid/models/m", listing, tree,
+                                 {**free, "free_bytes": 3 * 10**9}) is None
+
+
+def test_mtime_is_parsed_exactly():
+    assert weights.mtime_ns("1764413012.1234567890") == 1764413012123456789
+    assert weights.mtime_ns("1764413012") == 1764413012 * 10**9
+
+
+def test_weights_tree_fact_parses_its_sections():
+    fact = weights.WeightsTree()
+    out = fact.process([
+        "::weights-tree::manifest", '{"commit": "c", "complete": true, "files": {}}',
+        "::weights-tree::files", "a.bin\t12\t1764413012.5000000000", "sub/b.json\t3\t1.0",
+        "::weights-tree::incomplete", "100", "23",
+        "::weights-tree::unit", "inactive",
+        "::weights-tree::job", "ab12  /var/lib/weights-fetch/m/job.json"])
+    assert out == {"manifest": {"commit": "c", "complete": True, "files": {}},
+                   "files": {"a.bin": [12, 1764413012500000000], "sub/b.json": [3, 10**9]},
+                   "incomplete_bytes": 123, "unit_active": False, "job_sha256": "ab12"}
+
+
+# ---- the host-side fetch, with the real client --------------------------------------------
+
+def test_fresh_fetch_verifies_writes_a_manifest_and_a_rerun_is_complete(mirror, tiny_model,
+                                                                       tmp_path):
+    result = fetch(job(mirror, tmp_path))
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    assert {k: v for k, v in digests(out).items()} == digests(tiny_model)
+    assert status(tmp_path)["state"] == "done"
+    listing = weights.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
+    started = time.monotonic()
+    assert weights.is_complete(listing, tree_of(out))
+    assert time.monotonic() - started < 1
+    # The token travelled in a file: never in the client's argv or the logs.
+    assert mirror.token not in result.stderr + result.stdout
+
+
+def test_a_corrupt_shard_is_detected_and_fetched_again(mirror, tiny_model, tmp_path):
+    assert fetch(job(mirror, tmp_path)).returncode == 0
+    out = tmp_path / "out"
+    shard = out / SHARD
+    with open(shard, "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\xff" * 16)
+    listing = weights.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
+    assert not weights.is_complete(listing, tree_of(out))
+    mirror.call("POST", "/_mirror/stats/reset")
+    result = fetch(job(mirror, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert digests(out) == digests(tiny_model)
+    assert set(mirror.stats()["bytes_sent"]) == {f"{REPO_ID}/{SHARD}"}
+    assert weights.is_complete(listing, tree_of(out))
+
+
+def test_a_truncated_shard_is_fetched_again(mirror, tiny_model, tmp_path):
+    assert fetch(job(mirror, tmp_path)).returncode == 0
+    shard = tmp_path / "out" / SHARD
+    os.truncate(shard, shard.stat().st_size // 2)
+    assert fetch(job(mirror, tmp_path)).returncode == 0
+    assert digests(tmp_path / "out") == digests(tiny_model)
+
+
+def test_verify_names_missing_corrupt_and_extra_files(mirror, tiny_model, tmp_path):
+    assert fetch(job(mirror, tmp_path)).returncode == 0
+    out = tmp_path / "out"
+    (out / "tokenizer.json").unlink()
+    config = out / "config.json"
+    stat = config.stat()
+    config.write_text(config.read_text().replace("{", "{ ", 1)[: stat.st_size])
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # a silent change: same mtime
+    (out / "notes.txt").write_text("mine")
+    result = fetch(job(mirror, tmp_path), "--verify")
+    assert result.returncode == 1
+    report = status(tmp_path)
+    assert (report["missing"], report["corrupt"], report["extra"]) == (
+        ["tokenizer.json"], ["config.json"], ["notes.txt"])
+    assert not config.exists()  # deleted, so the next fetch replaces it
+    assert fetch(job(mirror, tmp_path)).returncode == 0
+    assert {k: v for k, v in digests(out).items() if k != "notes.txt"} == digests(tiny_model)
+
+
+def test_dropped_connection_mid_shard_still_gives_the_right_bytes(mirror, big_model, tmp_path):
+    shard = "model-00002-of-00003.safetensors"
+    mirror.add_fault(path=f"{BIG_REPO}/{shard}", reset_after_bytes=CLIENT_PIECE + 12345, times=1)
+    result = fetch(job(mirror, tmp_path, repo=BIG_REPO))
+    assert result.returncode == 0, result.stderr
+    assert digests(tmp_path / "out") == digests(big_model)
+
+
+def test_a_stall_is_stopped_and_retried_with_xet_off(mirror, big_model, tmp_path):
+    shard = "model-00001-of-00003.safetensors"
+    # The watchdog (4 s) fires before the client's own read timeout (10 s) would.
+    mirror.add_fault(path=f"{BIG_REPO}/{shard}", stall_after_bytes=CLIENT_PIECE + 1,
+                     stall_seconds=60, times=1)
+    job_path = job(mirror, tmp_path, repo=BIG_REPO, stall_timeout_s=4)
+    result = fetch(job_path)
+    assert result.returncode == 0, result.stderr
+    assert "no progress for 4 s" in result.stderr and "(Xet off)" in result.stderr
+    assert digests(tmp_path / "out") == digests(big_model)
+    assert not list((tmp_path / "out").rglob("*.incomplete"))
+
+
+def test_attempts_are_bounded_and_the_failure_says_why(mirror, big_model, tmp_path):
+    shard = "model-00003-of-00003.safetensors"
+    mirror.add_fault(path=f"{BIG_REPO}/{shard}", reset_after_bytes=10, times=50)
+    result = fetch(job(mirror, tmp_path, repo=BIG_REPO, attempts=2))
+    assert result.returncode == 1
+    report = status(tmp_path)
+    assert report["state"] == "failed"
+    assert "incomplete after 2 attempts" in report["message"]
+    assert report["missing"] == [shard]
+
+
+def test_killed_fetch_leaves_an_orphan_that_the_rerun_removes(mirror, big_model, tmp_path):
+    shard = "model-00001-of-00003.safetensors"
+    mirror.add_fault(path=f"{BIG_REPO}/{shard}", stall_after_bytes=CLIENT_PIECE + 1,
+                     stall_seconds=30, times=1)
+    job_path = job(mirror, tmp_path, repo=BIG_REPO)
+    process = subprocess.Popen([sys.executable, str(weights.FETCH_SCRIPT), "--job", str(job_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    out = tmp_path / "out"
+    deadline = time.monotonic() + 30
+    while not list(out.rglob("*.incomplete")) or sum(
+            p.stat().st_size for p in out.rglob("*.incomplete")) < CLIENT_PIECE:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)  # no cleanup at all: the worst case
+    process.wait()
+    assert list(out.rglob("*.incomplete"))
+    done = {p.name for p in out.glob("*.safetensors")}
+    mirror.call("POST", "/_mirror/stats/reset")
+    mirror.call("DELETE", "/_mirror/faults")
+    assert fetch(job_path).returncode == 0
+    assert digests(out) == digests(big_model)
+    assert not list(out.rglob("*.incomplete"))
+    assert not done & {key.split("/")[-1] for key in mirror.stats()["bytes_sent"]}
