@@ -154,3 +154,26 @@ drift_out_dir = "/var/lib/vllm-drift"
 drift_textfile = "/var/lib/prometheus/node-exporter/vllm_drift.prom"
 # Account the check runs as: it logs in to the hosts with this user's SSH key and known_hosts.
 drift_user = "root"
+
+# ---- bench: `vllm bench serve` on every host (bench.py, tasks/bench.py, tools/bench-report) --
+# Workload profile in tasks/bench.py: seed-8k-1k (the seed's section 6: random 8000 in / 1024
+# out, 32 prompts at 10 req/s, --ignore-eos) or sandbox (64 in / 32 out, 16 prompts at 4 req/s).
+bench_profile = "seed-8k-1k"
+# Name of the run's results folder; None: the UTC start time and the profile, one per run.
+bench_run_id = None
+# Controller folder that receives <run id>/<host>.json, the /metrics scrapes and the client's
+# log. Relative paths are relative to this repository.
+bench_results_dir = "results/bench"
+# Folder on the host where each run's raw results are written before they are fetched.
+bench_host_dir = "/var/lib/vllm-bench"
+# What tools/bench-report compares a run with by default: the seed's numbers (4 x GB200,
+# vLLM v0.19.1), or a previous run's folder.
+bench_baseline = "baselines/seed-kimi-k2.6-4xgb200.json"
+# tools/bench-report: a regression is throughput lower, or latency higher, than the baseline by
+# more than this fraction (exit 1).
+bench_regression_tolerance = 0.10
+# The same for p99 latencies, which swing more: 32 requests give a p99 from one or two of them.
+bench_regression_p99_tolerance = 0.25
+# tools/bench-report ab: the output-throughput gain speculative decoding must show to be
+# recommended ON (below it, the draft's memory and moving parts are not worth it).
+bench_speculative_min_gain = 0.05

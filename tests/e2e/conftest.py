@@ -1,7 +1,7 @@
 """The e2e sandbox: two systemd-nspawn hosts (real systemd, real sshd, no internet) booted by
 tools/sandbox once per test session, under the name "e2e" (apart from the demo's "sbx").
 Needs root; CI provides it. Test modules run in name order on the same hosts: deploy, drift,
-infra, then the teardown check.
+endpoint bench, Hub weights, infra suite, then the teardown check.
 """
 
 from __future__ import annotations
