@@ -158,12 +158,12 @@ def test_every_problem_of_a_host_is_reported_together(data):
     assert keys == ["vllm_tensor_parallel_size", "nvidia_driver_min_branch", "vllm_port"]
 
 
-def real_h200_facts() -> HostFacts:
-    """The facts pyinfra read on a real single-H200 machine (tests/fixtures/gpu-check)."""
+def real_h200_facts(machine: str = "h200-1gpu") -> HostFacts:
+    """The facts pyinfra read on a real H200 machine (tests/fixtures/gpu-check)."""
     import json
 
     from tests.helpers import REPO
-    captured = json.loads((REPO / "tests/fixtures/gpu-check/h200-1gpu/facts.json").read_text())
+    captured = json.loads((REPO / f"tests/fixtures/gpu-check/{machine}/facts.json").read_text())
     fact = {name.split(" ")[0].rsplit(".", 1)[1]: hosts["@local"]
             for name, hosts in captured.items()}
     return HostFacts(gpus=fact["NvidiaGpus"], smi=fact["NvidiaSmiInfo"],
@@ -195,3 +195,13 @@ def test_a_wheelhouse_for_another_cpu_is_refused(data, tmp_path):
     assert "wheels built for x86_64" in line and "aarch64" in line
     assert check(data, dataclasses.replace(GB200_TRAY, arch="x86_64"),
                  model_profile="kimi-k2.6-nvfp4", vllm_wheelhouse_dir=str(lock.parent)) == []
+
+
+def test_real_4_x_h200_capture_passes_the_seeds_tensor_parallel_and_refuses_8(data):
+    facts = real_h200_facts("h200-4gpu")
+    assert len(facts.gpus) == 4
+    assert check(data, facts, model_profile="kimi-k2.6-nvfp4",
+                 preflight_accept_low_gpu_memory=True) == []
+    line = only(check(data, facts, model_profile="kimi-k2.6-nvfp4", vllm_tensor_parallel_size=8,
+                      preflight_accept_low_gpu_memory=True), "vllm_tensor_parallel_size")
+    assert "found 4 visible GPU(s); need at least 8" in line
