@@ -8,6 +8,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = REPO.parent / "shared" / "seed" / "000_80ee62958af13de0.txt"
+# The seed's section 6, kept in the repository: a clone without ../shared still has it.
+SEED_BENCHMARKS = REPO / "tests" / "fixtures" / "seed-benchmarks.txt"
+
+
+def seed_benchmarks_text() -> str:
+    """The seed's benchmark section (command and results), from the fixture copy."""
+    return "\n".join(line for line in SEED_BENCHMARKS.read_text().splitlines()
+                     if not line.startswith("# ")) + "\n"
 
 
 def group_data(*groups: str) -> dict:

@@ -12,7 +12,7 @@ import pytest
 from tasks.bench import (WORKLOADS, BenchSettings, bench_script, bench_serve_args,
                          resolve_bench, serve_args_digest)
 from tasks.settings import ENV_FILE, DataError, resolve
-from tests.helpers import REPO, SEED, FakeHost, group_data
+from tests.helpers import REPO, FakeHost, group_data, seed_benchmarks_text
 
 API_KEY = "s3cret-bench-key"
 # argparse accepts unambiguous prefixes and vLLM's parser underscores: the seed used both.
@@ -45,7 +45,7 @@ def host_data(tmp_path):
 
 def seed_bench_flags() -> dict[str, str | None]:
     """The seed's `vllm bench serve` flags (section 6.1), spelled as vLLM's parser reads them."""
-    lines = SEED.read_text().splitlines()
+    lines = seed_benchmarks_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("vllm bench serve"))
     command = []
     for line in lines[start:]:

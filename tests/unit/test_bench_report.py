@@ -14,7 +14,7 @@ import matplotlib.image
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, SEED
+from tests.helpers import REPO, seed_benchmarks_text
 
 BASELINE = REPO / "baselines" / "seed-kimi-k2.6-4xgb200.json"
 TOLERANCES = ["--tolerance", "0.10", "--p99-tolerance", "0.25"]
@@ -82,7 +82,7 @@ def write_run(folder, results: dict[str, dict], scrapes: dict[str, tuple[str, st
 def seed_blocks() -> list[dict[str, float]]:
     """Each `Serving Benchmark Result` block the seed printed, by vLLM result key."""
     blocks, current = [], None
-    for line in SEED.read_text().splitlines():
+    for line in seed_benchmarks_text().splitlines():
         if "Serving Benchmark Result" in line:
             current = {}
             blocks.append(current)

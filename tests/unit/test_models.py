@@ -106,3 +106,10 @@ def test_systemd_exec_line_round_trips(argv):
     assert shlex.split(line.replace("%%", "%").replace("$$", "$")) == argv
     assert "%" not in line.replace("%%", "")
     assert "$" not in line.replace("$$", "")
+
+
+def test_benchmarks_fixture_is_the_seeds_section_6_verbatim():
+    if not SEED.exists():
+        pytest.skip(f"the seed is not beside this clone ({SEED}); the fixture stands for it")
+    from tests.helpers import seed_benchmarks_text
+    assert seed_benchmarks_text() in SEED.read_text() + "\n"
