@@ -11,9 +11,9 @@ export PYTHONUNBUFFERED := 1
 .PHONY: demo test unit e2e venv system-deps artefacts wheelhouse hf-wheelhouse tiny-model rootfs down clean
 
 demo: venv system-deps artefacts
-	tools/sandbox up $(SANDBOX_HOSTS)
+	tools/sandbox status >/dev/null 2>&1 || tools/sandbox up $(SANDBOX_HOSTS)
 	pyinfra -y inventories/sandbox.py deploy.py
-	tools/chat inventories/sandbox.py "Summarize Kimi-K2.6 in one sentence."
+	tools/chat "Summarize Kimi-K2.6 in one sentence."
 	@echo
 	@echo "Deployed. Re-run 'pyinfra inventories/sandbox.py deploy.py --dry' to see zero changes;"
 	@echo "'tools/sandbox status' lists the hosts; 'make down' tears them down."
@@ -24,6 +24,9 @@ test: venv system-deps artefacts
 
 unit: venv
 	$(BIN)/pytest tests/unit
+
+e2e: venv system-deps artefacts
+	$(BIN)/pytest tests/e2e
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock

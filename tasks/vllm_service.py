@@ -22,7 +22,7 @@ SERVICE_ENVIRONMENT = {
     "XDG_CACHE_HOME": "/var/cache/vllm",
     "VLLM_CACHE_ROOT": "/var/cache/vllm/vllm",
     "TORCHINDUCTOR_CACHE_DIR": "/var/cache/vllm/inductor",
-    "TMPDIR": "/var/cache/vllm/tmp",
+    "TMPDIR": "/var/cache/vllm",
 }
 
 
