@@ -146,14 +146,6 @@ def hf_download(mirror: Mirror, home: Path, *args: str, token: str | None = None
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-model")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make-tiny-model"), "--out", str(out)],
-                   check=True, capture_output=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def sparse_model(tmp_path_factory) -> Path:
     """A shard bigger than the client's write piece, sparse so it costs no disk."""
     out = tmp_path_factory.mktemp("sparse-model")

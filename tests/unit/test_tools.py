@@ -24,14 +24,6 @@ def load_tool(name: str):
     return module
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make-tiny-model"), "--out", str(out)],
-                   check=True, capture_output=True)
-    return out
-
-
 def test_tiny_model_is_deterministic(tiny_model, tmp_path):
     subprocess.run([sys.executable, str(REPO / "tools" / "make-tiny-model"), "--out",
                     str(tmp_path)], check=True, capture_output=True)

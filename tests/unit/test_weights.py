@@ -27,14 +27,6 @@ SHARD = "model-00001-of-00002.safetensors"
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-model")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make-tiny-model"), "--out", str(out)],
-                   check=True, capture_output=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def big_model(tmp_path_factory) -> Path:
     """Three shards of 3 client pieces each, random so a wrong byte changes the checksum."""
     out = tmp_path_factory.mktemp("big-model")
