@@ -310,7 +310,10 @@ class Target:
 
     @property
     def slug(self) -> str:
-        return Path(self.local_dir).name
+        # The folder's name for people, a digest of its path so that two weights folders with
+        # the same name (a moved weights_dir, a test tree) never share a unit or state.
+        digest = hashlib.sha256(self.local_dir.encode()).hexdigest()[:8]
+        return f"{Path(self.local_dir).name}-{digest}"
 
     @property
     def unit(self) -> str:
@@ -410,8 +413,19 @@ def _start_unit(target: Target, python: str, verify: bool, stop_first: bool) -> 
     if verify:
         start.append("--verify")
     prefix = ["systemctl", "stop", target.unit, "2>/dev/null;"] if stop_first else []
+    # systemd unloads a stopped or failed transient unit from its event loop, after
+    # reset-failed has returned: until it has, systemd-run refuses the name ("already loaded").
+    # A fetch killed with SIGKILL was seen to stay loaded (inactive, dead) for good on systemd
+    # 252: then drop its leftover transient file and reload, which unloads it.
+    unit = target.unit
+    unloaded = (
+        f"for attempt in $(seq 50); do [ \"$(systemctl show -p LoadState --value {unit})\" = "
+        f"not-found ] && break; sleep 0.1; done; "
+        f"if [ \"$(systemctl show -p LoadState --value {unit})\" != not-found ] && "
+        f"! systemctl is-active -q {unit}; then rm -f /run/systemd/transient/{unit} && "
+        f"systemctl daemon-reload; fi;")
     return StringCommand(*prefix, "rm", "-f", QuoteString(f"{target.state_dir}/status.json"), ";",
-                         "systemctl", "reset-failed", target.unit, "2>/dev/null;", *start)
+                         "systemctl", "reset-failed", unit, "2>/dev/null;", unloaded, *start)
 
 
 @operation(is_idempotent=False)
@@ -465,7 +479,9 @@ def hub_tree_fetched(target: Target, hub: HubSettings, python: str):
     else:
         yield StringCommand("mkdir", "-p", "-m", "0700", QuoteString(target.state_dir))
         yield FileUploadCommand(io.BytesIO(body), f"{target.state_dir}/job.json")
-        yield _start_unit(target, python, verify=False, stop_first=tree["unit_active"])
+        # Stop whatever still holds the unit's name (a killed fetch can linger while systemd
+        # tears it down), or systemd-run refuses to start a new one.
+        yield _start_unit(target, python, verify=False, stop_first=True)
     yield FunctionCommand(_follow, (target, False), {})
 
 

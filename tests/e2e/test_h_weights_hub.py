@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.weights import Target
 from tests.e2e.common import ENV, PYINFRA, service_start
 from tests.helpers import REPO
 
@@ -211,7 +212,7 @@ def test_killed_client_rerun_completes_without_refetching_or_orphans(hosts, mirr
             assert time.monotonic() < deadline, "no partial download to interrupt"
             time.sleep(0.5)
     for host in hosts.values():
-        host.run("systemctl kill -s KILL weights-fetch-tiny-kimi.service")
+        host.run(f"systemctl kill -s KILL {Target('model', '', '', TREE).unit}")
     os.killpg(running.pid, signal.SIGKILL)
     running.wait()
     for host in hosts.values():
