@@ -16,3 +16,16 @@ def tiny_model(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, str(REPO / "tools" / "make-tiny-model"), "--out", str(out)],
                    check=True, capture_output=True)
     return out
+
+
+@pytest.fixture
+def controller_folders(tmp_path) -> dict[str, str]:
+    """Small real stand-ins for the controller folders the data names (a model with its
+    config.json, a wheelhouse with its lock), as data overrides."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    (wheelhouse / "requirements.lock").write_text("# pins\n")
+    return {"model_source_dir": str(model), "vllm_wheelhouse_dir": str(wheelhouse)}

@@ -36,16 +36,8 @@ CPU_BOX = dataclasses.replace(GB200_TRAY, gpus=[], smi={}, arch="x86_64")
 
 
 @pytest.fixture
-def data(tmp_path):
-    wheelhouse = tmp_path / "wheelhouse"
-    wheelhouse.mkdir()
-    (wheelhouse / "requirements.lock").write_text("# pins\n")
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    values = group_data("gb200")
-    values.update(vllm_wheelhouse_dir=str(wheelhouse), model_source_dir=str(model))
-    return values
+def data(controller_folders):
+    return {**group_data("gb200"), **controller_folders}
 
 
 def check(data, facts, **overrides):

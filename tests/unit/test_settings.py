@@ -8,19 +8,12 @@ from tests.helpers import FakeHost, group_data
 
 
 @pytest.fixture
-def sandbox_data(tmp_path):
+def sandbox_data(tmp_path, controller_folders):
     """Sandbox group data with its controller artefacts stubbed by small real folders."""
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    wheelhouse = tmp_path / "wheelhouse"
-    wheelhouse.mkdir()
-    (wheelhouse / "requirements.lock").write_text("# pins\n")
     key = tmp_path / "api-key"
     key.write_text("s3cret-key\n")
     data = group_data("sandbox")
-    data.update(model_source_dir=str(model), vllm_wheelhouse_dir=str(wheelhouse),
-                vllm_api_key_file=str(key), vllm_cpu_threads_bind="1")
+    data.update(controller_folders, vllm_api_key_file=str(key), vllm_cpu_threads_bind="1")
     return data
 
 
