@@ -21,20 +21,14 @@ SEED_FLAG_SPELLINGS = {"--random-input": "--random-input-len",
 
 
 @pytest.fixture
-def host_data(tmp_path):
+def host_data(tmp_path, controller_folders):
     """Group data for a host, with its controller artefacts stubbed by small real folders."""
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "config.json").write_text("{}")
-    wheelhouse = tmp_path / "wheelhouse"
-    wheelhouse.mkdir()
-    (wheelhouse / "requirements.lock").write_text("# pins\n")
     key = tmp_path / "api-key"
     key.write_text(API_KEY + "\n")
 
     def data(group: str, **overrides) -> dict:
         values = group_data(group)
-        values.update(model_source_dir=str(model), vllm_wheelhouse_dir=str(wheelhouse),
+        values.update(controller_folders,
                       vllm_api_key_file=str(key), bench_results_dir="results/bench",
                       bench_host_dir="/var/lib/vllm-bench", bench_run_id=None)
         values.update(overrides)
