@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import runpy
+import sys
 import types
 from pathlib import Path
 
@@ -45,3 +48,15 @@ def run_fact(testinfra_host, fact_class, *args):
     text = command.get_raw_value() if hasattr(command, "get_raw_value") else str(command)
     output = testinfra_host.check_output(text)
     return fact.process(output.splitlines()) if output else fact.default()
+
+
+def load_tool(name: str):
+    """Import tools/NAME (a script without .py) as a module, registered in sys.modules so
+    that its dataclasses can look their module up by name."""
+    module_name = name.replace("-", "_")
+    loader = importlib.machinery.SourceFileLoader(module_name, str(REPO / "tools" / name))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[loader.name] = module
+    loader.exec_module(module)
+    return module

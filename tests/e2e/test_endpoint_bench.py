@@ -5,8 +5,6 @@ baseline. Runs after the deploy and drift modules (name order), on the converged
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,20 +17,11 @@ from PIL import Image
 from tasks.bench import WORKLOADS, serve_args_digest
 from tasks.settings import resolve
 from tests.e2e.common import ENV, PYINFRA, api_key, service_start
-from tests.helpers import REPO, FakeHost, group_data
+from tests.helpers import REPO, FakeHost, group_data, load_tool
 
 WORKLOAD = WORKLOADS["sandbox"]
 
 
-def load_report_tool():
-    loader = importlib.machinery.SourceFileLoader("bench_report",
-                                                  str(REPO / "tools" / "bench-report"))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    # Its dataclasses look their module up by name.
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
-    return module
 
 
 def bench_report(*args: str) -> subprocess.CompletedProcess:
@@ -102,7 +91,7 @@ def test_results_carry_the_metadata_that_makes_them_comparable(bench_run, sandbo
 
 
 def test_metrics_scrapes_bracket_the_run(bench_run, sandbox):
-    report = load_report_tool()
+    report = load_tool("bench-report")
     for host in sandbox["hosts"]:
         before = report.parse_prometheus(
             (bench_run["dir"] / f"{host['name']}.metrics-before.prom").read_text())

@@ -4,17 +4,14 @@ decoding A/B says OFF on the seed's own numbers and counts acceptance from /metr
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import json
-import sys
 import re
 
 import matplotlib.image
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, seed_benchmarks_text
+from tests.helpers import REPO, load_tool, seed_benchmarks_text
 
 BASELINE = REPO / "baselines" / "seed-kimi-k2.6-4xgb200.json"
 TOLERANCES = ["--tolerance", "0.10", "--p99-tolerance", "0.25"]
@@ -40,18 +37,9 @@ SEED_LABELS = {
 }
 
 
-def load_tool():
-    loader = importlib.machinery.SourceFileLoader("bench_report",
-                                                  str(REPO / "tools" / "bench-report"))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    # Its dataclasses look their module up by name.
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
-    return module
 
 
-tool = load_tool()
+tool = load_tool("bench-report")
 
 
 def report(capsys, *args: str) -> tuple[int, str]:

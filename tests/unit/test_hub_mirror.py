@@ -87,6 +87,12 @@ class Mirror:
             self.stop()
             raise
 
+    def reset(self) -> "Mirror":
+        """Zero the byte counters and clear injected faults: a clean slate for one test."""
+        assert self.call("POST", "/_mirror/stats/reset")[0] == 200
+        assert self.call("DELETE", "/_mirror/faults")[0] == 200
+        return self
+
     def stop(self) -> int:
         if self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGTERM)
@@ -165,9 +171,7 @@ def module_mirror(tmp_path_factory, tiny_model, sparse_model):
 
 @pytest.fixture
 def mirror(module_mirror):
-    assert module_mirror.call("POST", "/_mirror/stats/reset")[0] == 200
-    assert module_mirror.call("DELETE", "/_mirror/faults")[0] == 200
-    return module_mirror
+    return module_mirror.reset()
 
 
 def test_fresh_download_is_byte_identical(mirror, tiny_model, tmp_path):

@@ -2,8 +2,6 @@
 
 import base64
 import hashlib
-import importlib.machinery
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,15 +11,9 @@ import jinja2
 import pytest
 from tokenizers import Tokenizer
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_tool
 
 
-def load_tool(name: str):
-    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), str(REPO / "tools" / name))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
 
 
 def test_tiny_model_is_deterministic(tiny_model, tmp_path):

@@ -47,9 +47,7 @@ def module_mirror(tmp_path_factory, tiny_model, big_model):
 
 @pytest.fixture
 def mirror(module_mirror):
-    assert module_mirror.call("POST", "/_mirror/stats/reset")[0] == 200
-    assert module_mirror.call("DELETE", "/_mirror/faults")[0] == 200
-    return module_mirror
+    return module_mirror.reset()
 
 
 def hub_settings(**overrides) -> weights.HubSettings:
