@@ -111,8 +111,10 @@ hf_cli_venv_dir = "/opt/hf/venv"
 # Controller folder made by tools/hf-wheelhouse (hosts reach no package index).
 hf_cli_wheelhouse_dir = ".cache/hf-wheelhouse"
 
-# ---- vllm: the server (tasks/vllm_service.py, tasks/vllm_venv.py) ---------------------------
-# How vLLM runs: venv (pip-installed under systemd). docker and kubernetes are to come.
+# ---- vllm: the server (tasks/vllm_service.py, tasks/vllm_venv.py, tasks/vllm_image.py) ------
+# How vLLM runs: docker (the pinned image under systemd: vllm.service runs `docker run`),
+# kubernetes (the objects of templates/k8s, applied from the k8s_control host; the serving
+# hosts get the weights), or venv (pip-installed under systemd, from a wheelhouse).
 vllm_runtime = "venv"
 # Address vLLM listens on (the seed: 0.0.0.0).
 vllm_host = "0.0.0.0"
@@ -140,6 +142,52 @@ vllm_load_bytes_per_s = 1.0e9
 vllm_venv_dir = "/opt/vllm/venv"
 # venv runtime: controller folder made by tools/wheelhouse (hosts reach no package index).
 vllm_wheelhouse_dir = None
+
+# docker runtime: the vLLM image per host CPU architecture (`uname -m`), pinned by tag and
+# optionally by digest ("name:tag@sha256:<64 hex>"). The seed ran v0.19.1-cu130 on GB200
+# (aarch64). A bare release tag can be x86-only: `docker manifest inspect IMAGE` lists a tag's
+# platforms, and the deploy refuses an image whose architecture is not the host's.
+vllm_image = {"x86_64": "vllm/vllm-openai:v0.19.1-cu130",
+              "aarch64": "vllm/vllm-openai:v0.19.1-cu130"}
+# docker runtime, air-gapped sites: a `docker save` archive on the controller holding the
+# vllm_image tags. It is pushed and `docker load`-ed when the host lacks that image ID; None
+# pulls from the registry docker is configured for. The unit itself never pulls.
+vllm_image_tarball = None
+# docker runtime: how the container gets GPUs: "gpus" (--runtime nvidia --gpus all, as vLLM's
+# docs), "cdi" (--device nvidia.com/gpu=all, from the CDI spec tasks/nvidia.py writes), or
+# "none" (CPU builds, the sandbox).
+vllm_container_gpus = "gpus"
+
+# ---- kubernetes: the seed's objects, applied from a k8s_control host (tasks/vllm_kubernetes.py)
+# Control host: inventory group of the GPU nodes the pod runs on. The objects are rendered from
+# their data (vllm_runtime = "kubernetes" there), which must agree: one Deployment serves them.
+k8s_node_group = "gb200"
+# Namespace of the objects (it must exist; the seed's: default).
+k8s_namespace = "default"
+# Name of the Deployment and the Service and their `app` label; the claim template is
+# NAME-gpu-claim and the Secret NAME-secrets (the seed's: kimi-k26).
+k8s_name = "kimi-k26"
+# Where the pod finds the weights: "hostPath" (the nodes' weights_dir, filled by this deploy,
+# as the seed) or "persistentVolumeClaim" (k8s_model_claim).
+k8s_volume_type = "hostPath"
+# persistentVolumeClaim only: the claim holding a folder per model, named as under weights_dir.
+k8s_model_claim = None
+# persistentVolumeClaim only: the claim holding the EAGLE-3 draft's folder; None: k8s_model_claim.
+k8s_draft_claim = None
+# How the Service exposes vLLM: "NodePort" (the seed) or "ClusterIP".
+k8s_service_type = "NodePort"
+# NodePort only: the port every node answers on (the seed's; range 30000-32767).
+k8s_node_port = 30180
+# Control-host folder holding the rendered objects kubectl applies (secret.yaml: root, 0600);
+# they are applied only when one of them changes.
+k8s_manifest_dir = "/etc/vllm-kubernetes"
+# The kubectl command on the control host, e.g. "kubectl", "/usr/local/bin/kubectl", "k3s kubectl".
+k8s_kubectl = "kubectl"
+# kubeconfig on the control host; None: kubectl's default (KUBECONFIG, then ~/.kube/config).
+k8s_kubeconfig = None
+# Server-side apply field manager that owns the fields the objects set; fields someone else
+# changed by hand are taken back at the next apply.
+k8s_field_manager = "kimi-gb200"
 
 # ---- drift: the drift check on a timer, on hosts of group drift_control (tasks/drift_control.py)
 # Control host: absolute path of a checkout of this repository with its .venv (the timer runs it).

@@ -8,3 +8,5 @@ weights_dir = "/raid/models"
 vllm_port = 8000
 # What nvidia-smi reports on a GB200 tray (the seed's table).
 nvidia_gpu_model = "NVIDIA GB200"
+# The seed's runtime: the pinned vllm/vllm-openai image (vllm_image) under systemd.
+vllm_runtime = "docker"

@@ -11,6 +11,7 @@ against the Kubernetes 1.34 and 1.35 schemas and lines it up against the seed.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -43,6 +44,10 @@ STARTUP_FIXED_S = 600
 # the window errs long: twice the estimated load time. A healthy server passes at its first
 # good answer, so the slack costs nothing when the estimate is right.
 STARTUP_LOAD_FACTOR = 2
+# What a rollout may take beyond the startup window before Kubernetes calls it stalled:
+# scheduling, the GPU claim's allocation and pulling a ~20 GB image. Kubernetes' default
+# deadline (600 s) would declare a Kimi rollout failed while it is still loading.
+ROLLOUT_EXTRA_S = 900
 
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -63,6 +68,12 @@ def startup_probe_window_s(size_bytes: int, load_bytes_per_s: float) -> int:
                          f"got {size_bytes!r} and {load_bytes_per_s!r}")
     window = STARTUP_FIXED_S + STARTUP_LOAD_FACTOR * size_bytes / load_bytes_per_s
     return math.ceil(window / PROBE_PERIOD_S) * PROBE_PERIOD_S
+
+
+def rollout_deadline_s(size_bytes: int, load_bytes_per_s: float) -> int:
+    """The Deployment's progressDeadlineSeconds: the startup window plus ROLLOUT_EXTRA_S. The
+    deploy's `kubectl rollout status --timeout` waits as long."""
+    return startup_probe_window_s(size_bytes, load_bytes_per_s) + ROLLOUT_EXTRA_S
 
 
 def _flag_value(argv: tuple[str, ...], *names: str) -> str | None:
@@ -236,8 +247,10 @@ def template_context(values: ManifestValues) -> dict[str, dict]:
     labels = _labels(values)
     window_s = startup_probe_window_s(values.checkpoint_size_bytes, values.load_bytes_per_s)
     common = {"name": values.name, "namespace": values.namespace, "labels": labels}
-    secret_data = [(key, value) for key, value in zip(SECRET_KEYS,
-                                                      (values.api_key, values.hf_token))
+    # `data` (base64), not `stringData`: under server-side apply a key dropped from
+    # stringData stays in the live Secret, so a removed API key would keep working.
+    secret_data = [(key, base64.b64encode(value.encode()).decode())
+                   for key, value in zip(SECRET_KEYS, (values.api_key, values.hf_token))
                    if value is not None]
     return {
         "resourceclaimtemplate.yaml.j2": {
@@ -246,10 +259,12 @@ def template_context(values: ManifestValues) -> dict[str, dict]:
             "gpu_count": values.gpu_count,
         },
         "secret.yaml.j2": {**common, "secret_name": values.secret_object_name,
-                           "string_data": secret_data},
+                           "data": secret_data},
         "deployment.yaml.j2": {
             **common,
             "selector_labels": [("app", values.name)],
+            "progress_deadline_s": rollout_deadline_s(values.checkpoint_size_bytes,
+                                                      values.load_bytes_per_s),
             "container_name": CONTAINER_NAME,
             "image": values.image_reference,
             "command": ["vllm"],

@@ -7,7 +7,13 @@ naming the host, the key, what was found and what is needed, before any operatio
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import re
+import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +22,18 @@ from pyinfra.api.exceptions import PyinfraError
 from tasks.models import PROFILES, ModelProfile, vllm_serve_args
 
 REPO = Path(__file__).resolve().parent.parent
-RUNTIMES = ("venv",)  # docker and kubernetes arrive with their own tasks
+RUNTIMES = ("docker", "kubernetes", "venv")
 ENV_FILE = "/etc/vllm/vllm.env"
 UNIT_NAME = "vllm.service"
+# How the docker runtime hands GPUs to the container: the NVIDIA runtime with --gpus (what
+# vLLM's docs show), CDI device names (tasks/nvidia.py writes the spec), or none (CPU builds).
+CONTAINER_GPU_MODES = ("gpus", "cdi", "none")
+# `uname -m` -> the architecture name images carry (OCI / Docker).
+IMAGE_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+# name[:port]/path:tag, optionally @sha256:<64 hex>: a tag is required (pinned), "latest" is not.
+_IMAGE_REF = re.compile(r"^(?P<name>[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+"
+                        r"(?:[._-][a-z0-9]+)*)*):(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})"
+                        r"(?:@sha256:[0-9a-f]{64})?$")
 
 
 class DataError(PyinfraError):
@@ -53,10 +68,20 @@ class Settings:
     driver_min_branch: int
     driver_install: bool  # the deploy may install a driver (tasks/nvidia.py)
     wheelhouse_arch: str | None  # CPU the wheelhouse was built for (its lock's `arch=`)
+    images: dict[str, str]  # docker runtime: `uname -m` -> pinned image reference
+    image_tarball: str | None  # docker runtime: vllm_image_tarball, an absolute controller path
+    image_archive: dict | None  # docker runtime: image_archive_info() of image_tarball
+    container_gpus: str  # docker runtime: one of CONTAINER_GPU_MODES
+    # serve_args_at(model_path=..., draft_path=...): serve_args with the weights at other paths
+    serve_args_at: Callable[..., list[str]]
 
     @property
     def health_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/health"
+
+    def image_for(self, arch: str) -> str | None:
+        """The image a host of CPU `arch` (`uname -m`) runs; None when the data names none."""
+        return self.images.get(arch)
 
 
 def _resolve_path(value: str) -> str:
@@ -95,6 +120,40 @@ def _lock_arch(wheelhouse: str | None) -> str | None:
     return values.get("arch")
 
 
+@functools.lru_cache(maxsize=8)
+def _archive_info(path: str, size: int, mtime_ns: int) -> dict:
+    tags, config_name, configs = None, None, {}
+    with tarfile.open(path) as archive:
+        # docker save puts manifest.json last, tools/vllm-image first: stop once both are read.
+        for member in archive:
+            if member.name == "manifest.json":
+                manifest = json.load(archive.extractfile(member))
+                if not isinstance(manifest, list) or len(manifest) != 1:
+                    raise ValueError("manifest.json must describe exactly one image")
+                tags, config_name = manifest[0].get("RepoTags") or [], manifest[0]["Config"]
+            elif member.name.endswith(".json") and member.isfile() and member.size < 2**20:
+                configs[member.name] = archive.extractfile(member).read()
+            if config_name in configs:
+                break
+    if config_name not in configs:
+        raise ValueError("no manifest.json with its image config (not a `docker save` archive)")
+    config = json.loads(configs[config_name])
+    digest = hashlib.sha256(configs[config_name]).hexdigest()
+    return {"tags": list(tags), "image_id": f"sha256:{digest}",
+            "architecture": config.get("architecture"), "os": config.get("os")}
+
+
+def image_archive_info(path: str) -> dict:
+    """What a `docker save` archive holds, read from its manifest and image config:
+    {"tags": [...], "image_id": "sha256:...", "architecture": "arm64", "os": "linux"}.
+    Raises ValueError (or OSError) when the file is not such an archive."""
+    stat = os.stat(path)
+    try:
+        return _archive_info(path, stat.st_size, stat.st_mtime_ns)
+    except (tarfile.TarError, KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"not a `docker save` archive: {error}") from error
+
+
 def resolve(host) -> Settings:
     """Validate a host's data and derive everything the tasks need."""
     read = _Reader(host.name, host.data)
@@ -120,7 +179,7 @@ def resolve(host) -> Settings:
 
     runtime = read.get("vllm_runtime", (str,), f"one of {list(RUNTIMES)}")
     if runtime and runtime not in RUNTIMES:
-        read.error("vllm_runtime", runtime, f"one of {list(RUNTIMES)} (implemented so far)")
+        read.error("vllm_runtime", runtime, f"one of {list(RUNTIMES)}")
     listen_host = read.get("vllm_host", (str,), "an address to listen on, e.g. 0.0.0.0")
     port = read.get("vllm_port", (int,), "a TCP port 1..65535")
     if port is not None and not 1 <= port <= 65535:
@@ -166,6 +225,37 @@ def resolve(host) -> Settings:
             if not (Path(wheelhouse) / "requirements.lock").is_file():
                 read.error("vllm_wheelhouse_dir", wheelhouse,
                            "a folder with requirements.lock: run tools/wheelhouse")
+    else:
+        wheelhouse = None  # only the venv runtime installs from it
+    images = read.get("vllm_image", (dict,), "a mapping of CPU architecture (uname -m) to a "
+                      "pinned image reference", optional=runtime != "docker") or {}
+    for arch, reference in images.items():
+        if arch not in IMAGE_ARCH:
+            read.error("vllm_image", images, f"CPU architectures from {sorted(IMAGE_ARCH)} "
+                       f"as keys (found {arch!r})")
+        elif not isinstance(reference, str) or not _IMAGE_REF.match(reference):
+            read.error("vllm_image", reference, f"{arch}: an image pinned by tag, e.g. "
+                       "vllm/vllm-openai:v0.19.1-cu130[@sha256:<64 hex>]")
+        elif _IMAGE_REF.match(reference)["tag"] == "latest":
+            read.error("vllm_image", reference, f"{arch}: a pinned tag, not latest (it moves)")
+    tarball = read.get("vllm_image_tarball", (str,), "a `docker save` archive on the "
+                       "controller", optional=True)
+    archive = None
+    if tarball is not None and runtime == "docker":
+        tarball = _resolve_path(tarball)
+        try:
+            archive = image_archive_info(tarball)
+        except (OSError, ValueError) as error:
+            read.error("vllm_image_tarball", tarball, f"a readable `docker save` archive "
+                       f"({error})")
+        else:
+            unknown = sorted(ref for ref in images.values() if ref not in archive["tags"])
+            if unknown:
+                read.error("vllm_image", unknown, f"the tags vllm_image_tarball holds: "
+                           f"{archive['tags']} (the unit runs the image by that name)")
+    gpu_mode = read.get("vllm_container_gpus", (str,), f"one of {list(CONTAINER_GPU_MODES)}")
+    if gpu_mode is not None and gpu_mode not in CONTAINER_GPU_MODES:
+        read.error("vllm_container_gpus", gpu_mode, f"one of {list(CONTAINER_GPU_MODES)}")
     packages = read.get("host_packages", (list, tuple), "a list of package names")
     accept_low = read.get("preflight_accept_low_gpu_memory", (bool,), "true or false")
     driver_install = read.get("nvidia_driver_install", (bool,), "true or false")
@@ -190,6 +280,10 @@ def resolve(host) -> Settings:
         profile, model_path=model_dir, draft_path=draft_dir, host=listen_host, port=port,
         tensor_parallel_size=tp, gpu_memory_utilization=memory,
         num_speculative_tokens=num_spec, extra_args=extra_args)
+    # The same command with the weights seen elsewhere (a pod's mounts): every other input equal.
+    serve_args_at = functools.partial(
+        vllm_serve_args, profile, host=listen_host, port=port, tensor_parallel_size=tp,
+        gpu_memory_utilization=memory, num_speculative_tokens=num_spec, extra_args=extra_args)
     env = {**profile.environment, **environment}
     if threads_bind is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
@@ -207,4 +301,7 @@ def resolve(host) -> Settings:
         weights_bytes=(sum(p.stat().st_size for p in Path(source).rglob("*") if p.is_file())
                        if source else profile.size_bytes),
         accept_low_gpu_memory=accept_low, driver_min_branch=driver_branch,
-        driver_install=driver_install, wheelhouse_arch=_lock_arch(wheelhouse))
+        driver_install=driver_install, wheelhouse_arch=_lock_arch(wheelhouse),
+        images=dict(images), image_tarball=tarball if archive else None,
+        image_archive=archive, container_gpus=gpu_mode,
+        serve_args_at=serve_args_at)

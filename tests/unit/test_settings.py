@@ -108,10 +108,18 @@ def test_api_key_never_appears_in_the_rendered_command(sandbox_data):
     assert "s3cret-key" not in str(settings.environment)
 
 
-def test_gb200_group_data_is_complete_but_for_the_wheelhouse():
-    """Until the docker runtime (issue 5) lands, production data fails only on the controller
-    folder the sandbox provides: the venv runtime's wheelhouse."""
-    data = group_data("gb200")
+def test_gb200_group_data_resolves_to_the_seeds_container():
+    """Production data needs nothing from the controller: the docker runtime pulls the seed's
+    image, which the seed ran on GB200 (aarch64)."""
+    settings = resolve(FakeHost("gb200-tray-01", group_data("gb200")))
+    assert settings.runtime == "docker"
+    assert settings.image_for("aarch64") == "vllm/vllm-openai:v0.19.1-cu130"
+    assert settings.image_archive is None and settings.wheelhouse_dir is None
+    assert settings.container_gpus == "gpus"
+
+
+def test_the_venv_runtime_needs_a_wheelhouse():
+    data = {**group_data("gb200"), "vllm_runtime": "venv"}
     with pytest.raises(DataError) as error:
         resolve(FakeHost("gb200-tray-01", data))
     problems = [line for line in str(error.value).splitlines()[1:]]

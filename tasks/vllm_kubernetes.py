@@ -1,0 +1,352 @@
+"""The kubernetes runtime: the seed's objects (section 4.1), applied from a host of group
+k8s_control (a bastion with kubectl and a kubeconfig).
+
+The serving nodes still get the preflight, their packages and the weights on /raid from the
+rest of the deploy: the Deployment mounts those folders (hostPath, as the seed). What the
+cluster runs is rendered from the NODES' data, not the control host's: `tasks.settings.resolve`
+of every host of `k8s_node_group`, through `tasks/k8s_manifests.py`, so the container's argv is
+the one renderer's with the pod's mount paths. One Deployment serves them all, so every node
+must render the same objects; two that disagree stop the run, naming both.
+
+The rendered objects are kept on the control host (secret.yaml root 0600 from its creation,
+so `kubectl` reads the secret values from a file, never from a command line). Only when one of
+them changes does `kubectl apply --server-side` run, followed by `kubectl rollout status`
+bounded by the Deployment's own progress deadline (the startup probe's window plus time to
+schedule and pull); an unchanged run yields no command at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import posixpath
+import re
+import shlex
+
+from pyinfra import host
+from pyinfra.api import QuoteString, StringCommand, deploy, operation
+from pyinfra.operations import files
+
+from tasks.drift_control import _SHARED_FOLDERS
+from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, SERVICE_TYPES,
+                                 VOLUME_TYPES, ManifestValues, render_manifests,
+                                 rollout_deadline_s)
+from tasks.operations import secret_file
+from tasks.settings import DataError, Settings, _Reader, resolve
+from tasks.weights import read_hub_settings
+
+SECRET_MANIFEST = "secret.yaml"
+# GB200 trays are Grace (aarch64): the image for that architecture, as the docker runtime
+# picks it by `uname -m`; the Deployment's nodeSelector asks for kubernetes.io/arch: arm64.
+NODE_ARCH = "aarch64"
+# The claim template is NAME-gpu-claim and the Secret NAME-secrets: both must stay labels of
+# at most 63 characters.
+_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,51}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_LITERAL_PATH = re.compile(r"^/[A-Za-z0-9._/@+-]*$")
+# Which data keys feed each input of the objects, to name them when two nodes disagree.
+_VALUE_KEYS = {
+    "serve_args": "model_*, vllm_host, vllm_port, vllm_tensor_parallel_size, "
+                  "vllm_gpu_memory_utilization, vllm_extra_args",
+    "model_volume": "weights_dir, model_profile",
+    "draft_volume": "weights_dir, model_profile, model_speculative",
+    "model_sub_path": "model_profile",
+    "draft_sub_path": "model_profile, model_speculative",
+    "checkpoint_size_bytes": "model_profile, model_source_dir",
+    "load_bytes_per_s": "vllm_load_bytes_per_s",
+    "image": "vllm_image",
+    "image_digest": "vllm_image",
+    "environment": "vllm_environment, vllm_cpu_threads_bind",
+    "service_port": "vllm_port",
+    "api_key": "vllm_api_key_file",
+    "hf_token": "weights_hf_token_file, or HF_TOKEN on the controller",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KubernetesSettings:
+    """A control host's k8s_* data, checked."""
+
+    node_group: str
+    namespace: str
+    name: str
+    volume_type: str
+    model_claim: str | None
+    draft_claim: str | None
+    service_type: str
+    node_port: int
+    manifest_dir: str
+    kubectl: tuple[str, ...]  # the command's words, --kubeconfig appended when set
+    field_manager: str
+
+    def path(self, manifest: str) -> str:
+        return f"{self.manifest_dir}/{manifest}"
+
+
+def read_kubernetes_settings(host_name: str, data) -> KubernetesSettings:
+    """Check the k8s_* keys of the control host's data; raise DataError with one line per
+    problem, each naming the host and the key."""
+    read = _Reader(host_name, data)
+    node_group = read.get("k8s_node_group", (str,), "the inventory group of the GPU nodes, "
+                          "e.g. gb200")
+    if node_group is not None and not node_group.strip():
+        read.error("k8s_node_group", node_group, "the inventory group of the GPU nodes")
+    namespace = read.get("k8s_namespace", (str,), "a namespace name (a DNS label)")
+    if namespace is not None and not _DNS_LABEL.match(namespace):
+        read.error("k8s_namespace", namespace, "a namespace name (a DNS label: a-z, 0-9, -)")
+    name = read.get("k8s_name", (str,), "a DNS label of at most 53 characters")
+    if name is not None and not _NAME.match(name):
+        read.error("k8s_name", name, "a DNS label of at most 53 characters (a-z, 0-9, -; "
+                   "NAME-gpu-claim must stay a label)")
+    volume_type = read.get("k8s_volume_type", (str,), f"one of {list(VOLUME_TYPES)}")
+    if volume_type is not None and volume_type not in VOLUME_TYPES:
+        read.error("k8s_volume_type", volume_type, f"one of {list(VOLUME_TYPES)}")
+    claims = {}
+    for key in ("k8s_model_claim", "k8s_draft_claim"):
+        claim = read.get(key, (str,), "a PersistentVolumeClaim name", optional=True)
+        if volume_type == "hostPath" and claim is not None:
+            read.error(key, claim, "None with k8s_volume_type hostPath (the pod mounts the "
+                       "nodes' weights_dir)")
+        elif claim is not None and not _DNS_SUBDOMAIN.match(claim):
+            read.error(key, claim, "a PersistentVolumeClaim name (a DNS subdomain)")
+        claims[key] = claim
+    if volume_type == "persistentVolumeClaim" and data.get("k8s_model_claim") is None:
+        read.error("k8s_model_claim", None, "the claim holding a folder per model (required "
+                   "with k8s_volume_type persistentVolumeClaim)")
+    service_type = read.get("k8s_service_type", (str,), f"one of {list(SERVICE_TYPES)}")
+    if service_type is not None and service_type not in SERVICE_TYPES:
+        read.error("k8s_service_type", service_type, f"one of {list(SERVICE_TYPES)}")
+    node_port = read.get("k8s_node_port", (int,), "a port in the NodePort range 30000-32767")
+    if node_port is not None and service_type == "NodePort" and not 30000 <= node_port <= 32767:
+        read.error("k8s_node_port", node_port, "a port in the NodePort range 30000-32767")
+    manifest_dir = read.get("k8s_manifest_dir", (str,), "an absolute folder path on this host")
+    if manifest_dir is not None:
+        folder = manifest_dir.rstrip("/")
+        if not _LITERAL_PATH.match(manifest_dir) or ".." in manifest_dir.split("/"):
+            read.error("k8s_manifest_dir", manifest_dir, "an absolute folder path on this host "
+                       "(letters, digits, . _ - / @ +)")
+        elif folder in _SHARED_FOLDERS | {""}:
+            read.error("k8s_manifest_dir", manifest_dir, "a folder of its own, not a shared "
+                       "one: the task sets its owner and mode")
+    kubectl = read.get("k8s_kubectl", (str,), "the kubectl command, e.g. kubectl")
+    words: list[str] = []
+    if kubectl is not None:
+        try:
+            words = shlex.split(kubectl)
+        except ValueError:
+            pass
+        if not words:
+            read.error("k8s_kubectl", kubectl, "the kubectl command, e.g. kubectl or "
+                       "\"k3s kubectl\"")
+    kubeconfig = read.get("k8s_kubeconfig", (str,), "an absolute path on this host, or None",
+                          optional=True)
+    if kubeconfig is not None and not kubeconfig.startswith("/"):
+        read.error("k8s_kubeconfig", kubeconfig, "an absolute path on this host, or None "
+                   "(kubectl's default)")
+    field_manager = read.get("k8s_field_manager", (str,), "a server-side apply field manager "
+                             "name")
+    if field_manager is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
+                                                  field_manager):
+        read.error("k8s_field_manager", field_manager, "a field manager name of at most 128 "
+                   "characters (letters, digits, . _ : -)")
+    if read.errors:
+        raise DataError("invalid host data:\n  " + "\n  ".join(read.errors))
+    if kubeconfig is not None:
+        words.append(f"--kubeconfig={kubeconfig}")
+    return KubernetesSettings(
+        node_group=node_group, namespace=namespace, name=name, volume_type=volume_type,
+        model_claim=claims["k8s_model_claim"], draft_claim=claims["k8s_draft_claim"],
+        service_type=service_type, node_port=node_port,
+        manifest_dir=manifest_dir.rstrip("/"), kubectl=tuple(words),
+        field_manager=field_manager)
+
+
+def node_values(config: KubernetesSettings, node, settings: Settings) -> ManifestValues:
+    """What one node's data renders the objects from. Raises DataError naming the node for
+    data only this runtime reads (vllm_runtime, vllm_image, the Hub token), and ValueError
+    from ManifestValues for values the objects cannot hold.
+
+    The checkpoint size is the model's alone: the catalog knows no size for the EAGLE-3 draft
+    (a few GB next to Kimi-K2.6's 595), and the startup window's factor of two covers it.
+    """
+    problems = []
+    if settings.runtime != "kubernetes":
+        problems.append(f"{node.name}: vllm_runtime = {settings.runtime!r}: kubernetes on "
+                        f"every node of {config.node_group} (else the node also runs "
+                        "vllm.service on the GPUs the pod asks for)")
+    image = settings.image_for(NODE_ARCH)
+    if image is None:
+        problems.append(f"{node.name}: vllm_image = {settings.images!r}: an {NODE_ARCH!r} "
+                        "image (GB200 nodes are arm64)")
+    if problems:
+        raise DataError("invalid host data:\n  " + "\n  ".join(problems))
+    hf_token = read_hub_settings(node.name, node.data).token
+    if config.volume_type == "hostPath":
+        volumes = {"model_volume": settings.model_dir, "draft_volume": settings.draft_dir}
+    else:
+        # One claim holding a folder per model, named as under weights_dir on a node.
+        draft_claim = config.draft_claim or config.model_claim
+        volumes = {"model_volume": config.model_claim,
+                   "model_sub_path": posixpath.basename(settings.model_dir),
+                   "draft_volume": draft_claim if settings.draft_dir else None,
+                   "draft_sub_path": (posixpath.basename(settings.draft_dir)
+                                      if settings.draft_dir else None)}
+    name, _, digest = image.partition("@")
+    return ManifestValues(
+        serve_args=settings.serve_args_at(
+            model_path=MODEL_MOUNT, draft_path=DRAFT_MOUNT if settings.draft_dir else None),
+        checkpoint_size_bytes=settings.weights_bytes,
+        load_bytes_per_s=node.data.get("vllm_load_bytes_per_s"),
+        volume_type=config.volume_type, name=config.name, namespace=config.namespace,
+        image=name, image_digest=digest or None, environment=dict(settings.environment),
+        service_type=config.service_type, service_port=settings.port,
+        node_port=config.node_port, api_key=settings.api_key, hf_token=hf_token, **volumes)
+
+
+def _difference(field: dataclasses.Field, first, second) -> str:
+    """How one input differs between two nodes, secret values left unshown."""
+    if not field.repr:
+        return "the values differ (secret: not shown)"
+    if isinstance(first, tuple) and isinstance(second, tuple):
+        only_first = [word for word in first if word not in second]
+        only_second = [word for word in second if word not in first]
+        if only_first or only_second:
+            return f"{only_first} only on the first, {only_second} only on the second"
+        return "the same words in another order"
+    return f"{first!r} vs {second!r}"
+
+
+def desired_values(control, config: KubernetesSettings) -> ManifestValues:
+    """The one set of values every node of `config.node_group` renders the objects from.
+    Raises DataError naming the control host when the group is empty, the nodes and the
+    inputs when two nodes disagree, and the control host when the values cannot be rendered.
+    """
+    nodes = control.inventory.get_group(config.node_group, [])
+    if not nodes:
+        raise DataError(f"invalid host data:\n  {control.name}: k8s_node_group = "
+                        f"{config.node_group!r}: an inventory group holding the GPU nodes "
+                        "(this inventory has no host in it)")
+    rendered = []
+    for node in nodes:
+        try:
+            rendered.append((node, node_values(config, node, resolve(node))))
+        except ValueError as error:
+            problems = str(error).splitlines()[1:] or [str(error)]
+            raise DataError("invalid host data:\n" + "\n".join(
+                f"  {control.name}: the Kubernetes objects from {node.name}'s data: "
+                f"{problem.strip()}" for problem in problems)) from error
+    (first_node, first), others = rendered[0], rendered[1:]
+    for node, values in others:
+        if values == first:
+            continue
+        differences = [
+            f"    {field.name} (from {_VALUE_KEYS.get(field.name, 'k8s_*')}): "
+            + _difference(field, getattr(first, field.name), getattr(values, field.name))
+            for field in dataclasses.fields(ManifestValues)
+            if getattr(first, field.name) != getattr(values, field.name)]
+        raise DataError(
+            f"invalid host data:\n  {first_node.name} and {node.name} render different "
+            f"Kubernetes objects; one Deployment serves every node of group "
+            f"{config.node_group}, so their data must agree on:\n" + "\n".join(differences))
+    return first
+
+
+def kubectl_apply_command(config: KubernetesSettings) -> StringCommand:
+    """`kubectl apply --server-side` of every rendered file, in apply order."""
+    arguments = [*config.kubectl, "apply", "--server-side",
+                 # The objects are owned by this deploy (their templates say so): a field
+                 # someone changed by hand is taken back instead of stopping the apply.
+                 "--force-conflicts", f"--field-manager={config.field_manager}",
+                 "-n", config.namespace]
+    for manifest in MANIFESTS:
+        arguments += ["-f", config.path(manifest)]
+    return StringCommand(*(QuoteString(argument) for argument in arguments))
+
+
+def rollout_script(config: KubernetesSettings, timeout_s: int) -> str:
+    """`kubectl rollout status` bounded by `timeout_s`; on failure it prints what the
+    Deployment, its pods (their events: scheduling, GPU claim, image pull, probes) and vLLM's
+    last log lines say, then fails."""
+    kubectl = shlex.join([*config.kubectl, "-n", config.namespace])
+    deployment = f"deployment/{config.name}"
+    selector = shlex.quote(f"app={config.name}")
+    return (
+        f"{kubectl} rollout status {deployment} --timeout={int(timeout_s)}s || {{ "
+        f"echo '{deployment} in namespace {config.namespace} did not roll out within "
+        f"{int(timeout_s)}s (its progress deadline); what Kubernetes says:' >&2; "
+        f"{kubectl} get deployment,replicaset,pod -l {selector} -o wide >&2; "
+        f"{kubectl} describe pod -l {selector} 2>&1 | tail -n 40 >&2; "
+        f"echo 'last lines of vLLM:' >&2; "
+        f"{kubectl} logs {deployment} --all-containers --tail=40 >&2; exit 1; }}")
+
+
+@operation(is_idempotent=False)
+def objects_applied(config: KubernetesSettings, timeout_s: int, restart: bool = False,
+                    when: bool = True):
+    """
+    Apply the rendered objects with server-side apply and wait for the Deployment to roll out;
+    on timeout fail with the Deployment's and its pods' state and vLLM's last log lines.
+
+    + config: the control host's checked k8s_* data (kubectl, namespace, name, files)
+    + timeout_s: seconds `kubectl rollout status` waits (the Deployment's progress
+      deadline, tasks.k8s_manifests.rollout_deadline_s)
+    + restart: restart the Deployment's pod after the apply (pass whether the Secret changed
+      while the Deployment did not: a pod reads its Secret only when it starts)
+    + when: apply only if True (pass whether any object file changed, so an unchanged
+      control host yields no command)
+
+    **Example:**
+
+    .. code:: python
+
+        objects_applied(name="Apply the Kubernetes objects", config=config, timeout_s=1790,
+                        when=any(op.will_change for op in uploads))
+    """
+    if not when:
+        host.noop(f"the objects in {config.manifest_dir} are unchanged; nothing to apply")
+        return
+    yield kubectl_apply_command(config)
+    if restart:
+        yield StringCommand(*(QuoteString(argument) for argument in (
+            *config.kubectl, "-n", config.namespace, "rollout", "restart",
+            f"deployment/{config.name}")))
+    yield StringCommand("sh", "-c", QuoteString(rollout_script(config, timeout_s)))
+
+
+@deploy("vLLM on Kubernetes")
+def apply() -> None:
+    """Converge the cluster to run vLLM as the seed's objects, rendered from the data of the
+    nodes of k8s_node_group: the object files on this (control) host, applied and rolled out
+    only when one of them changed.
+
+    Data keys (this host): k8s_node_group, k8s_namespace, k8s_name, k8s_volume_type,
+    k8s_model_claim, k8s_draft_claim, k8s_service_type, k8s_node_port, k8s_manifest_dir,
+    k8s_kubectl, k8s_kubeconfig, k8s_field_manager. From the nodes: those tasks.settings
+    renders into the command line, vllm_image, vllm_load_bytes_per_s, vllm_api_key_file,
+    weights_hf_token_file.
+    """
+    config = read_kubernetes_settings(host.name, host.data)
+    values = desired_values(host, config)
+    manifests = render_manifests(values)
+    # 0755: only secret.yaml is secret, and it is 0600 from the moment it exists.
+    files.directory(name=f"Create Kubernetes objects folder {config.manifest_dir}",
+                    path=config.manifest_dir, user="root", group="root", mode="755")
+    uploads = {}
+    for manifest, text in manifests.items():
+        path = config.path(manifest)
+        if manifest == SECRET_MANIFEST:
+            # Never files.put: it would show the values with --diff and chmod after writing.
+            uploads[manifest] = secret_file(name=f"Install Kubernetes Secret {path}",
+                                            dest=path, content=text)
+        else:
+            uploads[manifest] = files.put(
+                name=f"Install Kubernetes object {path}", src=io.StringIO(text), dest=path,
+                user="root", group="root", mode="644", create_remote_dir=False)
+    objects_applied(
+        name=f"Apply the Kubernetes objects, wait for deployment/{config.name} to roll out",
+        config=config,
+        timeout_s=rollout_deadline_s(values.checkpoint_size_bytes, values.load_bytes_per_s),
+        restart=(uploads[SECRET_MANIFEST].will_change
+                 and not uploads["deployment.yaml"].will_change),
+        when=any(upload.will_change for upload in uploads.values()))
