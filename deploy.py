@@ -5,12 +5,14 @@
 
 Each step converges one concern and changes nothing that is already right; a second run of an
 unchanged deploy yields zero changes and no restart. Hosts of group `drift_control` get the
-scheduled drift check instead of a server.
+scheduled drift check instead of a server; hosts of group `k8s_control` apply the Kubernetes
+objects (vllm_runtime = "kubernetes").
 """
 
 from pyinfra import host
 
-from tasks import drift_control, preflight, system, vllm_service, vllm_venv, weights
+from tasks import (drift_control, nvidia, preflight, system, vllm_container, vllm_kubernetes,
+                   vllm_service, vllm_venv, weights)
 
 if "drift_control" in host.groups:
     # The control host: tools/drift-check on a systemd timer, reporting to Prometheus.
@@ -18,12 +20,24 @@ if "drift_control" in host.groups:
 
 # 1. Refuse what cannot work (bad data, too few GPUs, no disk, port taken): the first
 #    operation fails on every such host, and the run stops before any change anywhere.
-elif preflight.check():
+elif "k8s_control" not in host.groups and preflight.check():
     # 2. OS packages and the weights folder.
     system.prepare()
     # 3. Model weights into <weights_dir>/<model> (the seed's `hf download ... --local-dir`).
     model = weights.place()
-    # 4. The runtime that runs `vllm serve`.
-    runtime = vllm_venv.install()
+    # 4. The runtime that runs `vllm serve`: the pinned image on Docker (with the NVIDIA
+    #    toolkit on GPU hosts), or a venv built from a wheelhouse.
+    if host.data.vllm_runtime == "docker":
+        nvidia.prepare()
+        runtime = vllm_container.image_present()
+    elif host.data.vllm_runtime == "venv":
+        runtime = vllm_venv.install()
     # 5. vllm.service with the rendered command line; restart only if something above changed.
-    vllm_service.run(restart_triggers=[model, runtime])
+    #    Kubernetes nodes stop at the weights: the Deployment of step 6 runs vLLM there.
+    if host.data.vllm_runtime != "kubernetes":
+        vllm_service.run(restart_triggers=[model, runtime])
+
+# 6. kubernetes runtime: the seed's objects, rendered from the nodes' data, applied from the
+#    k8s_control host. Last in this file, so pyinfra orders it after every node's weights.
+if "k8s_control" in host.groups:
+    vllm_kubernetes.apply()

@@ -262,3 +262,42 @@ class ListeningTcpPorts(FactBase):
     @staticmethod
     def default() -> list[dict]:
         return []
+
+
+class DockerImage(FactBase):
+    """The image a reference names in the host's Docker: its ID, OS and CPU architecture.
+
+    .. code:: python
+
+        {"id": "sha256:3f1c...", "os": "linux", "architecture": "arm64"}
+
+    ``None`` when Docker lacks the image, is not installed, or is not running (a first deploy
+    asks before it starts Docker).
+    """
+
+    def command(self, reference: str) -> StringCommand:
+        return StringCommand("docker", "image", "inspect", "--format",
+                             QuoteString("{{.Id}} {{.Os}} {{.Architecture}}"),
+                             QuoteString(reference), "2>/dev/null", "||", "true")
+
+    def process(self, output: list[str]) -> dict | None:
+        words = output[0].split() if output else []
+        if len(words) != 3 or not words[0].startswith("sha256:"):
+            return None
+        return {"id": words[0], "os": words[1], "architecture": words[2]}
+
+
+class SystemdVersion(FactBase):
+    """The major version of the host's systemd: which unit settings it understands.
+
+    .. code:: python
+
+        255
+    """
+
+    def command(self) -> str:
+        return "systemctl --version 2>/dev/null | head -n 1 || true"
+
+    def process(self, output: list[str]) -> int | None:
+        match = re.match(r"systemd (\d+)", output[0]) if output else None
+        return int(match[1]) if match else None

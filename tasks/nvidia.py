@@ -20,7 +20,8 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, server, systemd
 
 from tasks.facts import NvidiaGpus
-from tasks.settings import DataError, _Reader
+from tasks.preflight import needs_gpus
+from tasks.settings import DataError, _Reader, resolve
 
 DAEMON_JSON = "/etc/docker/daemon.json"
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
@@ -150,14 +151,16 @@ def driver_problems(gpus: list[dict], min_branch: int, host_name: str) -> list[s
     return problems
 
 
-def daemon_json(settings: dict) -> str:
-    """/etc/docker/daemon.json: the data's settings plus the nvidia runtime, laid out as
-    nvidia-ctk lays it out (sorted keys, 4-space indent).
+def daemon_json(settings: dict, gpus: bool = True) -> str:
+    """/etc/docker/daemon.json: the data's settings plus, on GPU hosts, the nvidia runtime,
+    laid out as nvidia-ctk lays it out (sorted keys, 4-space indent).
 
     Built here rather than from a template: the content is data turned into JSON, and JSON has
     no comments, while dockerd refuses to start on a key it does not know (a "managed by" key
     such as "//" would stop Docker), so a template would add nothing but a way to break it.
     """
+    if not gpus:
+        return json.dumps(settings, indent=4, sort_keys=True) + "\n"
     runtimes = {**settings.get("runtimes", {}), **NVIDIA_RUNTIME}
     return json.dumps({**settings, "runtimes": runtimes}, indent=4, sort_keys=True) + "\n"
 
@@ -307,18 +310,24 @@ def prepare() -> None:
     and a driver of at least the minimum branch (installed only on request, rebooting only on
     request).
 
+    A host whose model profile needs no GPU (CPU builds of vLLM: the sandbox) gets Docker and
+    its daemon.json only.
+
     Data keys: docker_package, docker_daemon_settings, nvidia_container_toolkit_package,
     nvidia_driver_min_branch, nvidia_driver_install, nvidia_driver_package,
     nvidia_driver_allow_reboot.
     """
     settings = read_settings(host.name, host.data)
-    problems = driver_problems(host.get_fact(NvidiaGpus), settings.driver_min_branch, host.name)
-    install_driver = settings.driver_install and bool(problems)
-    if not settings.driver_install:
-        driver_accepted(name="Check NVIDIA driver branch", problems=problems)
-
-    sources = {settings.docker_package: PACKAGE_SOURCES["docker"],
-               settings.toolkit_package: PACKAGE_SOURCES["toolkit"]}
+    gpus = needs_gpus(resolve(host))
+    sources = {settings.docker_package: PACKAGE_SOURCES["docker"]}
+    install_driver = False
+    if gpus:
+        problems = driver_problems(host.get_fact(NvidiaGpus), settings.driver_min_branch,
+                                   host.name)
+        install_driver = settings.driver_install and bool(problems)
+        if not settings.driver_install:
+            driver_accepted(name="Check NVIDIA driver branch", problems=problems)
+        sources[settings.toolkit_package] = PACKAGE_SOURCES["toolkit"]
     if install_driver:
         sources[settings.driver_package] = PACKAGE_SOURCES["driver"]
     if missing_packages(list(sources), host.get_fact(DebPackages)):
@@ -326,8 +335,11 @@ def prepare() -> None:
         apt.update(name="Refresh apt package lists")
     apt_candidates_present(name="Check apt offers the packages not yet installed",
                            sources=sources)
-    apt.packages(name="Install Docker and the NVIDIA Container Toolkit",
-                 packages=[settings.docker_package, settings.toolkit_package])
+    if gpus:
+        apt.packages(name="Install Docker and the NVIDIA Container Toolkit",
+                     packages=[settings.docker_package, settings.toolkit_package])
+    else:
+        apt.packages(name="Install Docker", packages=[settings.docker_package])
 
     if install_driver:
         package = settings.driver_package
@@ -347,11 +359,12 @@ def prepare() -> None:
                           _if=[driver.did_change, lambda: loaded_driver_is_stale(package)])
 
     daemon = files.put(name=f"Install Docker daemon settings {DAEMON_JSON}",
-                       src=io.StringIO(daemon_json(settings.docker_daemon_settings)),
+                       src=io.StringIO(daemon_json(settings.docker_daemon_settings, gpus)),
                        dest=DAEMON_JSON, user="root", group="root", mode="644")
     systemd.service(name="Enable and start docker.service, restart it if daemon.json changed",
                     service="docker.service", running=True, enabled=True,
                     restarted=daemon.will_change)
-    cdi_spec_generated(name=f"Generate CDI spec {CDI_SPEC} for the loaded driver",
-                       path=CDI_SPEC)
-    persistence_mode_on(name="Turn on persistence mode on every GPU")
+    if gpus:
+        cdi_spec_generated(name=f"Generate CDI spec {CDI_SPEC} for the loaded driver",
+                           path=CDI_SPEC)
+        persistence_mode_on(name="Turn on persistence mode on every GPU")

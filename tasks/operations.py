@@ -10,7 +10,7 @@ from pyinfra import host
 from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
 from pyinfra.facts.files import File, Link, Sha256File
 
-from tasks.facts import TreeDigests
+from tasks.facts import DockerImage, TreeDigests
 
 
 def local_sha256(path: Path) -> str:
@@ -167,3 +167,57 @@ def secret_file(dest: str, content: str):
                         QuoteString(partial))
     yield FileUploadCommand(io.BytesIO(content.encode()), partial)
     yield StringCommand("mv", "-f", QuoteString(partial), QuoteString(dest))
+
+
+def _failed(message: str, unless: tuple = ()) -> StringCommand:
+    """A command that fails with ``message`` on stderr (unless the shell test ``unless``
+    passes): how an operation refuses a host."""
+    fail = ("{", "printf", "'%s\\n'", QuoteString(message), ">&2;", "exit", "1;", "}")
+    return StringCommand(*unless, "||", *fail) if unless else StringCommand(*fail)
+
+
+@operation()
+def docker_image_present(reference: str, architecture: str, archive: str | None = None,
+                         image_id: str | None = None, staging_dir: str = "/var/lib/vllm-images"):
+    """
+    Make ``reference`` name an image of ``architecture`` in the host's Docker, so a unit can
+    start it with ``--pull never``.
+
+    + reference: a pinned ``name:tag[@sha256:...]``
+    + architecture: what the host runs (``arm64``, ``amd64``)
+    + archive: controller path of a ``docker save`` archive holding ``reference``: pushed and
+      loaded when the host lacks ``image_id`` (air-gapped sites); None pulls ``reference``
+    + image_id: the archive's image ID (``sha256:`` of its config)
+    + staging_dir: host folder the archive waits in until ``docker load`` (removed after)
+
+    A pulled image of another architecture is refused, not run: on a Grace host an x86-only
+    tag ends in ``exec format error`` at every start.
+    """
+    present = host.get_fact(DockerImage, reference=reference)
+    if archive is not None:
+        if present and present["id"] == image_id:
+            host.noop(f"{reference} is loaded ({image_id[:19]})")
+            return
+        staged = f"{staging_dir}/{Path(archive).name}"
+        yield StringCommand("mkdir", "-p", "-m", "0700", QuoteString(staging_dir))
+        yield FileUploadCommand(archive, staged)
+        yield StringCommand("docker", "load", "--quiet", "--input", QuoteString(staged),
+                            "&&", "rm", "-f", QuoteString(staged))
+        check = f"{reference} is not {image_id} after docker load of {Path(archive).name}"
+        yield _failed(check, unless=("test", f'"$(docker image inspect --format {{{{.Id}}}} '
+                                             f'{reference})"', "=", image_id))
+        return
+    wrong = (f"{reference} on {host.name} is built for {{found}}, not this host's "
+             f"{architecture}: pin a tag published for linux/{architecture} (`docker manifest "
+             f"inspect {reference}` lists a tag's platforms) and `docker rmi` this one")
+    if present:
+        if present["architecture"] != architecture:
+            yield _failed(wrong.format(found=f"{present['os']}/{present['architecture']}"))
+            return
+        host.noop(f"{reference} is present ({present['id'][:19]}, {architecture})")
+        return
+    yield StringCommand("docker", "pull", "--quiet", "--platform", f"linux/{architecture}",
+                        QuoteString(reference))
+    found = f"$(docker image inspect --format {{{{.Architecture}}}} {reference})"
+    yield _failed(wrong.format(found="another architecture"),
+                  unless=("test", f'"{found}"', "=", architecture))

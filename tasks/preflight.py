@@ -12,8 +12,9 @@ from pyinfra import host, logger
 from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.facts.server import Command
 
-from tasks.facts import CpuArchitecture, FreeBytes, ListeningTcpPorts, NvidiaGpus, NvidiaSmiInfo
-from tasks.settings import UNIT_NAME, DataError, Settings, resolve
+from tasks.facts import (CpuArchitecture, DockerImage, FreeBytes, ListeningTcpPorts, NvidiaGpus,
+                         NvidiaSmiInfo)
+from tasks.settings import IMAGE_ARCH, UNIT_NAME, DataError, Settings, resolve
 
 GIB = 2**30
 # GPUs whose trays sit on an NVLink fabric (GB200/GB300 NVL72): their fabric must be up.
@@ -31,6 +32,7 @@ class HostFacts:
     weights_present_bytes: int = 0  # bytes already in the model folder
     listening: list[dict] = field(default_factory=list)  # tasks.facts.ListeningTcpPorts
     service_pid: int | None = None  # MainPID of vllm.service, when running
+    docker_image: dict | None = None  # tasks.facts.DockerImage of the host's vllm_image
 
 
 def needs_gpus(settings: Settings) -> bool:
@@ -86,6 +88,8 @@ def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
     if settings.runtime == "venv" and settings.wheelhouse_arch not in (None, facts.arch):
         problem("vllm_wheelhouse_dir", f"wheels built for {settings.wheelhouse_arch}",
                 f"wheels for this host's {facts.arch} CPU (tools/wheelhouse --arch {facts.arch})")
+    if settings.runtime == "docker":
+        problems += image_problems(settings, facts)
 
     if facts.weights_free is not None:
         needed = max(settings.weights_bytes - facts.weights_present_bytes, 0)
@@ -95,8 +99,13 @@ def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
                     f"for {settings.model_dir}",
                     f"{needed / 1e9:.1f} GB more for the weights not yet present")
 
-    for listener in facts.listening:
+    # A pod listens in its own network namespace: the node's port is not the server's.
+    listening = facts.listening if settings.runtime != "kubernetes" else []
+    for listener in listening:
         ours = listener["pid"] is not None and listener["pid"] == facts.service_pid
+        # The docker runtime's port is held by Docker's proxy on behalf of the running unit.
+        ours = ours or (settings.runtime == "docker" and facts.service_pid is not None
+                        and listener["process"] == "docker-proxy")
         if listener["port"] == settings.port and not ours:
             owner = listener["process"] or "an unknown process"
             if listener["pid"]:
@@ -104,6 +113,36 @@ def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
             problem("vllm_port", f"port {settings.port} held by {owner}",
                     f"a free port, or one held by {UNIT_NAME}")
             break
+    return problems
+
+
+def image_problems(settings: Settings, facts: HostFacts) -> list[str]:
+    """The docker runtime's checks: an image named for this CPU, of this CPU's architecture
+    (a bare tag can be x86-only: on Grace it fails at every start with exec format error),
+    and a way to hand the GPUs to it."""
+    name = settings.host_name
+    reference = settings.image_for(facts.arch)
+    wanted = IMAGE_ARCH.get(facts.arch, facts.arch)
+    if reference is None:
+        return [f"{name}: vllm_image: found no entry for this host's {facts.arch} CPU "
+                f"(entries: {sorted(settings.images)}); need an image built for linux/{wanted}"]
+    problems = []
+    archive = settings.image_archive
+    if archive is not None and archive["architecture"] != wanted:
+        problems.append(
+            f"{name}: vllm_image_tarball: found an image for {archive['os']}/"
+            f"{archive['architecture']} in {settings.image_tarball}; need one for this "
+            f"host's linux/{wanted}")
+    elif (archive is None and facts.docker_image is not None
+          and facts.docker_image["architecture"] != wanted):
+        problems.append(
+            f"{name}: vllm_image: found {reference} on the host built for "
+            f"{facts.docker_image['os']}/{facts.docker_image['architecture']}; need "
+            f"linux/{wanted}: pin a tag published for it (`docker manifest inspect "
+            f"{reference}` lists a tag's platforms) and `docker rmi` this one")
+    if needs_gpus(settings) and settings.container_gpus == "none":
+        problems.append(f"{name}: vllm_container_gpus: found 'none' for {settings.profile.name}, "
+                        "which needs GPUs; need 'gpus' or 'cdi'")
     return problems
 
 
@@ -128,14 +167,17 @@ def gather(settings: Settings) -> HostFacts:
     present = host.get_fact(Command, command=f"du -sb {settings.model_dir} 2>/dev/null "
                                              "| cut -f1 || true")
     gpus = host.get_fact(NvidiaGpus) if needs_gpus(settings) else []
+    arch = host.get_fact(CpuArchitecture)
+    reference = settings.image_for(arch) if settings.runtime == "docker" else None
     return HostFacts(
         gpus=gpus,
         smi=host.get_fact(NvidiaSmiInfo) if gpus else {},
-        arch=host.get_fact(CpuArchitecture),
+        arch=arch,
         weights_free=host.get_fact(FreeBytes, path=settings.weights_dir),
         weights_present_bytes=int(present or 0),
         listening=host.get_fact(ListeningTcpPorts),
         service_pid=int(pid) if pid and pid != "0" else None,
+        docker_image=host.get_fact(DockerImage, reference=reference) if reference else None,
     )
 
 

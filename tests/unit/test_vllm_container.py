@@ -1,0 +1,254 @@
+"""The docker runtime (tasks/vllm_container.py, templates/vllm-container.service.j2): which
+image a host gets and how, and the `docker run` line vllm.service runs.
+
+The operations are planned on pyinfra's ``@fake`` connector, which stands in for a GB200 tray
+(none exists here); the real container runs in the sandbox (tests/e2e/test_k_docker_runtime.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from pyinfra.api import (Config, FileUploadCommand, FunctionCommand, Inventory, State,
+                         StringCommand)
+from pyinfra.api.connect import connect_all
+from pyinfra.api.deploy import add_deploy
+from pyinfra.context import ctx_host, ctx_state
+
+from tasks import vllm_container, vllm_service
+from tasks.facts import CpuArchitecture, DockerImage, SystemdVersion
+from tasks.models import systemd_exec_line
+from tasks.settings import ENV_FILE, DataError, image_archive_info, resolve
+from tests.helpers import FakeHost, group_data
+
+SEED_IMAGE = "vllm/vllm-openai:v0.19.1-cu130"
+ARM_ID = "sha256:" + "3f" * 32
+
+
+def write_archive(path: Path, tag: str, architecture: str, layer: bytes = b"layer") -> Path:
+    """A minimal `docker save` archive: a layer, the image config, then manifest.json last,
+    where `docker save` puts it."""
+    config = json.dumps({"architecture": architecture, "os": "linux",
+                         "rootfs": {"type": "layers",
+                                    "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]}
+                         }).encode()
+    digest = hashlib.sha256(config).hexdigest()
+    members = [("abc/layer.tar", layer), (f"{digest}.json", config),
+               ("manifest.json", json.dumps([{"Config": f"{digest}.json", "RepoTags": [tag],
+                                              "Layers": ["abc/layer.tar"]}]).encode())]
+    with tarfile.open(path, "w") as archive:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    return path
+
+
+def docker_data(**overrides) -> dict:
+    return {**group_data("gb200"), "model_profile": "kimi-k2.6-nvfp4", **overrides}
+
+
+# ---- the archive a site without a registry pushes --------------------------------------------
+
+def test_archive_info_reads_tag_id_and_architecture(tmp_path):
+    archive = write_archive(tmp_path / "img.tar", SEED_IMAGE, "arm64")
+    info = image_archive_info(str(archive))
+    config_name = [m for m in tarfile.open(archive).getnames() if m.endswith(".json")
+                   and m != "manifest.json"][0]
+    assert info == {"tags": [SEED_IMAGE], "image_id": "sha256:" + config_name[:-5],
+                    "architecture": "arm64", "os": "linux"}
+
+
+@pytest.mark.parametrize("content", [b"not a tar", b""])
+def test_a_file_that_is_no_archive_is_refused_naming_host_and_key(tmp_path, content):
+    bogus = tmp_path / "img.tar"
+    bogus.write_bytes(content)
+    with pytest.raises(DataError) as error:
+        resolve(FakeHost("tray-01", docker_data(vllm_image_tarball=str(bogus))))
+    assert f"tray-01: vllm_image_tarball = '{bogus}'" in str(error.value)
+
+
+def test_an_archive_without_the_pinned_tag_is_refused(tmp_path):
+    archive = write_archive(tmp_path / "img.tar", "vllm/vllm-openai:v0.18.0-cu130", "arm64")
+    with pytest.raises(DataError) as error:
+        resolve(FakeHost("tray-01", docker_data(vllm_image_tarball=str(archive))))
+    assert "tray-01: vllm_image = " in str(error.value)
+    assert "v0.18.0-cu130" in str(error.value)
+
+
+BAD_IMAGES = [
+    ({"aarch64": "vllm/vllm-openai"}, "pinned by tag"),
+    ({"aarch64": "vllm/vllm-openai:latest"}, "not latest"),
+    ({"aarch64": "vllm/vllm-openai:v1@sha256:abc"}, "pinned by tag"),
+    ({"sparc64": SEED_IMAGE}, "CPU architectures"),
+    ("vllm/vllm-openai:v0.19.1-cu130", "a mapping of CPU architecture"),
+]
+
+
+@pytest.mark.parametrize("images,need", BAD_IMAGES, ids=[str(i) for i, _ in BAD_IMAGES])
+def test_unpinned_or_misplaced_images_are_refused(images, need):
+    with pytest.raises(DataError) as error:
+        resolve(FakeHost("tray-01", docker_data(vllm_image=images)))
+    assert "tray-01: vllm_image = " in str(error.value) and need in str(error.value)
+
+
+def test_a_digest_pinned_image_is_accepted():
+    pinned = f"{SEED_IMAGE}@sha256:{'0' * 64}"
+    settings = resolve(FakeHost("tray-01", docker_data(vllm_image={"aarch64": pinned})))
+    assert settings.image_for("aarch64") == pinned and settings.image_for("x86_64") is None
+
+
+def test_an_unknown_gpu_mode_is_refused():
+    with pytest.raises(DataError) as error:
+        resolve(FakeHost("tray-01", docker_data(vllm_container_gpus="all")))
+    assert "tray-01: vllm_container_gpus = 'all'" in str(error.value)
+
+
+# ---- the docker run line ------------------------------------------------------------------
+
+def test_the_container_runs_the_one_rendered_command_on_read_only_weights():
+    settings = resolve(FakeHost("tray-01", docker_data(model_speculative=True)))
+    argv = vllm_container.container_argv(settings, SEED_IMAGE, {"A": "1"}, 60)
+    image_at = argv.index(SEED_IMAGE)
+    # Everything after the image is the venv runtime's `vllm serve ...`, flag for flag.
+    assert argv[image_at - 2:image_at] == ["--entrypoint", "vllm"]
+    assert argv[image_at + 1:] == settings.serve_args
+    options = " ".join(argv[:image_at])
+    assert options.startswith("/usr/bin/docker run --rm --name vllm --pull never ")
+    assert "--runtime nvidia --gpus all --ipc host" in options
+    assert "--publish 0.0.0.0:8000:8000 --stop-timeout 60" in options
+    assert f"--env-file {ENV_FILE} --env A=1" in options
+    for folder in (settings.model_dir, settings.draft_dir):
+        assert f"--volume {folder}:{folder}:ro" in options
+    assert settings.draft_dir in settings.serve_args[settings.serve_args.index(
+        "--speculative-config") + 1]
+
+
+@pytest.mark.parametrize("mode,expected", [("cdi", ["--device", "nvidia.com/gpu=all"]),
+                                           ("none", [])])
+def test_gpu_handover_modes(mode, expected):
+    settings = resolve(FakeHost("tray-01", docker_data(vllm_container_gpus=mode)))
+    argv = vllm_container.container_argv(settings, SEED_IMAGE, {}, 60)
+    assert argv[argv.index("--pull") + 2:argv.index("--ipc")] == expected
+
+
+def test_no_secret_reaches_the_unit(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("s3cret-api-key\n")
+    settings = resolve(FakeHost("tray-01", docker_data(vllm_api_key_file=str(key))))
+    argv = vllm_container.container_argv(settings, SEED_IMAGE, vllm_service.SERVICE_ENVIRONMENT,
+                                         60)
+    assert "s3cret-api-key" not in " ".join(argv)
+
+
+# ---- planned on @fake: pull, load, refuse, nothing ------------------------------------------
+
+def command_text(command) -> str:
+    if isinstance(command, FileUploadCommand):
+        return f"upload {command.src} -> {command.dest}"
+    if isinstance(command, FunctionCommand):
+        return f"call {command.function.__name__}"
+    return command.get_raw_value() if isinstance(command, StringCommand) else command
+
+
+def fact_command(fact, **arguments) -> str:
+    command = fact().command(**arguments)
+    return command.get_raw_value() if isinstance(command, StringCommand) else command
+
+
+def planned(data: dict, image: dict | None, systemd: int = 255, deploy=None, raw=False):
+    """{operation name: commands} that would change something on a fake GB200 tray whose
+    Docker holds ``image`` for the seed's tag."""
+    answers = {
+        fact_command(CpuArchitecture): ["aarch64"],
+        fact_command(SystemdVersion): [f"systemd {systemd} (test)"],
+        fact_command(DockerImage, reference=data["vllm_image"]["aarch64"]):
+            [f"{image['id']} linux {image['architecture']}"] if image else [],
+    }
+    inventory = Inventory(([("@fake/tray-01", {**data, "fake_responses": answers,
+                                                "fake_delay": 0, "fake_delay_jitter": 0})],
+                           {}))
+    state = State(inventory, Config())
+    connect_all(state)
+    add_deploy(state, deploy or vllm_container.image_present)
+    host = inventory.get_host("@fake/tray-01")
+    plan = {}
+    with ctx_state.use(state), ctx_host.use(host):
+        for op_hash in state.get_op_order():
+            commands = [c if raw else command_text(c) for c in
+                        state.get_op_data_for_host(host, op_hash).command_generator()]
+            if commands:
+                plan[state.get_op_meta(op_hash).names.pop().split(" | ")[-1]] = commands
+    return plan
+
+
+def test_a_tray_without_the_image_pulls_it_for_its_cpu_and_checks_what_came():
+    plan = planned(docker_data(), image=None)
+    (commands,) = plan.values()
+    assert commands[0] == f"docker pull --quiet --platform linux/arm64 {SEED_IMAGE}"
+    assert commands[1].startswith(f'test "$(docker image inspect --format {{{{.Architecture}}}} '
+                                  f'{SEED_IMAGE})" = arm64 || {{ printf')
+
+
+def test_a_tray_with_the_image_does_nothing():
+    assert planned(docker_data(), image={"id": ARM_ID, "architecture": "arm64"}) == {}
+
+
+def test_an_x86_image_on_a_tray_fails_the_operation_saying_why():
+    plan = planned(docker_data(), image={"id": ARM_ID, "architecture": "amd64"})
+    (commands,) = plan.values()
+    assert len(commands) == 1 and commands[0].endswith("exit 1; }")
+    assert "built for linux/amd64, not this host" in commands[0]
+
+
+def test_an_air_gapped_tray_gets_the_archive_pushed_and_loaded_once(tmp_path):
+    archive = write_archive(tmp_path / "vllm.tar", SEED_IMAGE, "arm64")
+    image_id = image_archive_info(str(archive))["image_id"]
+    data = docker_data(vllm_image_tarball=str(archive))
+    (commands,) = planned(data, image=None).values()
+    assert commands[:3] == [
+        "mkdir -p -m 0700 /var/lib/vllm-images",
+        f"upload {archive} -> /var/lib/vllm-images/vllm.tar",
+        "docker load --quiet --input /var/lib/vllm-images/vllm.tar && "
+        "rm -f /var/lib/vllm-images/vllm.tar"]
+    assert f"= {image_id} ||" in commands[3]
+    # The tag now names another image (an older load, a pull): load again.
+    assert planned(data, image={"id": ARM_ID, "architecture": "arm64"})
+    assert planned(data, image={"id": image_id, "architecture": "arm64"}) == {}
+
+
+def docker_unit(systemd: int) -> list[str]:
+    """The lines of the unit vllm_service.run uploads to a fake tray running ``systemd``."""
+    def deploy():
+        vllm_service.run(restart_triggers=[vllm_container.image_present()])
+    plan = planned(docker_data(), image={"id": ARM_ID, "architecture": "arm64"},
+                   systemd=systemd, deploy=deploy, raw=True)
+    (upload,) = [c for c in plan["Install vllm.service unit (docker runtime)"]
+                 if isinstance(c, FileUploadCommand)]
+    return upload.src.getvalue().splitlines()
+
+
+def test_the_unit_runs_the_rendered_container_and_never_leaves_one_behind():
+    settings = resolve(FakeHost("tray-01", docker_data()))
+    lines = docker_unit(systemd=255)
+    argv = vllm_container.container_argv(settings, SEED_IMAGE,
+                                         {**vllm_service.SERVICE_ENVIRONMENT,
+                                          **settings.environment}, 60)
+    assert f"ExecStart={systemd_exec_line(argv)}" in lines
+    assert "Requires=docker.service" in lines and "Restart=always" in lines
+    assert "ExecStartPre=-/usr/bin/docker rm --force vllm" in lines
+    assert "ExecStop=/usr/bin/docker stop --time 60 vllm" in lines
+    assert "ExecStopPost=-/usr/bin/docker rm --force vllm" in lines
+    assert "TimeoutStopSec=90" in lines
+    assert "RestartSteps=10" in lines and "RestartMaxDelaySec=300" in lines
+
+
+def test_restart_backoff_only_where_systemd_knows_it():
+    lines = docker_unit(systemd=252)
+    assert "Restart=always" in lines and "RestartSec=10" in lines
+    assert not any(line.startswith(("RestartSteps", "RestartMaxDelaySec")) for line in lines)
