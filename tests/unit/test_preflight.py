@@ -37,7 +37,8 @@ CPU_BOX = dataclasses.replace(GB200_TRAY, gpus=[], smi={}, arch="x86_64")
 
 @pytest.fixture
 def data(controller_folders):
-    return {**group_data("gb200"), **controller_folders}
+    # The memory check on, as group_data/all.py has it (the gb200 group follows the seed).
+    return {**group_data("gb200"), **controller_folders, "preflight_accept_low_gpu_memory": False}
 
 
 def check(data, facts, **overrides):
@@ -63,6 +64,11 @@ def test_kimi_int4_on_a_gb200_tray_is_refused_naming_the_seed_and_the_override(d
 
 def test_kimi_int4_on_a_gb200_tray_passes_with_the_named_override(data):
     assert check(data, GB200_TRAY, preflight_accept_low_gpu_memory=True) == []
+
+
+def test_the_gb200_group_runs_int4_as_the_seed_did(controller_folders):
+    assert group_data("gb200")["preflight_accept_low_gpu_memory"] is True
+    assert check({**group_data("gb200"), **controller_folders}, GB200_TRAY) == []
 
 
 def test_nvfp4_fits_a_gb200_tray(data):
