@@ -8,7 +8,7 @@ SANDBOX_HOSTS ?= 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test unit e2e venv system-deps artefacts wheelhouse hf-wheelhouse tiny-model rootfs down clean
+.PHONY: demo test unit e2e venv system-deps artefacts wheelhouse hf-wheelhouse tiny-model rootfs vllm-image down clean
 
 demo: venv system-deps artefacts
 	tools/sandbox status >/dev/null 2>&1 || tools/sandbox up $(SANDBOX_HOSTS)
@@ -42,7 +42,7 @@ system-deps:
 	    --no-install-recommends debootstrap systemd-container zstd openssh-client iproute2 \
 	    curl >/dev/null; }
 
-artefacts: wheelhouse hf-wheelhouse tiny-model rootfs
+artefacts: wheelhouse hf-wheelhouse tiny-model rootfs vllm-image
 wheelhouse: venv
 	$(BIN)/python tools/wheelhouse
 hf-wheelhouse: venv
@@ -51,6 +51,9 @@ tiny-model: venv
 	$(BIN)/python tools/make-tiny-model
 rootfs: system-deps
 	tools/sandbox rootfs >/dev/null
+# The docker runtime's image, built offline from the rootfs and the wheelhouse (once per inputs).
+vllm-image: wheelhouse rootfs
+	$(BIN)/python tools/vllm-image >/dev/null
 
 down:
 	tools/sandbox down

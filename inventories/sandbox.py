@@ -2,7 +2,8 @@
 
     tools/sandbox up 2 && pyinfra -y inventories/sandbox.py deploy.py
 
-SANDBOX_NAME picks the sandbox (default "sbx"; the tests use their own). Host keys are known
+SANDBOX_NAME picks the sandbox (default "sbx"; the tests use their own). SANDBOX_RUNTIME picks
+how vLLM runs: venv (default) or docker (the image of tools/vllm-image). Host keys are known
 in advance (the sandbox wrote them), so host-key checking stays strict.
 """
 
@@ -28,6 +29,7 @@ sandbox = [
             # Hosts share this machine's CPUs: each pins vLLM's threads to its own.
             "vllm_cpu_threads_bind": str(host["cpu"]),
             "vllm_api_key_file": _state["api_key_file"],
+            "vllm_runtime": os.environ.get("SANDBOX_RUNTIME", "venv"),
         },
     )
     for host in _state["hosts"]

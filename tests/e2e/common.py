@@ -17,14 +17,15 @@ PYINFRA = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "pyi
 ENV = {**os.environ, "SANDBOX_NAME": SANDBOX, "PYTHONUNBUFFERED": "1"}
 
 
-def sandbox_tool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPO / "tools" / "sandbox"), "--name", SANDBOX, *args],
+def sandbox_tool(*args: str, name: str = SANDBOX) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "tools" / "sandbox"), "--name", name, *args],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
-def pyinfra(*args: str) -> tuple[subprocess.CompletedProcess, dict]:
+def pyinfra(*args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:
     result = subprocess.run([PYINFRA, *args, "--json", "inventories/sandbox.py", "deploy.py"],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1500)
+                            cwd=REPO, env=env or ENV, capture_output=True, text=True,
+                            timeout=1500)
     assert result.returncode == 0, f"pyinfra failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result, json.loads(result.stdout)
 

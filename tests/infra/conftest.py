@@ -41,9 +41,9 @@ def _inventory(config) -> dict[str, dict]:
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise pytest.UsageError(f"cannot load inventory {path}:\n{result.stderr[-2000:]}")
-    # The drift check's control host serves no model: nothing here applies to it.
+    # The drift check's and Kubernetes' control hosts serve no model: nothing here applies.
     hosts = {name: data for name, data in json.loads(result.stdout).items()
-             if "drift_control" not in data["_groups"]}
+             if not {"drift_control", "k8s_control"} & set(data["_groups"])}
     limit = config.getoption("--infra-limit")
     if limit:
         hosts = {name: data for name, data in hosts.items() if name in limit.split(",")}
@@ -88,10 +88,24 @@ def host(host_name, host_data):
 
 @pytest.fixture(scope="session")
 def endpoint(host_name, host_data, settings) -> str:
-    """The server's base URL as the controller reaches it."""
+    """The server's base URL as the controller reaches it: the host's port, or on Kubernetes
+    nodes the Service's NodePort (kube-proxy answers it on every node)."""
     address = "127.0.0.1" if host_name.startswith("@local") else (
         host_data.get("ssh_hostname") or host_name)
-    return f"http://{address}:{settings.port}"
+    if settings.runtime != "kubernetes":
+        return f"http://{address}:{settings.port}"
+    if host_data.get("k8s_service_type") != "NodePort":
+        pytest.skip("k8s_service_type ClusterIP: the Service is not reachable from outside "
+                    "the cluster")
+    return f"http://{address}:{host_data['k8s_node_port']}"
+
+
+@pytest.fixture(scope="session")
+def unit_host(host, settings):
+    """The host, where vllm.service runs vLLM (every runtime but kubernetes)."""
+    if settings.runtime == "kubernetes":
+        pytest.skip("vllm_runtime kubernetes: the Deployment runs vLLM, not vllm.service")
+    return host
 
 
 @pytest.fixture(autouse=True)

@@ -54,7 +54,8 @@ def test_health_from_the_controller(endpoint):
     assert request(endpoint, "/health", None)[0] == 200
 
 
-def test_health_and_models_from_the_host(host, settings):
+def test_health_and_models_from_the_host(unit_host, settings):
+    host = unit_host
     base = f"http://127.0.0.1:{settings.port}"
     assert host.run(f"curl -fsS -o /dev/null {base}/health").rc == 0
     # The key goes to curl on stdin from the root-only env file: never into a command line.

@@ -6,6 +6,7 @@ import pytest
 
 from tasks.facts import NvidiaGpus, NvidiaSmiInfo
 from tasks.preflight import NVL_GPU_MARKERS, needs_gpus
+from tasks.vllm_container import CONTAINER_NAME
 from tests.helpers import run_fact
 
 
@@ -54,3 +55,11 @@ def test_nvlink_fabric_is_up_on_nvl_trays(gpus, host):
         pytest.skip(f"{gpus[0]['name']} is not on an NVLink fabric tray")
     info = run_fact(host, NvidiaSmiInfo)
     assert {gpu["fabric_state"] for gpu in info["gpus"]} == {"Completed"}
+
+
+def test_the_container_sees_the_gpus(gpus, host, settings):
+    if settings.runtime != "docker":
+        pytest.skip(f"vllm_runtime {settings.runtime}: vLLM sees the host's GPUs directly")
+    listed = host.check_output(f"docker exec {CONTAINER_NAME} nvidia-smi -L").splitlines()
+    assert len([line for line in listed if line.startswith("GPU ")]) >= \
+        settings.tensor_parallel_size, listed

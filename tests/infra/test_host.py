@@ -31,7 +31,7 @@ def test_model_tree_is_complete(host, settings):
     assert missing == []
 
 
-def test_secrets_file_is_root_owned_and_private(host):
-    env_file = host.file(ENV_FILE)
+def test_secrets_file_is_root_owned_and_private(unit_host):
+    env_file = unit_host.file(ENV_FILE)
     assert env_file.exists
     assert (env_file.user, env_file.group, env_file.mode) == ("root", "root", 0o600)

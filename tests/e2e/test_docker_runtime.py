@@ -1,0 +1,121 @@
+"""The docker runtime end to end, on a sandbox host of its own ("dock"): Docker runs inside the
+systemd-nspawn host, the image is the CPU build of vLLM that tools/vllm-image makes from the
+wheelhouse (no registry is reachable: the deploy pushes it and `docker load`s it), and
+vllm.service runs it from templates/vllm-container.service.j2, as on a GB200 tray but without
+GPUs. The controller talks to the container through the port Docker publishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+import testinfra
+
+from tests.e2e.common import api_key, call, pyinfra, sandbox_tool, service_start
+from tests.helpers import REPO
+
+NAME = "dock"
+ENV = {**os.environ, "SANDBOX_NAME": NAME, "SANDBOX_RUNTIME": "docker", "PYTHONUNBUFFERED": "1"}
+IMAGE = "vllm-sandbox:0.32.0-cpu"
+LOADED = f"vLLM container image | Image {IMAGE} present (loaded from vllm_image_tarball)"
+
+
+@pytest.fixture(scope="module")
+def dock():
+    if os.geteuid() != 0:
+        pytest.fail("the e2e tests boot systemd-nspawn hosts and need root")
+    image = subprocess.run([sys.executable, "tools/vllm-image"], cwd=REPO, capture_output=True,
+                           text=True, timeout=1800)
+    assert image.returncode == 0, image.stderr[-3000:]
+    sandbox_tool("down", name=NAME)
+    up = sandbox_tool("up", "1", name=NAME)
+    assert up.returncode == 0, up.stdout + up.stderr
+    state = json.loads((REPO / ".sandbox" / NAME / "hosts.json").read_text())
+    yield state
+    sandbox_tool("down", name=NAME)
+
+
+@pytest.fixture(scope="module")
+def host(dock):
+    return testinfra.get_host(
+        f"ssh://root@{dock['hosts'][0]['address']}", ssh_identity_file=dock["ssh_key"],
+        ssh_extra_args=f"-o UserKnownHostsFile={dock['known_hosts']} "
+                       "-o StrictHostKeyChecking=yes -o BatchMode=yes")
+
+
+def container_id(host) -> str:
+    return host.check_output("docker ps --quiet --no-trunc --filter name=^vllm$")
+
+
+def chat(dock) -> dict:
+    status, body = call(dock["hosts"][0]["address"], "/v1/chat/completions", api_key(dock), {
+        "model": "Kimi-K2.6", "max_tokens": 8,
+        "messages": [{"role": "user", "content": "Summarize Kimi-K2.6 in one sentence."}]})
+    assert status == 200
+    return body
+
+
+def test_first_deploy_loads_the_image_and_the_container_answers(dock, host):
+    result, report = pyinfra("-y", env=ENV)
+    operations = {op["name"]: op for op in report["results"]["operations"]}
+    assert not [name for name, op in operations.items() if op["error"]]
+    assert operations[LOADED]["success"] == ["dock1"]
+    assert operations["vLLM service | Wait for vLLM /health"]["success"] == ["dock1"]
+    assert api_key(dock) not in result.stdout + result.stderr
+    assert chat(dock)["usage"]["completion_tokens"] > 0
+    # The unit runs the container, and the image came from the pushed archive, not a registry.
+    assert container_id(host)
+    assert host.check_output("docker inspect --format '{{.Config.Image}}' vllm") == IMAGE
+    exec_start = host.check_output("systemctl show -p ExecStart --value vllm")
+    assert "/usr/bin/docker run --rm --name vllm --pull never" in exec_start
+    assert api_key(dock) not in exec_start
+    assert not host.file("/var/lib/vllm-images").listdir()  # the archive is gone once loaded
+
+
+def test_a_killed_container_is_started_again_by_systemd(dock, host):
+    before = container_id(host)
+    host.check_output("docker kill vllm")
+    deadline = time.monotonic() + 300
+    while True:
+        now = container_id(host)
+        try:
+            if now and now != before and chat(dock):
+                break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        assert time.monotonic() < deadline, host.check_output("journalctl -u vllm -n 30 -o cat")
+        time.sleep(2)
+    assert int(host.check_output("systemctl show -p NRestarts --value vllm")) >= 1
+
+
+def test_a_second_deploy_changes_nothing_and_restarts_nothing(dock, host):
+    before = (service_start(host), container_id(host))
+    _, report = pyinfra("-y", env=ENV)
+    assert {op["name"]: op["success"] for op in report["results"]["operations"]
+            if op["success"]} == {}
+    assert (service_start(host), container_id(host)) == before
+
+
+def test_the_infra_suite_passes_on_the_container_host(dock, tmp_path):
+    junit = tmp_path / "infra.xml"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/infra", "--inventory", "inventories/sandbox.py",
+         "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    passed = {case.get("name") for case in ElementTree.parse(junit).iter("testcase")
+              if not {child.tag for child in case} & {"failure", "error", "skipped"}}
+    assert "test_the_container_runs_the_declared_image_on_read_only_weights[dock1]" in passed
+    assert "test_chat_completion_answers[dock1]" in passed
+
+
+def test_stopping_the_service_leaves_no_container(host):
+    host.check_output("systemctl stop vllm")
+    assert container_id(host) == ""
+    assert host.check_output("docker ps --all --quiet --filter name=^vllm$") == ""
