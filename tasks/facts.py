@@ -301,3 +301,22 @@ class SystemdVersion(FactBase):
     def process(self, output: list[str]) -> int | None:
         match = re.match(r"systemd (\d+)", output[0]) if output else None
         return int(match[1]) if match else None
+
+
+class PythonVersion(FactBase):
+    """The major.minor version of the host's ``python3``: which wheels it can install.
+
+    .. code:: python
+
+        "3.12"
+
+    ``None`` without a python3.
+    """
+
+    def command(self) -> str:
+        return ("python3 -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' 2>/dev/null "
+                "|| true")
+
+    def process(self, output: list[str]) -> str | None:
+        return output[0].strip() if output and re.fullmatch(r"\d+\.\d+", output[0].strip()) \
+            else None

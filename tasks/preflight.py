@@ -13,8 +13,9 @@ from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.facts.server import Command
 
 from tasks.facts import (CpuArchitecture, DockerImage, FreeBytes, ListeningTcpPorts, NvidiaGpus,
-                         NvidiaSmiInfo)
-from tasks.settings import IMAGE_ARCH, UNIT_NAME, DataError, Settings, resolve
+                         NvidiaSmiInfo, PythonVersion)
+from tasks.settings import (IMAGE_ARCH, UNIT_NAME, DataError, Settings, resolve,
+                            wheelhouse_platform)
 
 GIB = 2**30
 # GPUs whose trays sit on an NVLink fabric (GB200/GB300 NVL72): their fabric must be up.
@@ -28,6 +29,7 @@ class HostFacts:
     gpus: list[dict] = field(default_factory=list)  # tasks.facts.NvidiaGpus
     smi: dict = field(default_factory=dict)  # tasks.facts.NvidiaSmiInfo
     arch: str = "x86_64"
+    python: str | None = None  # tasks.facts.PythonVersion: what the host's python3 is
     weights_free: dict | None = None  # tasks.facts.FreeBytes(weights_dir)
     weights_present_bytes: int = 0  # bytes already in the model folder
     listening: list[dict] = field(default_factory=list)  # tasks.facts.ListeningTcpPorts
@@ -85,9 +87,9 @@ def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
                 problem("GPU fabric", f"state {sorted(map(str, states))} on an NVL tray",
                         "Completed on every GPU (check nvidia-imex / the ComputeDomain)")
 
-    if settings.runtime == "venv" and settings.wheelhouse_arch not in (None, facts.arch):
-        problem("vllm_wheelhouse_dir", f"wheels built for {settings.wheelhouse_arch}",
-                f"wheels for this host's {facts.arch} CPU (tools/wheelhouse --arch {facts.arch})")
+    if settings.runtime == "venv":
+        problems += wheelhouse_problems(name, "vllm_wheelhouse_dir", "tools/wheelhouse",
+                                        settings.wheelhouse_platform, facts)
     if settings.runtime == "docker":
         problems += image_problems(settings, facts)
 
@@ -113,6 +115,21 @@ def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
             problem("vllm_port", f"port {settings.port} held by {owner}",
                     f"a free port, or one held by {UNIT_NAME}")
             break
+    return problems
+
+
+def wheelhouse_problems(name: str, key: str, tool: str, platform: dict[str, str],
+                        facts: HostFacts) -> list[str]:
+    """A wheelhouse (its lock's `arch=` and `python=`) the host cannot install: binary wheels
+    are built for one CPU and one Python; pip would fail half-way through the deploy."""
+    problems = []
+    if platform.get("arch") not in (None, facts.arch):
+        problems.append(f"{name}: {key}: found wheels built for {platform['arch']}; need wheels "
+                        f"for this host's {facts.arch} CPU ({tool} --arch {facts.arch})")
+    if platform.get("python") not in (None, facts.python) and facts.python is not None:
+        problems.append(f"{name}: {key}: found wheels for Python {platform['python']}; need "
+                        f"wheels for this host's python3 {facts.python} ({tool} --python-version "
+                        f"{facts.python})")
     return problems
 
 
@@ -173,6 +190,7 @@ def gather(settings: Settings) -> HostFacts:
         gpus=gpus,
         smi=host.get_fact(NvidiaSmiInfo) if gpus else {},
         arch=arch,
+        python=host.get_fact(PythonVersion),
         weights_free=host.get_fact(FreeBytes, path=settings.weights_dir),
         weights_present_bytes=int(present or 0),
         listening=host.get_fact(ListeningTcpPorts),
@@ -197,12 +215,16 @@ def check() -> bool:
         problems = str(error).splitlines()[1:]
         problems = [line.strip() for line in problems]
     else:
-        problems = host_problems(settings, gather(settings))
+        facts = gather(settings)
+        problems = host_problems(settings, facts)
         if settings.model_source_dir is None:
             # Imported here: tasks.weights imports this module's siblings at load time.
             from tasks import hf_cli, weights
             try:
-                hf_cli.read(host.name, host.data)
+                _, _, hf_wheelhouse = hf_cli.read(host.name, host.data)
+                problems += wheelhouse_problems(
+                    host.name, "hf_cli_wheelhouse_dir", "tools/hf-wheelhouse",
+                    wheelhouse_platform(hf_wheelhouse), facts)
                 problems += weights.problems(
                     host, settings, weights.read_hub_settings(host.name, host.data))
             except DataError as error:

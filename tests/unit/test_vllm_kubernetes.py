@@ -332,6 +332,12 @@ def test_a_differing_secret_is_named_but_not_shown(secrets, tmp_path):
     assert API_KEY not in message and "sk-test-other-node-77" not in message
 
 
+def test_a_control_host_beside_nodes_that_serve_themselves_plans_nothing(secrets):
+    state, host = prepared(secrets, {}, ({"vllm_runtime": "docker"}, {"vllm_runtime": "docker"}))
+    assert plan(state, host) == {}
+    assert state.get_op_order() == []
+
+
 def test_a_node_of_another_runtime_is_refused(secrets):
     with pytest.raises(DataError, match=rf"{NODES[1]}: vllm_runtime = 'docker': kubernetes"):
         prepared(secrets, {}, ({}, {"vllm_runtime": "docker"}))
