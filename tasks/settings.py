@@ -123,24 +123,19 @@ def wheelhouse_platform(wheelhouse: str | None) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=8)
 def _archive_info(path: str, size: int, mtime_ns: int) -> dict:
-    tags, config_name, configs = None, None, {}
     with tarfile.open(path) as archive:
-        # docker save puts manifest.json last, tools/vllm-image first: stop once both are read.
-        for member in archive:
-            if member.name == "manifest.json":
-                manifest = json.load(archive.extractfile(member))
-                if not isinstance(manifest, list) or len(manifest) != 1:
-                    raise ValueError("manifest.json must describe exactly one image")
-                tags, config_name = manifest[0].get("RepoTags") or [], manifest[0]["Config"]
-            elif member.name.endswith(".json") and member.isfile() and member.size < 2**20:
-                configs[member.name] = archive.extractfile(member).read()
-            if config_name in configs:
-                break
-    if config_name not in configs:
-        raise ValueError("no manifest.json with its image config (not a `docker save` archive)")
-    config = json.loads(configs[config_name])
-    digest = hashlib.sha256(configs[config_name]).hexdigest()
-    return {"tags": list(tags), "image_id": f"sha256:{digest}",
+        # tools/vllm-image writes manifest.json first, docker save last: stop once it is read.
+        member = next((m for m in archive if m.name.removeprefix("./") == "manifest.json"), None)
+        if member is None:
+            raise ValueError("no manifest.json (not a `docker save` archive)")
+        manifest = json.load(archive.extractfile(member))
+        if not isinstance(manifest, list) or len(manifest) != 1:
+            raise ValueError("manifest.json must describe exactly one image")
+        # <id>.json (docker save before 25, tools/vllm-image) or blobs/sha256/<id> (OCI layout).
+        config_bytes = archive.extractfile(manifest[0]["Config"]).read()
+    config = json.loads(config_bytes)
+    return {"tags": list(manifest[0].get("RepoTags") or []),
+            "image_id": f"sha256:{hashlib.sha256(config_bytes).hexdigest()}",
             "architecture": config.get("architecture"), "os": config.get("os")}
 
 

@@ -252,3 +252,22 @@ def test_restart_backoff_only_where_systemd_knows_it():
     lines = docker_unit(systemd=252)
     assert "Restart=always" in lines and "RestartSec=10" in lines
     assert not any(line.startswith(("RestartSteps", "RestartMaxDelaySec")) for line in lines)
+
+
+def test_archive_info_reads_the_oci_layout_of_newer_docker_save(tmp_path):
+    """Docker 25+ saves an OCI layout: the config is blobs/sha256/<id>, without .json."""
+    config = json.dumps({"architecture": "arm64", "os": "linux"}).encode()
+    digest = hashlib.sha256(config).hexdigest()
+    members = [(f"blobs/sha256/{digest}", config),
+               ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+               ("manifest.json", json.dumps([{"Config": f"blobs/sha256/{digest}",
+                                              "RepoTags": [SEED_IMAGE], "Layers": []}]).encode())]
+    archive = tmp_path / "oci.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+    assert image_archive_info(str(archive)) == {
+        "tags": [SEED_IMAGE], "image_id": f"sha256:{digest}", "architecture": "arm64",
+        "os": "linux"}
