@@ -320,3 +320,28 @@ class PythonVersion(FactBase):
     def process(self, output: list[str]) -> str | None:
         return output[0].strip() if output and re.fullmatch(r"\d+\.\d+", output[0].strip()) \
             else None
+
+
+class KubernetesObjectsDiffer(FactBase):
+    """Whether the cluster's live objects differ from object files: the exit status of
+    ``kubectl diff --server-side`` (its output, which would show the objects, is dropped).
+
+    .. code:: python
+
+        True    # differ (exit 1): someone edited, scaled or deleted an object
+        False   # the same (exit 0)
+        None    # cannot tell (no files yet, no cluster access: exit > 1)
+    """
+
+    def command(self, kubectl: list[str], namespace: str, field_manager: str,
+                files: list[str]) -> StringCommand:
+        arguments = [*kubectl, "diff", "--server-side", "--force-conflicts",
+                     f"--field-manager={field_manager}", "-n", namespace]
+        for path in files:
+            arguments += ["-f", path]
+        return StringCommand(*(QuoteString(argument) for argument in arguments),
+                             ">/dev/null", "2>&1;", "echo", "$?")
+
+    def process(self, output: list[str]) -> bool | None:
+        status = output[-1].strip() if output else ""
+        return {"0": False, "1": True}.get(status)

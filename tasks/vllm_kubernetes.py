@@ -28,6 +28,7 @@ from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.operations import files
 
 from tasks.drift_control import _SHARED_FOLDERS
+from tasks.facts import KubernetesObjectsDiffer
 from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, SERVICE_TYPES,
                                  VOLUME_TYPES, ManifestValues, render_manifests,
                                  rollout_deadline_s)
@@ -349,10 +350,31 @@ def apply() -> None:
             uploads[manifest] = files.put(
                 name=f"Install Kubernetes object {path}", src=io.StringIO(text), dest=path,
                 user="root", group="root", mode="644", create_remote_dir=False)
+    files_change = any(upload.will_change for upload in uploads.values())
+    # Unchanged files, but is the cluster still what they say? (a hand edit, a scale, a
+    # deleted object): then apply them again, and the drift check sees it as a change.
+    cluster_differs = not files_change and cluster_drifted(config)
     objects_applied(
         name=f"Apply the Kubernetes objects, wait for deployment/{config.name} to roll out",
         config=config,
         timeout_s=rollout_deadline_s(values.checkpoint_size_bytes, values.load_bytes_per_s),
         restart=(uploads[SECRET_MANIFEST].will_change
                  and not uploads["deployment.yaml"].will_change),
-        when=any(upload.will_change for upload in uploads.values()))
+        when=files_change or cluster_differs)
+
+
+def cluster_drifted(config: KubernetesSettings) -> bool:
+    """True when the cluster's objects differ from the files kept on this host
+    (`kubectl diff --server-side`); a diff that cannot run is logged and counts as no drift,
+    for the files are what this host can vouch for."""
+    differs = host.get_fact(KubernetesObjectsDiffer, kubectl=list(config.kubectl),
+                            namespace=config.namespace, field_manager=config.field_manager,
+                            files=[config.path(manifest) for manifest in MANIFESTS])
+    if differs is None:
+        logger.warning(f"{host.name}: kubectl diff could not compare the cluster with "
+                       f"{config.manifest_dir} (no cluster access?); applying only on a "
+                       "changed file")
+    elif differs:
+        logger.info(f"{host.name}: the cluster's objects differ from {config.manifest_dir}: "
+                    "applying them again")
+    return bool(differs)

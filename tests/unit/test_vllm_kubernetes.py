@@ -26,6 +26,7 @@ from pyinfra.context import ctx_host, ctx_state
 from pyinfra.facts.files import Directory, File, Sha1File, Sha256File
 
 from tasks import vllm_kubernetes
+from tasks.facts import KubernetesObjectsDiffer
 from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, rollout_deadline_s,
                                  startup_probe_window_s)
 from tasks.settings import DataError, resolve
@@ -76,11 +77,18 @@ def fact_command(fact, path: str) -> str:
     return fact().command(path=path).get_raw_value()
 
 
-def control_answers(files: dict[str, str]) -> dict:
+# The read-only `kubectl diff` the task runs against the files it keeps (the fact's command).
+DIFF = KubernetesObjectsDiffer().command(
+    kubectl=["kubectl"], namespace="default", field_manager="kimi-gb200",
+    files=[f"{DIR}/{manifest}" for manifest in MANIFESTS]).get_raw_value()
+
+
+def control_answers(files: dict[str, str], cluster: str = "0") -> dict:
     """fake_responses for a control host whose manifest folder holds ``files`` (name -> text),
-    as this task leaves them: root-owned, secret.yaml 0600, the others 0644. Each file's
-    answers come before the folder's, whose stat command is a prefix of theirs."""
-    answers: dict = {}
+    as this task leaves them: root-owned, secret.yaml 0600, the others 0644, and a cluster
+    whose `kubectl diff` against them exits ``cluster`` (0: the same). Each file's answers
+    come before the folder's, whose stat command is a prefix of theirs."""
+    answers: dict = {DIFF: [cluster]}
     for manifest, text in files.items():
         path = f"{DIR}/{manifest}"
         mode = "-rw-------" if manifest == "secret.yaml" else "-rw-r--r--"
@@ -224,8 +232,27 @@ def test_converged_control_host_runs_nothing_through_the_connector(secrets):
     state, host = prepared(secrets, control_answers(rendered(secrets)))
     run_ops(state)
     assert state.failed_hosts == set()
-    assert not any("kubectl" in command or "upload" in command
-                   for command in host.connector.executed_commands)
+    # Only facts ran: the read-only diff, never an apply, a rollout or an upload.
+    executed = host.connector.executed_commands
+    assert any("kubectl diff --server-side" in command for command in executed)
+    assert not any(word in command for command in executed
+                   for word in ("kubectl apply", "rollout", "upload"))
+
+
+def test_a_cluster_edited_by_hand_is_applied_again_from_unchanged_files(secrets):
+    """Someone scaled or edited the Deployment: `kubectl diff` exits 1, the files stay, the
+    objects are applied again and the rollout waited for (the drift check sees the change)."""
+    state, host = prepared(secrets, control_answers(rendered(secrets), cluster="1"))
+    planned = plan(state, host)
+    assert list(planned) == [NAMES["apply"]]
+    assert planned[NAMES["apply"]][0] == APPLY
+    assert "rollout status deployment/kimi-k26" in planned[NAMES["apply"]][1]
+
+
+def test_a_diff_that_cannot_run_applies_nothing_and_says_so(secrets, caplog):
+    state, host = prepared(secrets, control_answers(rendered(secrets), cluster="2"))
+    assert plan(state, host) == {}
+    assert "kubectl diff could not compare the cluster" in caplog.text
 
 
 # (c) One changed input: only its file, then apply and rollout.
