@@ -66,7 +66,7 @@ def run(restart_triggers: list[OperationMeta]) -> None:
     Data keys: vllm_api_key_file, vllm_environment, vllm_cpu_threads_bind,
     vllm_health_timeout_s, vllm_load_bytes_per_s, and those rendered into the command line
     (model_*, vllm_host, vllm_port, vllm_tensor_parallel_size, vllm_gpu_memory_utilization,
-    vllm_extra_args).
+    vllm_extra_args); for the docker runtime also vllm_image and vllm_container_gpus.
     """
     settings = resolve(host)
     env = secret_file(name=f"Install vLLM secrets file {ENV_FILE}", dest=ENV_FILE,
