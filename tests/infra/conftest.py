@@ -73,7 +73,8 @@ def host(host_name, host_data):
         return testinfra.get_host("local://")
     address = host_data.get("ssh_hostname") or host_name
     user = host_data.get("ssh_user") or "root"
-    extra = ["-o BatchMode=yes"]
+    # A host that does not answer fails its checks in 10 s instead of the TCP timeout.
+    extra = ["-o BatchMode=yes", "-o ConnectTimeout=10"]
     if host_data.get("ssh_known_hosts_file"):
         extra.append(f"-o UserKnownHostsFile={host_data['ssh_known_hosts_file']}")
     if host_data.get("ssh_strict_host_key_checking"):
