@@ -111,7 +111,7 @@ hf_cli_venv_dir = "/opt/hf/venv"
 # Controller folder made by tools/hf-wheelhouse (hosts reach no package index).
 hf_cli_wheelhouse_dir = ".cache/hf-wheelhouse"
 
-# ---- vllm: the server (tasks/vllm_service.py, tasks/vllm_venv.py, tasks/vllm_image.py) ------
+# ---- vllm: the server (tasks/vllm_service.py, vllm_venv.py, vllm_container.py) -------------
 # How vLLM runs: docker (the pinned image under systemd: vllm.service runs `docker run`),
 # kubernetes (the objects of templates/k8s, applied from the k8s_control host; the serving
 # hosts get the weights), or venv (pip-installed under systemd, from a wheelhouse).
@@ -179,7 +179,7 @@ k8s_service_type = "NodePort"
 # NodePort only: the port every node answers on (the seed's; range 30000-32767).
 k8s_node_port = 30180
 # Control-host folder holding the rendered objects kubectl applies (secret.yaml: root, 0600);
-# they are applied only when one of them changes.
+# they are applied only when one of them changes or the cluster differs from them.
 k8s_manifest_dir = "/etc/vllm-kubernetes"
 # The kubectl command on the control host, e.g. "kubectl", "/usr/local/bin/kubectl", "k3s kubectl".
 k8s_kubectl = "kubectl"
