@@ -20,6 +20,7 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, server, systemd
 
 from tasks.facts import NvidiaGpus
+from tasks.operations import failing_command
 from tasks.preflight import needs_gpus
 from tasks.settings import DataError, _Reader, resolve
 
@@ -207,7 +208,7 @@ def driver_accepted(problems: list[str]):
         return
     message = ("NVIDIA driver refused:\n" + "\n".join(problems) + "\nInstall a newer driver, "
                "or set nvidia_driver_install = True to install nvidia_driver_package.\n")
-    yield StringCommand("printf", "%s", QuoteString(message), ">&2", "&&", "exit", "1")
+    yield failing_command(message)
 
 
 @operation()

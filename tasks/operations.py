@@ -169,11 +169,13 @@ def secret_file(dest: str, content: str):
     yield StringCommand("mv", "-f", QuoteString(partial), QuoteString(dest))
 
 
-def _failed(message: str, unless: tuple = ()) -> StringCommand:
-    """A command that fails with ``message`` on stderr (unless the shell test ``unless``
-    passes): how an operation refuses a host."""
-    fail = ("{", "printf", "'%s\\n'", QuoteString(message), ">&2;", "exit", "1;", "}")
-    return StringCommand(*unless, "||", *fail) if unless else StringCommand(*fail)
+def failing_command(message: str, unless: tuple = ()) -> StringCommand:
+    """A command that prints ``message`` to stderr and fails (unless the shell test ``unless``
+    passes): how an operation refuses a host. ``message`` ends with its own newline."""
+    if not unless:
+        return StringCommand("printf", "%s", QuoteString(message), ">&2", "&&", "exit", "1")
+    return StringCommand(*unless, "||", "{", "printf", "%s", QuoteString(message), ">&2;",
+                         "exit", "1;", "}")
 
 
 @operation()
@@ -203,21 +205,21 @@ def docker_image_present(reference: str, architecture: str, archive: str | None 
         yield FileUploadCommand(archive, staged)
         yield StringCommand("docker", "load", "--quiet", "--input", QuoteString(staged),
                             "&&", "rm", "-f", QuoteString(staged))
-        check = f"{reference} is not {image_id} after docker load of {Path(archive).name}"
-        yield _failed(check, unless=("test", f'"$(docker image inspect --format {{{{.Id}}}} '
-                                             f'{reference})"', "=", image_id))
+        check = f"{reference} is not {image_id} after docker load of {Path(archive).name}\n"
+        loaded = f'"$(docker image inspect --format {{{{.Id}}}} {reference})"'
+        yield failing_command(check, unless=("test", loaded, "=", image_id))
         return
     wrong = (f"{reference} on {host.name} is built for {{found}}, not this host's "
              f"{architecture}: pin a tag published for linux/{architecture} (`docker manifest "
-             f"inspect {reference}` lists a tag's platforms) and `docker rmi` this one")
+             f"inspect {reference}` lists a tag's platforms) and `docker rmi` this one\n")
     if present:
         if present["architecture"] != architecture:
-            yield _failed(wrong.format(found=f"{present['os']}/{present['architecture']}"))
+            yield failing_command(wrong.format(found=f"{present['os']}/{present['architecture']}"))
             return
         host.noop(f"{reference} is present ({present['id'][:19]}, {architecture})")
         return
     yield StringCommand("docker", "pull", "--quiet", "--platform", f"linux/{architecture}",
                         QuoteString(reference))
     found = f"$(docker image inspect --format {{{{.Architecture}}}} {reference})"
-    yield _failed(wrong.format(found="another architecture"),
+    yield failing_command(wrong.format(found="another architecture"),
                   unless=("test", f'"{found}"', "=", architecture))

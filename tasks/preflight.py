@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pyinfra import host, logger
-from pyinfra.api import QuoteString, StringCommand, deploy, operation
+from pyinfra.api import deploy, operation
 from pyinfra.facts.server import Command
 
 from tasks.facts import (CpuArchitecture, DockerImage, FreeBytes, ListeningTcpPorts, NvidiaGpus,
                          NvidiaSmiInfo, PythonVersion)
+from tasks.operations import failing_command
 from tasks.settings import (IMAGE_ARCH, UNIT_NAME, DataError, Settings, resolve,
                             wheelhouse_platform)
 
@@ -175,7 +176,7 @@ def passed(problems: list[str], checks: str):
         host.noop(f"preflight passed: {checks}")
         return
     message = "preflight refused the deploy:\n" + "\n".join(problems) + "\n"
-    yield StringCommand("printf", "%s", QuoteString(message), ">&2", "&&", "exit", "1")
+    yield failing_command(message)
 
 
 def gather(settings: Settings) -> HostFacts:

@@ -226,13 +226,14 @@ def resolve(host) -> Settings:
     images = read.get("vllm_image", (dict,), "a mapping of CPU architecture (uname -m) to a "
                       "pinned image reference", optional=runtime != "docker") or {}
     for arch, reference in images.items():
+        pinned = _IMAGE_REF.match(reference) if isinstance(reference, str) else None
         if arch not in IMAGE_ARCH:
             read.error("vllm_image", images, f"CPU architectures from {sorted(IMAGE_ARCH)} "
                        f"as keys (found {arch!r})")
-        elif not isinstance(reference, str) or not _IMAGE_REF.match(reference):
+        elif not pinned:
             read.error("vllm_image", reference, f"{arch}: an image pinned by tag, e.g. "
                        "vllm/vllm-openai:v0.19.1-cu130[@sha256:<64 hex>]")
-        elif _IMAGE_REF.match(reference)["tag"] == "latest":
+        elif pinned["tag"] == "latest":
             read.error("vllm_image", reference, f"{arch}: a pinned tag, not latest (it moves)")
     tarball = read.get("vllm_image_tarball", (str,), "a `docker save` archive on the "
                        "controller", optional=True)

@@ -29,8 +29,8 @@ from pyinfra.operations import files
 
 from tasks.drift_control import _SHARED_FOLDERS
 from tasks.facts import KubernetesObjectsDiffer
-from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, SERVICE_TYPES,
-                                 VOLUME_TYPES, ManifestValues, render_manifests,
+from tasks.k8s_manifests import (_DNS_LABEL, DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT,
+                                 SERVICE_TYPES, VOLUME_TYPES, ManifestValues, render_manifests,
                                  rollout_deadline_s)
 from tasks.operations import secret_file
 from tasks.settings import DataError, Settings, _Reader, resolve
@@ -43,7 +43,6 @@ NODE_ARCH = "aarch64"
 # The claim template is NAME-gpu-claim and the Secret NAME-secrets: both must stay labels of
 # at most 63 characters.
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,51}[a-z0-9])?$")
-_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _LITERAL_PATH = re.compile(r"^/[A-Za-z0-9._/@+-]*$")
 # Which data keys feed each input of the objects, to name them when two nodes disagree.

@@ -18,13 +18,12 @@ from pyinfra.api import (Config, FileUploadCommand, FunctionCommand, Inventory, 
                          StringCommand)
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
-from pyinfra.context import ctx_host, ctx_state
 
 from tasks import vllm_container, vllm_service
 from tasks.facts import CpuArchitecture, DockerImage, SystemdVersion
 from tasks.models import systemd_exec_line
 from tasks.settings import ENV_FILE, DataError, image_archive_info, resolve
-from tests.helpers import FakeHost, group_data
+from tests.helpers import FakeHost, fact_command, group_data, planned_commands
 
 SEED_IMAGE = "vllm/vllm-openai:v0.19.1-cu130"
 ARM_ID = "sha256:" + "3f" * 32
@@ -156,11 +155,6 @@ def command_text(command) -> str:
     return command.get_raw_value() if isinstance(command, StringCommand) else command
 
 
-def fact_command(fact, **arguments) -> str:
-    command = fact().command(**arguments)
-    return command.get_raw_value() if isinstance(command, StringCommand) else command
-
-
 def planned(data: dict, image: dict | None, systemd: int = 255, deploy=None, raw=False):
     """{operation name: commands} that would change something on a fake GB200 tray whose
     Docker holds ``image`` for the seed's tag."""
@@ -177,14 +171,7 @@ def planned(data: dict, image: dict | None, systemd: int = 255, deploy=None, raw
     connect_all(state)
     add_deploy(state, deploy or vllm_container.image_present)
     host = inventory.get_host("@fake/tray-01")
-    plan = {}
-    with ctx_state.use(state), ctx_host.use(host):
-        for op_hash in state.get_op_order():
-            commands = [c if raw else command_text(c) for c in
-                        state.get_op_data_for_host(host, op_hash).command_generator()]
-            if commands:
-                plan[state.get_op_meta(op_hash).names.pop().split(" | ")[-1]] = commands
-    return plan
+    return planned_commands(state, host, (lambda command: command) if raw else command_text)
 
 
 def test_a_tray_without_the_image_pulls_it_for_its_cpu_and_checks_what_came():
@@ -202,7 +189,7 @@ def test_a_tray_with_the_image_does_nothing():
 def test_an_x86_image_on_a_tray_fails_the_operation_saying_why():
     plan = planned(docker_data(), image={"id": ARM_ID, "architecture": "amd64"})
     (commands,) = plan.values()
-    assert len(commands) == 1 and commands[0].endswith("exit 1; }")
+    assert len(commands) == 1 and commands[0].endswith(">&2 && exit 1")
     assert "built for linux/amd64, not this host" in commands[0]
 
 
