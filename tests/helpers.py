@@ -9,6 +9,9 @@ import sys
 import types
 from pathlib import Path
 
+from pyinfra.api import StringCommand
+from pyinfra.context import ctx_host, ctx_state
+
 REPO = Path(__file__).resolve().parent.parent
 SEED = REPO.parent / "shared" / "seed" / "000_80ee62958af13de0.txt"
 # The seed's section 6, kept in the repository: a clone without ../shared still has it.
@@ -60,3 +63,23 @@ def load_tool(name: str):
     sys.modules[loader.name] = module
     loader.exec_module(module)
     return module
+
+
+def fact_command(fact, **arguments) -> str:
+    """The command a fact sends with these arguments, as the @fake connector matches it."""
+    command = fact().command(**arguments)
+    return command.get_raw_value() if isinstance(command, StringCommand) else command
+
+
+def planned_commands(state, host, describe) -> dict[str, list]:
+    """{operation name: its commands, each through ``describe``} for every operation that
+    would change something on ``host``; the name without the deploy names before it."""
+    planned = {}
+    with ctx_state.use(state), ctx_host.use(host):
+        for op_hash in state.get_op_order():
+            commands = [describe(command) for command in
+                        state.get_op_data_for_host(host, op_hash).command_generator()]
+            if commands:
+                (name,) = state.get_op_meta(op_hash).names
+                planned[name.rsplit(" | ", 1)[-1]] = commands
+    return planned

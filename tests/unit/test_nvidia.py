@@ -33,7 +33,7 @@ from tasks.facts import NvidiaGpus
 from tasks.nvidia import (CDI_SPEC, DAEMON_JSON, CdiSpecDriverVersion,
                           NvidiaKernelModuleVersion, daemon_json, driver_problems)
 from tasks.settings import DataError
-from tests.helpers import group_data
+from tests.helpers import fact_command, group_data, planned_commands
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 HOST = "tray-01"
@@ -208,7 +208,7 @@ def fake_responses(spec: dict) -> dict[str, list[str]]:
     answers: dict[str, list[str]] = {}
 
     def answer(fact, output: list[str], **arguments) -> None:
-        answers[command_text(fact().command(**arguments))] = output
+        answers[fact_command(fact, **arguments)] = output
 
     answer(NvidiaGpus, spec["gpus"])
     answer(NvidiaKernelModuleVersion, [spec["module"]] if spec["module"] else [])
@@ -253,15 +253,7 @@ def describe(command) -> str:
 
 def plan(state, host) -> dict[str, list[str]]:
     """{operation name: commands} for every operation that would change something."""
-    planned = {}
-    with ctx_state.use(state), ctx_host.use(host):
-        for op_hash in state.get_op_order():
-            commands = [describe(command) for command in
-                        state.get_op_data_for_host(host, op_hash).command_generator()]
-            if commands:
-                (name,) = state.get_op_meta(op_hash).names
-                planned[name.removeprefix("NVIDIA container host | ")] = commands
-    return planned
+    return planned_commands(state, host, describe)
 
 
 def matches(expected, actual: str) -> bool:

@@ -31,7 +31,7 @@ from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, rollout_de
                                  startup_probe_window_s)
 from tasks.settings import DataError, resolve
 from tasks.vllm_kubernetes import read_kubernetes_settings, rollout_script
-from tests.helpers import FakeHost, group_data
+from tests.helpers import FakeHost, fact_command, group_data, planned_commands
 
 NODES = ("@fake/tray-01", "@fake/tray-02")
 CONTROL = "@fake/bastion"
@@ -73,10 +73,6 @@ def stat_line(path: str, mode: str, size: int = 4096) -> str:
             f"ctime=1700000000 size={size} '{path}'")
 
 
-def fact_command(fact, path: str) -> str:
-    return fact().command(path=path).get_raw_value()
-
-
 # The read-only `kubectl diff` the task runs against the files it keeps (the fact's command).
 DIFF = KubernetesObjectsDiffer().command(
     kubectl=["kubectl"], namespace="default", field_manager="kimi-gb200",
@@ -92,12 +88,13 @@ def control_answers(files: dict[str, str], cluster: str = "0") -> dict:
     for manifest, text in files.items():
         path = f"{DIR}/{manifest}"
         mode = "-rw-------" if manifest == "secret.yaml" else "-rw-r--r--"
-        answers[fact_command(File, path)] = stat_line(path, mode, len(text.encode()))
-        answers[fact_command(Sha1File, path)] = f"{hashlib.sha1(text.encode()).hexdigest()}  {path}"
-        answers[fact_command(Sha256File, path)] = \
+        answers[fact_command(File, path=path)] = stat_line(path, mode, len(text.encode()))
+        answers[fact_command(Sha1File, path=path)] = \
+            f"{hashlib.sha1(text.encode()).hexdigest()}  {path}"
+        answers[fact_command(Sha256File, path=path)] = \
             f"{hashlib.sha256(text.encode()).hexdigest()}  {path}"
     if files:
-        answers[fact_command(Directory, DIR)] = stat_line(DIR, "drwxr-xr-x")
+        answers[fact_command(Directory, path=DIR)] = stat_line(DIR, "drwxr-xr-x")
     return answers
 
 
@@ -127,15 +124,7 @@ def describe(command) -> str:
 
 def plan(state, host) -> dict[str, list[str]]:
     """{operation name: commands} for every operation that would change something."""
-    planned = {}
-    with ctx_state.use(state), ctx_host.use(host):
-        for op_hash in state.get_op_order():
-            commands = [describe(command) for command in
-                        state.get_op_data_for_host(host, op_hash).command_generator()]
-            if commands:
-                (name,) = state.get_op_meta(op_hash).names
-                planned[name.removeprefix("vLLM on Kubernetes | ")] = commands
-    return planned
+    return planned_commands(state, host, describe)
 
 
 def uploads(state, host) -> dict[str, str]:
