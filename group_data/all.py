@@ -188,6 +188,10 @@ k8s_kubeconfig = None
 # Server-side apply field manager that owns the fields the objects set; fields someone else
 # changed by hand are taken back at the next apply.
 k8s_field_manager = "kimi-gb200"
+# A tray's Kubernetes node name (its `kubernetes.io/hostname` label), set per host in the
+# inventory; None: its inventory name. The pod is pinned to the trays of k8s_node_group, the
+# nodes this deploy filled with the weights: any other node would wait out the progress deadline.
+k8s_node_name = None
 
 # ---- drift: the drift check on a timer, on hosts of group drift_control (tasks/drift_control.py)
 # Control host: absolute path of a checkout of this repository with its .venv (the timer runs it).
@@ -202,6 +206,10 @@ drift_out_dir = "/var/lib/vllm-drift"
 drift_textfile = "/var/lib/prometheus/node-exporter/vllm_drift.prom"
 # Account the check runs as: it logs in to the hosts with this user's SSH key and known_hosts.
 drift_user = "root"
+# File mode of the drift reports (report.json, junit.xml) and, with search bits added, of
+# their folder: root only by default. No secret is written to them either way; 0o644 lets any
+# local user read them. The Prometheus textfile stays 0644 for node_exporter.
+drift_report_mode = 0o600
 
 # ---- bench: `vllm bench serve` on every host (bench.py, tasks/bench.py, tools/bench-report) --
 # Workload profile in tasks/bench.py: seed-8k-1k (the seed's section 6: random 8000 in / 1024

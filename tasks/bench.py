@@ -23,7 +23,8 @@ from pyinfra.api import deploy
 from pyinfra.operations import files, python, server
 
 from tasks.operations import http_health_waited
-from tasks.settings import ENV_FILE, REPO, UNIT_NAME, DataError, Settings, resolve
+from tasks.settings import (ENV_FILE, OFFLINE_ENVIRONMENT, REPO, UNIT_NAME, DataError, Settings,
+                            resolve)
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,7 @@ _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 RESULT_FILES = {"result.json": ".json", "metrics-before.prom": ".metrics-before.prom",
                 "metrics-after.prom": ".metrics-after.prom", "bench.log": ".log"}
 # The bench client reads a local tokenizer: hosts may be offline, and nothing should phone home.
-CLIENT_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                      "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+CLIENT_ENVIRONMENT = OFFLINE_ENVIRONMENT
 
 
 @dataclass(frozen=True)

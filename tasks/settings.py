@@ -25,6 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 RUNTIMES = ("docker", "kubernetes", "venv")
 ENV_FILE = "/etc/vllm/vllm.env"
 UNIT_NAME = "vllm.service"
+# Offline by design, for every runtime (the systemd units, the pod) and the bench client: the
+# weights are placed by the deploy, and nothing phones home.
+OFFLINE_ENVIRONMENT = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
 # How the docker runtime hands GPUs to the container: the NVIDIA runtime with --gpus (what
 # vLLM's docs show), CDI device names (tasks/nvidia.py writes the spec), or none (CPU builds).
 CONTAINER_GPU_MODES = ("gpus", "cdi", "none")

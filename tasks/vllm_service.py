@@ -16,15 +16,12 @@ from tasks import vllm_container
 from tasks.facts import CpuArchitecture, SystemdVersion
 from tasks.models import systemd_exec_line
 from tasks.operations import http_health_waited, secret_file
-from tasks.settings import ENV_FILE, UNIT_NAME, Settings, resolve
+from tasks.settings import ENV_FILE, OFFLINE_ENVIRONMENT, UNIT_NAME, Settings, resolve
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-# Offline by design: weights are placed by the deploy, and nothing phones home.
+# The offline list, plus folders a read-only system leaves writable.
 SERVICE_ENVIRONMENT = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
+    **OFFLINE_ENVIRONMENT,
     "HOME": "/var/lib/vllm",
     "XDG_CACHE_HOME": "/var/cache/vllm",
     "VLLM_CACHE_ROOT": "/var/cache/vllm/vllm",
