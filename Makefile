@@ -15,12 +15,15 @@ demo: venv system-deps artefacts
 	pyinfra -y inventories/sandbox.py deploy.py
 	tools/chat "Summarize Kimi-K2.6 in one sentence."
 	@echo
-	@echo "Deployed. Re-run 'pyinfra inventories/sandbox.py deploy.py --dry' to see zero changes;"
-	@echo "'tools/sandbox status' lists the hosts; 'make down' tears them down."
+	@echo "Deployed. '. .venv/bin/activate' puts pyinfra, pytest and the tools' packages on PATH;"
+	@echo "then 'pyinfra inventories/sandbox.py deploy.py --dry' shows zero changes,"
+	@echo "'tools/sandbox status' lists the hosts and 'make down' tears them down."
 
+# The e2e suite first: its first sandbox host boots right after the artefacts are built, on a
+# machine as cold as `make demo` finds it (the unit tests in between hid a start-up race).
 test: venv system-deps artefacts
-	$(BIN)/pytest tests/unit
 	$(BIN)/pytest tests/e2e
+	$(BIN)/pytest tests/unit
 
 unit: venv
 	$(BIN)/pytest tests/unit
