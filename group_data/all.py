@@ -188,9 +188,10 @@ k8s_kubeconfig = None
 # Server-side apply field manager that owns the fields the objects set; fields someone else
 # changed by hand are taken back at the next apply.
 k8s_field_manager = "kimi-gb200"
-# A tray's Kubernetes node name (its `kubernetes.io/hostname` label), set per host in the
-# inventory; None: its inventory name. The pod is pinned to the trays of k8s_node_group, the
-# nodes this deploy filled with the weights: any other node would wait out the progress deadline.
+# A tray's Kubernetes node name (its kubernetes.io/hostname label: a DNS-1123 subdomain of at
+# most 63 characters), set per host in the inventory; None: its inventory name without a
+# connector's "@name/" prefix. The pod is pinned to the trays of k8s_node_group, the nodes this
+# deploy filled with the weights: any other node would wait out the progress deadline.
 k8s_node_name = None
 
 # ---- drift: the drift check on a timer, on hosts of group drift_control (tasks/drift_control.py)

@@ -1,12 +1,15 @@
 """The seed's Kubernetes objects (section 4.1), rendered from the project's state.
 
-Pure: no pyinfra, no cluster. `render_manifests` turns one `ManifestValues` into one YAML
+Pure: no host, no cluster. `render_manifests` turns one `ManifestValues` into one YAML
 text per object (templates/k8s/*.yaml.j2, one object per file), in the order they are
 applied. The container's argv is `tasks.models.vllm_serve_args` output, passed in unchanged,
 so a flag can never differ between the venv unit, a container unit and the Deployment.
-All decisions (names, probe windows, volumes, which keys a Secret holds) are made here; the
-templates only place explicit values. tests/unit/test_k8s_manifests.py validates every object
-against the Kubernetes 1.34 and 1.35 schemas and lines it up against the seed.
+All decisions (names, probe windows, volumes, which keys a Secret holds, which nodes the pod
+may run on) are made here; the templates only place explicit values. The pod runs offline with
+the systemd units' list (tasks.settings.OFFLINE_ENVIRONMENT), and the Hub token never reaches
+the cluster: the pod reads weights the deploy placed and downloads nothing.
+tests/unit/test_k8s_manifests.py validates every object against the Kubernetes 1.34 and 1.35
+schemas and lines it up against the seed.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from pathlib import Path
 
 import jinja2
 
+from tasks.settings import OFFLINE_ENVIRONMENT
+
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates" / "k8s"
 # Apply order: the claim template and the Secret exist before the pod that names them.
 MANIFESTS = ("resourceclaimtemplate.yaml", "secret.yaml", "deployment.yaml", "service.yaml")
@@ -32,7 +37,12 @@ DRAFT_MOUNT = "/app/eagle-model"
 CONTAINER_NAME = "vllm-server"
 GPU_CLAIM = "gpu"
 # vLLM reads VLLM_API_KEY as --api-key's default, so the key never sits in the argv.
-SECRET_KEYS = ("VLLM_API_KEY", "HF_TOKEN")
+SECRET_KEYS = ("VLLM_API_KEY",)
+# Names the Hub token goes by (huggingface_hub reads both): refused in the pod's environment,
+# for the token stays off the cluster.
+HUB_TOKEN_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# The node label the pod's affinity matches, set by the kubelet on every node.
+HOSTNAME_LABEL = "kubernetes.io/hostname"
 VOLUME_TYPES = ("hostPath", "persistentVolumeClaim")
 SERVICE_TYPES = ("NodePort", "ClusterIP")
 
@@ -52,6 +62,12 @@ ROLLOUT_EXTRA_S = 900
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+# A node's HOSTNAME_LABEL value: a DNS-1123 subdomain (what node names are) that, being a label
+# value, has at most 63 characters; a longer name no node carries would leave the pod pending.
+_SUBDOMAIN_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+NODE_NAME = re.compile(rf"^(?=.{{1,63}}$){_SUBDOMAIN_LABEL}(\.{_SUBDOMAIN_LABEL})*$")
+# Kubernetes' integer fields (progressDeadlineSeconds, failureThreshold) are int32.
+_INT32_MAX = 2**31 - 1
 
 
 def startup_probe_window_s(size_bytes: int, load_bytes_per_s: float) -> int:
@@ -118,12 +134,16 @@ class ManifestValues:
     + cpu_request, cpu_limit, memory_request, memory_limit: the container's quantities
     + shm_size: size limit of the memory-backed /dev/shm (counts against memory_limit)
     + node_selector: extra node labels, on top of kubernetes.io/arch: arm64
-    + environment: non-secret container environment; secret names are refused here
+    + node_names: the nodes the pod may run on (their HOSTNAME_LABEL), by required node
+      affinity: the nodes whose weights_dir holds the weights. Required with hostPath volumes,
+      which exist only there; order does not matter
+    + environment: container environment on top of OFFLINE_ENVIRONMENT (a name given here
+      wins, as in the systemd units); secret names are refused here
     + secret_name: the Secret holding SECRET_KEYS; None gives NAME-secrets
     + service_type: "NodePort" (the seed) or "ClusterIP"
     + service_port, node_port: the Service's port; node_port for NodePort only
-    + api_key, hf_token: Secret values read by the caller from controller files at apply
-      time; None leaves the key out of the Secret (the pod then runs without it)
+    + api_key: the Secret's value, read by the caller from a controller file at apply time;
+      None leaves the key out of the Secret (the pod then runs without it, the endpoint open)
     """
 
     serve_args: tuple[str, ...]
@@ -145,54 +165,22 @@ class ManifestValues:
     memory_limit: str = "256Gi"
     shm_size: str = "16Gi"
     node_selector: Mapping[str, str] = field(default_factory=dict)
+    node_names: tuple[str, ...] = ()
     environment: Mapping[str, str] = field(default_factory=dict)
     secret_name: str | None = None
     service_type: str = "NodePort"
     service_port: int = 8000
     node_port: int = 30180
     api_key: str | None = field(default=None, repr=False)
-    hf_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Lists from callers become tuples: the values stay what they were when checked.
         object.__setattr__(self, "serve_args", tuple(self.serve_args))
-        problems = []
-        for key in ("name", "namespace"):
-            if not _DNS_LABEL.match(getattr(self, key)):
-                problems.append(f"{key}={getattr(self, key)!r}: a DNS-1035 label (a-z, 0-9, -)")
-        if self.secret_name is not None and not _DNS_LABEL.match(self.secret_name):
-            problems.append(f"secret_name={self.secret_name!r}: a DNS-1035 label")
-        if self.image_digest is not None and not _DIGEST.match(self.image_digest):
-            problems.append(f"image_digest={self.image_digest!r}: sha256:<64 hex digits>")
-        if self.volume_type not in VOLUME_TYPES:
-            problems.append(f"volume_type={self.volume_type!r}: one of {VOLUME_TYPES}")
-        if self.volume_type == "hostPath" and (self.model_sub_path or self.draft_sub_path):
-            problems.append("model_sub_path/draft_sub_path: persistentVolumeClaim only")
-        if self.service_type not in SERVICE_TYPES:
-            problems.append(f"service_type={self.service_type!r}: one of {SERVICE_TYPES}")
-        if self.service_type == "NodePort" and not 30000 <= self.node_port <= 32767:
-            problems.append(f"node_port={self.node_port!r}: the default NodePort range "
-                            "30000-32767")
-        clashing = sorted(set(self.environment) & set(SECRET_KEYS))
-        if clashing:
-            problems.append(f"environment holds {clashing}: secrets come from the Secret only")
-        bad_names = sorted(key for key in self.environment if not _ENV_NAME.match(key))
-        if bad_names:
-            problems.append(f"environment names {bad_names}: not valid variable names")
-        speculative = _flag_value(self.serve_args, "--speculative-config")
-        if (self.draft_volume is None) != (speculative is None):
-            problems.append("draft_volume and serve_args disagree: mount a draft exactly when "
-                            "--speculative-config is given")
-        # Host-path argv (Settings.serve_args) is the likely slip: the pod sees only the mounts.
-        if self.serve_args[:2] != ("serve", MODEL_MOUNT):
-            problems.append(f"serve_args: vllm_serve_args output with model_path={MODEL_MOUNT!r}")
-        if speculative is not None and _json_field(speculative, "model") != DRAFT_MOUNT:
-            problems.append(f"serve_args: --speculative-config with model {DRAFT_MOUNT!r} "
-                            f"(draft_path={DRAFT_MOUNT!r})")
-        for flag, label in (("--tensor-parallel-size", "GPU count"), ("--port", "port")):
-            value = _flag_value(self.serve_args, flag)
-            if value is None or not value.isdigit() or int(value) < 1:
-                problems.append(f"serve_args: {flag} with a positive integer (the {label})")
+        # Sorted: the same nodes listed in another order are the same objects (no rollout).
+        object.__setattr__(self, "node_names", tuple(sorted(self.node_names, key=str)))
+        problems = [*_name_problems(self), *_placement_problems(self),
+                    *_environment_problems(self), *_argv_problems(self),
+                    *_number_problems(self)]
         if problems:
             raise ValueError("invalid Kubernetes manifest values:\n  " + "\n  ".join(problems))
 
@@ -218,6 +206,106 @@ class ManifestValues:
     @property
     def image_reference(self) -> str:
         return f"{self.image}@{self.image_digest}" if self.image_digest else self.image
+
+
+def _name_problems(values: ManifestValues) -> list[str]:
+    problems = []
+    for key in ("name", "namespace"):
+        if not _DNS_LABEL.match(getattr(values, key)):
+            problems.append(f"{key}={getattr(values, key)!r}: a DNS-1035 label (a-z, 0-9, -)")
+    if values.secret_name is not None and not _DNS_LABEL.match(values.secret_name):
+        problems.append(f"secret_name={values.secret_name!r}: a DNS-1035 label")
+    if values.image_digest is not None and not _DIGEST.match(values.image_digest):
+        problems.append(f"image_digest={values.image_digest!r}: sha256:<64 hex digits>")
+    return problems
+
+
+def _placement_problems(values: ManifestValues) -> list[str]:
+    """Volumes, the nodes that hold them and the Service's ports."""
+    problems = []
+    if values.volume_type not in VOLUME_TYPES:
+        problems.append(f"volume_type={values.volume_type!r}: one of {VOLUME_TYPES}")
+    if values.volume_type == "hostPath" and (values.model_sub_path or values.draft_sub_path):
+        problems.append("model_sub_path/draft_sub_path: persistentVolumeClaim only")
+    if values.volume_type == "hostPath" and not values.node_names:
+        problems.append("node_names=(): the nodes holding the weights (hostPath volumes exist "
+                        "only there; any other node leaves the pod failing to start)")
+    bad_nodes = [name for name in values.node_names
+                 if not isinstance(name, str) or not NODE_NAME.match(name)]
+    if bad_nodes:
+        problems.append(f"node_names {bad_nodes}: {HOSTNAME_LABEL} values (DNS-1123 "
+                        "subdomains of at most 63 characters)")
+    if len(set(map(str, values.node_names))) != len(values.node_names):
+        problems.append(f"node_names={list(values.node_names)}: each node once")
+    if values.service_type not in SERVICE_TYPES:
+        problems.append(f"service_type={values.service_type!r}: one of {SERVICE_TYPES}")
+    if not _is_int(values.service_port) or not 1 <= values.service_port <= 65535:
+        problems.append(f"service_port={values.service_port!r}: a TCP port 1..65535")
+    if values.service_type == "NodePort" and not (_is_int(values.node_port)
+                                                  and 30000 <= values.node_port <= 32767):
+        problems.append(f"node_port={values.node_port!r}: the default NodePort range "
+                        "30000-32767")
+    return problems
+
+
+def _environment_problems(values: ManifestValues) -> list[str]:
+    problems = []
+    clashing = sorted(set(values.environment) & {*SECRET_KEYS, *HUB_TOKEN_NAMES})
+    if clashing:
+        problems.append(f"environment holds {clashing}: secrets come from the Secret only, "
+                        "and the Hub token stays off the cluster")
+    bad_names = sorted(key for key in values.environment if not _ENV_NAME.match(key))
+    if bad_names:
+        problems.append(f"environment names {bad_names}: not valid variable names")
+    return problems
+
+
+def _argv_problems(values: ManifestValues) -> list[str]:
+    problems = []
+    speculative = _flag_value(values.serve_args, "--speculative-config")
+    if (values.draft_volume is None) != (speculative is None):
+        problems.append("draft_volume and serve_args disagree: mount a draft exactly when "
+                        "--speculative-config is given")
+    # Host-path argv (Settings.serve_args) is the likely slip: the pod sees only the mounts.
+    if values.serve_args[:2] != ("serve", MODEL_MOUNT):
+        problems.append(f"serve_args: vllm_serve_args output with model_path={MODEL_MOUNT!r}")
+    if speculative is not None and _json_field(speculative, "model") != DRAFT_MOUNT:
+        problems.append(f"serve_args: --speculative-config with model {DRAFT_MOUNT!r} "
+                        f"(draft_path={DRAFT_MOUNT!r})")
+    for flag, label in (("--tensor-parallel-size", "GPU count"), ("--port", "port")):
+        value = _flag_value(values.serve_args, flag)
+        if value is None or not value.isdigit() or int(value) < 1:
+            problems.append(f"serve_args: {flag} with a positive integer (the {label})")
+    port = _flag_value(values.serve_args, "--port")
+    if port is not None and port.isdigit() and int(port) > 65535:
+        problems.append(f"serve_args: --port {port}: a TCP port 1..65535 (the container port)")
+    return problems
+
+
+def _number_problems(values: ManifestValues) -> list[str]:
+    """The inputs of the probe window and the rollout deadline, and the deadline itself: it
+    lands in int32 fields, and a slip of units in the load rate could overflow them."""
+    size, rate = values.checkpoint_size_bytes, values.load_bytes_per_s
+    problems = []
+    if not _is_int(size) or size < 0:
+        problems.append(f"checkpoint_size_bytes={size!r}: a byte count >= 0")
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not (
+            math.isfinite(rate) and rate > 0):
+        problems.append(f"load_bytes_per_s={rate!r}: a finite rate > 0 bytes per second "
+                        "(vllm_load_bytes_per_s)")
+    if problems:
+        return problems
+    deadline = rollout_deadline_s(size, rate)
+    if deadline > _INT32_MAX:
+        problems.append(f"load_bytes_per_s={rate!r}: a rate that loads {size} bytes within "
+                        f"progressDeadlineSeconds' limit of {_INT32_MAX} s (found {deadline} "
+                        "s; vllm_load_bytes_per_s is in bytes per second)")
+    return problems
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass: True as a port is a typo, not a number.
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _labels(values: ManifestValues) -> list[tuple[str, str]]:
@@ -248,10 +336,11 @@ def template_context(values: ManifestValues) -> dict[str, dict]:
     window_s = startup_probe_window_s(values.checkpoint_size_bytes, values.load_bytes_per_s)
     common = {"name": values.name, "namespace": values.namespace, "labels": labels}
     # `data` (base64), not `stringData`: under server-side apply a key dropped from
-    # stringData stays in the live Secret, so a removed API key would keep working.
+    # stringData stays in the live Secret, so a removed API key would keep working. From
+    # `data`, a key this field manager applied before and applies no more is removed (the
+    # HF_TOKEN earlier versions put there, say): the Secret is rendered even when empty.
     secret_data = [(key, base64.b64encode(value.encode()).decode())
-                   for key, value in zip(SECRET_KEYS, (values.api_key, values.hf_token))
-                   if value is not None]
+                   for key, value in zip(SECRET_KEYS, (values.api_key,)) if value is not None]
     return {
         "resourceclaimtemplate.yaml.j2": {
             **common, "claim_template_name": values.claim_template_name,
@@ -269,7 +358,7 @@ def template_context(values: ManifestValues) -> dict[str, dict]:
             "image": values.image_reference,
             "command": ["vllm"],
             "args": list(values.serve_args),
-            "environment": sorted(values.environment.items()),
+            "environment": sorted({**OFFLINE_ENVIRONMENT, **values.environment}.items()),
             "secret_name": values.secret_object_name,
             "secret_keys": list(SECRET_KEYS),
             "claim_name": GPU_CLAIM,
@@ -282,6 +371,8 @@ def template_context(values: ManifestValues) -> dict[str, dict]:
             "shm_size": values.shm_size,
             "node_selector": [("kubernetes.io/arch", "arm64"),
                               *sorted(values.node_selector.items())],
+            "hostname_label": HOSTNAME_LABEL,
+            "node_names": list(values.node_names),
             "startup_probe": _probe("/health", PROBE_PERIOD_S, 5, window_s // PROBE_PERIOD_S),
             "readiness_probe": _probe("/health", PROBE_PERIOD_S, 5, 3),
             # A liveness kill costs a full reload of the weights: only a server that has not

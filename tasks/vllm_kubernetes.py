@@ -6,7 +6,10 @@ rest of the deploy: the Deployment mounts those folders (hostPath, as the seed).
 cluster runs is rendered from the NODES' data, not the control host's: `tasks.settings.resolve`
 of every host of `k8s_node_group`, through `tasks/k8s_manifests.py`, so the container's argv is
 the one renderer's with the pod's mount paths. One Deployment serves them all, so every node
-must render the same objects; two that disagree stop the run, naming both.
+must render the same objects; two that disagree stop the run, naming both. The pod is pinned to
+those nodes (required node affinity on their `k8s_node_name`), the ones this deploy filled with
+the weights. The Hub token stays on the nodes that download: the pod runs offline, and neither
+the Secret nor the container ever holds it.
 
 The rendered objects are kept on the control host (secret.yaml root 0600 from its creation,
 so `kubectl` reads the secret values from a file, never from a command line). Only when one of
@@ -29,12 +32,11 @@ from pyinfra.operations import files
 
 from tasks.drift_control import _SHARED_FOLDERS
 from tasks.facts import KubernetesObjectsDiffer
-from tasks.k8s_manifests import (_DNS_LABEL, DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT,
-                                 SERVICE_TYPES, VOLUME_TYPES, ManifestValues, render_manifests,
-                                 rollout_deadline_s)
+from tasks.k8s_manifests import (_DNS_LABEL, DRAFT_MOUNT, HOSTNAME_LABEL, MANIFESTS,
+                                 MODEL_MOUNT, NODE_NAME, SERVICE_TYPES, VOLUME_TYPES,
+                                 ManifestValues, render_manifests, rollout_deadline_s)
 from tasks.operations import secret_file
 from tasks.settings import DataError, Settings, _Reader, resolve
-from tasks.weights import read_hub_settings
 
 SECRET_MANIFEST = "secret.yaml"
 # GB200 trays are Grace (aarch64): the image for that architecture, as the docker runtime
@@ -45,6 +47,8 @@ NODE_ARCH = "aarch64"
 _NAME = re.compile(r"^[a-z]([-a-z0-9]{0,51}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _LITERAL_PATH = re.compile(r"^/[A-Za-z0-9._/@+-]*$")
+# A connector's prefix on an inventory name (`@fake/gb200-tray-01`): not part of the machine's.
+_CONNECTOR_PREFIX = re.compile(r"^@[^/]*/")
 # Which data keys feed each input of the objects, to name them when two nodes disagree.
 _VALUE_KEYS = {
     "serve_args": "model_*, vllm_host, vllm_port, vllm_tensor_parallel_size, "
@@ -60,7 +64,6 @@ _VALUE_KEYS = {
     "environment": "vllm_environment, vllm_cpu_threads_bind",
     "service_port": "vllm_port",
     "api_key": "vllm_api_key_file",
-    "hf_token": "weights_hf_token_file, or HF_TOKEN on the controller",
 }
 
 
@@ -117,8 +120,10 @@ def read_kubernetes_settings(host_name: str, data) -> KubernetesSettings:
     service_type = read.get("k8s_service_type", (str,), f"one of {list(SERVICE_TYPES)}")
     if service_type is not None and service_type not in SERVICE_TYPES:
         read.error("k8s_service_type", service_type, f"one of {list(SERVICE_TYPES)}")
+    # Checked whatever the service type: a ClusterIP Service ignores it, and a value that is
+    # no node port would only surface when someone switches to NodePort.
     node_port = read.get("k8s_node_port", (int,), "a port in the NodePort range 30000-32767")
-    if node_port is not None and service_type == "NodePort" and not 30000 <= node_port <= 32767:
+    if node_port is not None and not 30000 <= node_port <= 32767:
         read.error("k8s_node_port", node_port, "a port in the NodePort range 30000-32767")
     manifest_dir = read.get("k8s_manifest_dir", (str,), "an absolute folder path on this host")
     if manifest_dir is not None:
@@ -162,10 +167,37 @@ def read_kubernetes_settings(host_name: str, data) -> KubernetesSettings:
         field_manager=field_manager)
 
 
-def node_values(config: KubernetesSettings, node, settings: Settings) -> ManifestValues:
-    """What one node's data renders the objects from. Raises DataError naming the node for
-    data only this runtime reads (vllm_runtime, vllm_image, the Hub token), and ValueError
-    from ManifestValues for values the objects cannot hold.
+def node_names(nodes) -> tuple[str, ...]:
+    """The Kubernetes node names of `nodes` (k8s_node_group's hosts): each host's
+    k8s_node_name, else its inventory name without a connector's `@name/` prefix. Raises
+    DataError naming the host and the key for a name no node can carry, or one two hosts share.
+    """
+    names, problems, owner = [], [], {}
+    for node in nodes:
+        given = node.data.get("k8s_node_name")
+        name = given if given is not None else _CONNECTOR_PREFIX.sub("", node.name)
+        if not isinstance(name, str) or not NODE_NAME.match(name):
+            default = "" if given is not None else f" (its inventory name, {name!r}, is none)"
+            problems.append(f"{node.name}: k8s_node_name = {given!r}: the node's "
+                            f"{HOSTNAME_LABEL} label, a DNS-1123 subdomain of at most 63 "
+                            f"characters{default}")
+        elif name in owner:
+            problems.append(f"{node.name}: k8s_node_name = {given!r}: a node of its own "
+                            f"({owner[name]} is node {name!r} too)")
+        else:
+            owner[name] = node.name
+            names.append(name)
+    if problems:
+        raise DataError("invalid host data:\n  " + "\n  ".join(problems))
+    return tuple(names)
+
+
+def node_values(config: KubernetesSettings, node, settings: Settings,
+                pinned_to: tuple[str, ...]) -> ManifestValues:
+    """What one node's data renders the objects from, the pod pinned to the nodes
+    `pinned_to` (node_names of the group). Raises DataError naming the node for data only this
+    runtime reads (vllm_runtime, vllm_image), and ValueError from ManifestValues for values
+    the objects cannot hold.
 
     The checkpoint size is the model's alone: the catalog knows no size for the EAGLE-3 draft
     (a few GB next to Kimi-K2.6's 595), and the startup window's factor of two covers it.
@@ -181,7 +213,6 @@ def node_values(config: KubernetesSettings, node, settings: Settings) -> Manifes
                         "image (GB200 nodes are arm64)")
     if problems:
         raise DataError("invalid host data:\n  " + "\n  ".join(problems))
-    hf_token = read_hub_settings(node.name, node.data).token
     if config.volume_type == "hostPath":
         volumes = {"model_volume": settings.model_dir, "draft_volume": settings.draft_dir}
     else:
@@ -200,8 +231,8 @@ def node_values(config: KubernetesSettings, node, settings: Settings) -> Manifes
         load_bytes_per_s=node.data.get("vllm_load_bytes_per_s"),
         volume_type=config.volume_type, name=config.name, namespace=config.namespace,
         image=name, image_digest=digest or None, environment=dict(settings.environment),
-        service_type=config.service_type, service_port=settings.port,
-        node_port=config.node_port, api_key=settings.api_key, hf_token=hf_token, **volumes)
+        node_names=pinned_to, service_type=config.service_type, service_port=settings.port,
+        node_port=config.node_port, api_key=settings.api_key, **volumes)
 
 
 def _difference(field: dataclasses.Field, first, second) -> str:
@@ -219,18 +250,20 @@ def _difference(field: dataclasses.Field, first, second) -> str:
 
 def desired_values(control, config: KubernetesSettings) -> ManifestValues:
     """The one set of values every node of `config.node_group` renders the objects from.
-    Raises DataError naming the control host when the group is empty, the nodes and the
-    inputs when two nodes disagree, and the control host when the values cannot be rendered.
+    Raises DataError naming the control host when the group is empty, a node and its
+    k8s_node_name when that cannot pin the pod, the nodes and the inputs when two nodes
+    disagree, and the control host when the values cannot be rendered.
     """
     nodes = control.inventory.get_group(config.node_group, [])
     if not nodes:
         raise DataError(f"invalid host data:\n  {control.name}: k8s_node_group = "
                         f"{config.node_group!r}: an inventory group holding the GPU nodes "
                         "(this inventory has no host in it)")
+    pinned_to = node_names(nodes)
     rendered = []
     for node in nodes:
         try:
-            rendered.append((node, node_values(config, node, resolve(node))))
+            rendered.append((node, node_values(config, node, resolve(node), pinned_to)))
         except ValueError as error:
             problems = str(error).splitlines()[1:] or [str(error)]
             raise DataError("invalid host data:\n" + "\n".join(
@@ -323,8 +356,8 @@ def apply() -> None:
     Data keys (this host): k8s_node_group, k8s_namespace, k8s_name, k8s_volume_type,
     k8s_model_claim, k8s_draft_claim, k8s_service_type, k8s_node_port, k8s_manifest_dir,
     k8s_kubectl, k8s_kubeconfig, k8s_field_manager. From the nodes: those tasks.settings
-    renders into the command line, vllm_image, vllm_load_bytes_per_s, vllm_api_key_file,
-    weights_hf_token_file.
+    renders into the command line and the environment, vllm_image, vllm_load_bytes_per_s,
+    vllm_api_key_file, k8s_node_name.
     """
     config = read_kubernetes_settings(host.name, host.data)
     nodes = host.inventory.get_group(config.node_group, [])

@@ -13,6 +13,7 @@ from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, TEMPLATE_D
                                  ManifestValues, render_manifests, startup_probe_window_s,
                                  template_context)
 from tasks.models import PROFILES, vllm_serve_args
+from tasks.settings import OFFLINE_ENVIRONMENT
 from tests.helpers import REPO, SEED, group_data
 
 SEED_MANIFEST = REPO / "tests" / "fixtures" / "seed-k8s.yaml"
@@ -20,8 +21,9 @@ SEED_LINES = (164, 257)  # the manifest's first and last line in the seed, 1-bas
 K8S_VERSIONS = ("1.34.0", "1.35.0")
 # Recognisable stand-ins, so a leak into any text can be searched for.
 API_KEY = "sk-test-4f1c9e0b7d2a6e13"
-HF_TOKEN = "hf_testTokenValue8c3d1e0f"
 DIGEST = "sha256:" + "0123456789abcdef" * 4
+# The GB200 inventory's trays, as their kubernetes.io/hostname labels.
+TRAYS = ("gb200-tray-01", "gb200-tray-02")
 
 
 def gb200_serve_args(draft: bool, **overrides) -> list[str]:
@@ -51,7 +53,7 @@ def make_values(*, draft: bool = True, volume_type: str = "hostPath",
                    "draft_sub_path": profile.draft_local_name if draft else None}
     values = {"serve_args": gb200_serve_args(draft), "checkpoint_size_bytes": profile.size_bytes,
               "load_bytes_per_s": data["vllm_load_bytes_per_s"], "volume_type": volume_type,
-              "service_type": service_type, "api_key": API_KEY, "hf_token": HF_TOKEN,
+              "service_type": service_type, "api_key": API_KEY, "node_names": TRAYS,
               **weights}
     return ManifestValues(**{**values, **overrides})
 
@@ -94,10 +96,18 @@ def test_every_object_validates_strictly(version, draft, volume_type, service_ty
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("api_key, hf_token", [(None, None), (API_KEY, None), (None, HF_TOKEN)])
-def test_secret_validates_with_any_keys_left_out(version, api_key, hf_token):
-    secret = objects(make_values(api_key=api_key, hf_token=hf_token))["secret.yaml"]
+@pytest.mark.parametrize("api_key", [None, API_KEY])
+def test_secret_validates_with_or_without_the_key(version, api_key):
+    secret = objects(make_values(api_key=api_key))["secret.yaml"]
     assert kubernetes_validate.validate(secret, version, strict=True) == version[:4]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_unpinned_claim_volumes_validate_without_affinity(version):
+    deployment = objects(make_values(volume_type="persistentVolumeClaim",
+                                     node_names=()))["deployment.yaml"]
+    assert "affinity" not in deployment["spec"]["template"]["spec"]
+    assert kubernetes_validate.validate(deployment, version, strict=True) == version[:4]
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -128,8 +138,9 @@ CONTAINER = ("spec", "template", "spec", "containers", "[vllm-server]")
 POD = ("spec", "template", "spec")
 MANAGED_BY = "app.kubernetes.io/managed-by"
 INTENTIONAL_DIFFERENCES = {
-    ("Secret",): "new object: the seed's endpoint had no API key; the key (and an HF token) "
-                 "now live in a Secret that the Deployment references by name",
+    ("Secret",): "new object: the seed's endpoint had no API key; the key now lives in a "
+                 "Secret that the Deployment references by name (the Hub token never: the "
+                 "pod downloads nothing)",
     ("ResourceClaimTemplate", "metadata", "labels"):
         "labels on every object: `kubectl get all -l app=NAME` finds them all, managed-by "
         "names the owner",
@@ -149,14 +160,18 @@ INTENTIONAL_DIFFERENCES = {
     ("Deployment", *POD, "nodeSelector"):
         "GB200 trays are arm64 (Grace): the pod must not land on an x86 node, whatever GPUs "
         "it has; an extra selector can pin a node pool",
+    ("Deployment", *POD, "affinity"):
+        "pinned to the trays of k8s_node_group by kubernetes.io/hostname: only they hold the "
+        "hostPath weights; on any other arm64 GPU node the pod waits out its deadline",
     ("Deployment", *CONTAINER, "command"):
         "exec form, `vllm` with the argv from tasks.models.vllm_serve_args: no shell to quote "
         "the speculative-config JSON, and the same argv as every other runtime "
         "(test_exec_form_is_the_seeds_shell_command_word_for_word)",
     ("Deployment", *CONTAINER, "args"): "as command",
     ("Deployment", *CONTAINER, "env"):
-        "VLLM_API_KEY and HF_TOKEN by secretKeyRef (optional: a missing key leaves the "
-        "endpoint open, as the seed's was); never a literal value",
+        "offline and no telemetry, the systemd units' list (tasks.settings."
+        "OFFLINE_ENVIRONMENT); VLLM_API_KEY by secretKeyRef (optional: a missing key leaves "
+        "the endpoint open, as the seed's was), never a literal value; no Hub token",
     ("Deployment", *CONTAINER, "startupProbe"):
         "the seed had no probes: the window is derived from checkpoint size and load rate, "
         "so a 595 GB load is not killed half-way",
@@ -234,6 +249,24 @@ def test_rendered_objects_line_up_with_the_seed_field_by_field():
     # What the seed had and we keep: the GPU claim, resources, ports, mounts, the Service.
     assert len(seed.keys() & rendered.keys()) > 30
     assert all(seed[p] == rendered[p] for p in seed.keys() & rendered.keys() if not listed(p))
+    # The listed differences hold what their reasons say.
+    node_terms = ("Deployment", *POD, "affinity", "nodeAffinity",
+                  "requiredDuringSchedulingIgnoredDuringExecution", "nodeSelectorTerms", 0,
+                  "matchExpressions", 0)
+    assert rendered[(*node_terms, "key")] == "kubernetes.io/hostname"
+    assert rendered[(*node_terms, "operator")] == "In"
+    assert tuple(rendered[(*node_terms, "values", i)] for i in range(len(TRAYS))) == TRAYS
+    env = ("Deployment", *CONTAINER, "env")
+    plain = {path[len(env)].strip("[]"): value for path, value in rendered.items()
+             if path[:len(env)] == env and path[len(env) + 1:] == ("value",)}
+    assert plain == OFFLINE_ENVIRONMENT
+    referenced = {path[len(env)].strip("[]") for path in rendered
+                  if path[:len(env)] == env and "secretKeyRef" in path}
+    assert referenced == {"VLLM_API_KEY"}
+    assert [path[-1] for path in rendered if path[:2] == ("Secret", "data")] == ["VLLM_API_KEY"]
+    hub_token = [(path, value) for path, value in rendered.items()
+                 if "HF_TOKEN" in repr(path) + repr(value)]
+    assert hub_token == [], "the Hub token stays off the cluster"
 
 
 def test_exec_form_is_the_seeds_shell_command_word_for_word():
@@ -316,22 +349,29 @@ def test_readiness_and_liveness_probe_health_on_the_named_port():
     assert rendered["ports"] == [{"containerPort": 8000, "name": "http"}]
 
 
-# (e) Secrets: by reference in the Deployment, values only in the Secret.
+# (e) Secrets: by reference in the Deployment, values only in the Secret; no Hub token.
 
 def test_no_secret_value_outside_the_secret():
     values = make_values()
     texts = render_manifests(values)
-    encoded = {secret: base64.b64encode(secret.encode()).decode()
-               for secret in (API_KEY, HF_TOKEN)}
+    encoded = base64.b64encode(API_KEY.encode()).decode()
     for name, text in texts.items():
-        leaked = [secret for secret in (API_KEY, HF_TOKEN)
-                  if secret in text or encoded[secret] in text]
-        assert leaked == ([API_KEY, HF_TOKEN] if name == "secret.yaml" else []), name
-    assert API_KEY not in repr(values) and HF_TOKEN not in repr(values)
+        assert (API_KEY in text or encoded in text) is (name == "secret.yaml"), name
+    assert API_KEY not in repr(values)
     env = container(load(texts["deployment.yaml"]))["env"]
-    assert env == [{"name": key, "valueFrom": {"secretKeyRef": {
-        "name": "kimi-k26-secrets", "key": key, "optional": True}}}
-        for key in ("VLLM_API_KEY", "HF_TOKEN")]
+    assert [item for item in env if "valueFrom" in item] == [
+        {"name": "VLLM_API_KEY", "valueFrom": {"secretKeyRef": {
+            "name": "kimi-k26-secrets", "key": "VLLM_API_KEY", "optional": True}}}]
+
+
+def test_the_hub_token_is_no_input_of_the_objects():
+    """The pod reads weights the deploy placed and runs offline: the operator's Hub token has
+    no field to ride in, neither in the Secret nor in the container's environment."""
+    assert "hf_token" not in {field.name for field in dataclasses.fields(ManifestValues)}
+    with pytest.raises(TypeError):
+        make_values(hf_token="hf_testTokenValue8c3d1e0f")
+    for text in render_manifests(make_values()).values():
+        assert "HF_TOKEN" not in text and "HUGGING_FACE_HUB_TOKEN" not in text
 
 
 def test_secret_holds_exactly_the_values_given():
@@ -341,27 +381,68 @@ def test_secret_holds_exactly_the_values_given():
         data = secret.get("data")
         return data and {key: base64.b64decode(value).decode() for key, value in data.items()}
 
-    assert string_data() == {"VLLM_API_KEY": API_KEY, "HF_TOKEN": HF_TOKEN}
-    assert string_data(hf_token=None) == {"VLLM_API_KEY": API_KEY}
-    assert string_data(api_key=None) == {"HF_TOKEN": HF_TOKEN}
-    assert string_data(api_key=None, hf_token=None) is None
+    assert string_data() == {"VLLM_API_KEY": API_KEY}
+    assert string_data(api_key=None) is None
     secret = objects(make_values(secret_name="vllm-keys"))
     assert secret["secret.yaml"]["metadata"]["name"] == "vllm-keys"
     assert secret["secret.yaml"]["type"] == "Opaque"
     assert {ref["valueFrom"]["secretKeyRef"]["name"]
-            for ref in container(secret["deployment.yaml"])["env"]} == {"vllm-keys"}
+            for ref in container(secret["deployment.yaml"])["env"] if "valueFrom" in ref} \
+        == {"vllm-keys"}
 
 
-def test_secret_names_cannot_ride_in_plain_environment():
-    with pytest.raises(ValueError, match="secrets come from the Secret only"):
-        make_values(environment={"VLLM_API_KEY": API_KEY})
+def test_a_secret_with_no_key_left_is_still_applied_so_old_keys_are_removed():
+    """Why the Secret is rendered, and applied, even with nothing in it: the control host
+    applies it with `kubectl apply --server-side --field-manager=...` (tasks/vllm_kubernetes.py),
+    and under server-side apply a field the same manager applied before and no longer applies
+    is removed from the live object, unless another manager also owns it. The keys sit under
+    `data`, a map whose keys are owned one by one, so the first apply after this change takes
+    out the HF_TOKEN that earlier versions put there (every applied version used `data`: the
+    `stringData` of the first render was never applied), and a withdrawn API key goes the same
+    way. Were the Secret left out of the apply, or its keys under `stringData` (which the server
+    folds into `data` without recording who set them), the old values would stay in the
+    cluster. The pod's reference is optional, so an empty Secret starts the pod with an open
+    endpoint, as vllm_api_key_file None means. No API server runs here: this checks the
+    rendered side of that contract."""
+    values = make_values(api_key=None)
+    secret = objects(values)["secret.yaml"]
+    assert "secret.yaml" in MANIFESTS
+    assert secret["kind"] == "Secret" and "data" not in secret and "stringData" not in secret
+    (reference,) = [item for item in container(objects(values)["deployment.yaml"])["env"]
+                    if "valueFrom" in item]
+    assert reference["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+@pytest.mark.parametrize("name", ["VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"])
+def test_secret_names_cannot_ride_in_plain_environment(name):
+    with pytest.raises(ValueError, match=rf"environment holds \['{name}'\]: secrets come "
+                                         "from the Secret only"):
+        make_values(environment={name: "sk-or-hf-value"})
 
 
 def test_plain_environment_is_rendered_before_the_secret_references():
-    env = container(objects(make_values(environment={"HF_HUB_OFFLINE": "1"}))
+    env = container(objects(make_values(environment={"VLLM_LOGGING_LEVEL": "DEBUG"}))
                     ["deployment.yaml"])["env"]
-    assert env[0] == {"name": "HF_HUB_OFFLINE", "value": "1"}
-    assert [item["name"] for item in env[1:]] == ["VLLM_API_KEY", "HF_TOKEN"]
+    plain = {**OFFLINE_ENVIRONMENT, "VLLM_LOGGING_LEVEL": "DEBUG"}
+    assert env[:-1] == [{"name": key, "value": plain[key]} for key in sorted(plain)]
+    assert env[-1]["name"] == "VLLM_API_KEY" and "valueFrom" in env[-1]
+
+
+def test_the_pod_runs_offline_with_the_units_list():
+    """The same list as vllm.service (tasks/vllm_service.py SERVICE_ENVIRONMENT): the pod
+    neither reaches the Hub nor reports usage."""
+    env = container(objects(make_values())["deployment.yaml"])["env"]
+    plain = {item["name"]: item["value"] for item in env if "value" in item}
+    assert plain == OFFLINE_ENVIRONMENT
+    assert set(OFFLINE_ENVIRONMENT) == {"HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                        "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK"}
+
+
+def test_data_environment_wins_over_the_offline_list_as_in_the_units():
+    env = container(objects(make_values(environment={"HF_HUB_OFFLINE": "0"}))
+                    ["deployment.yaml"])["env"]
+    assert {"name": "HF_HUB_OFFLINE", "value": "0"} in env
+    assert [item["name"] for item in env].count("HF_HUB_OFFLINE") == 1
 
 
 # Volumes, Service, image, node selection.
@@ -419,6 +500,30 @@ def test_node_selector_is_arm64_plus_extras():
         {"kubernetes.io/arch": "arm64", "nvidia.com/gpu.product": "NVIDIA-GB200"}
 
 
+def node_affinity(values: ManifestValues) -> dict | None:
+    pod = objects(values)["deployment.yaml"]["spec"]["template"]["spec"]
+    return pod.get("affinity")
+
+
+def test_the_pod_is_pinned_to_the_nodes_that_hold_the_weights():
+    """Required, not preferred: on a node without the weights the hostPath volume (type
+    Directory) does not exist and the pod would sit there until the progress deadline."""
+    affinity = node_affinity(make_values(node_names=["gb200-tray-02", "gb200-tray-01"]))
+    assert affinity == {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{
+            "key": "kubernetes.io/hostname", "operator": "In", "values": list(TRAYS)}]}]}}}
+    # The order the nodes come in changes nothing, and the arm64 selector stays beside it.
+    assert render_manifests(make_values(node_names=TRAYS[::-1])) == \
+        render_manifests(make_values(node_names=TRAYS))
+    assert objects(make_values())["deployment.yaml"]["spec"]["template"]["spec"][
+        "nodeSelector"] == {"kubernetes.io/arch": "arm64"}
+
+
+def test_claim_volumes_may_run_anywhere_or_pinned():
+    assert node_affinity(make_values(volume_type="persistentVolumeClaim", node_names=())) is None
+    assert node_affinity(make_values(volume_type="persistentVolumeClaim")) is not None
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"draft": False, "draft_volume": "/raid/models/kimi-k2.6-eagle3"}, "disagree"),
     ({"draft_volume": None}, "disagree"),
@@ -428,7 +533,23 @@ def test_node_selector_is_arm64_plus_extras():
     ({"model_sub_path": "kimi-k2.6"}, "persistentVolumeClaim only"),
     ({"service_type": "LoadBalancer"}, "service_type"),
     ({"node_port": 8000}, "node_port"),
+    ({"service_type": "ClusterIP", "service_port": 0}, "service_port=0: a TCP port"),
+    ({"service_port": 65536}, "service_port=65536"),
+    ({"service_port": True}, "service_port=True"),
+    ({"node_names": ()}, r"node_names=\(\): the nodes holding the weights"),
+    ({"node_names": ["Tray_01"]}, r"node_names \['Tray_01'\]: kubernetes.io/hostname"),
+    ({"node_names": ["t" * 64]}, "at most 63 characters"),
+    ({"node_names": ["tray-01.", "tray-02"]}, "DNS-1123"),
+    ({"node_names": ["tray-01", "tray-01"]}, "each node once"),
+    ({"checkpoint_size_bytes": -1}, "checkpoint_size_bytes=-1"),
+    ({"load_bytes_per_s": 0}, "load_bytes_per_s=0: a finite rate"),
+    ({"load_bytes_per_s": float("nan")}, "load_bytes_per_s=nan"),
+    ({"load_bytes_per_s": float("inf")}, "load_bytes_per_s=inf"),
+    # A rate given in GB/s: the deadline no longer fits progressDeadlineSeconds (int32).
+    ({"load_bytes_per_s": 0.5}, "progressDeadlineSeconds' limit of 2147483647 s"),
     ({"serve_args": ["serve", "/app/model", "--port", "8000"]}, "--tensor-parallel-size"),
+    ({"serve_args": gb200_serve_args(False, vllm_port=70000), "draft": False},
+     "--port 70000: a TCP port"),
     # Settings.serve_args holds host paths: the pod would look for weights that are not there.
     ({"serve_args": vllm_serve_args(PROFILES["kimi-k2.6"], model_path="/raid/models/kimi-k2.6",
                                     draft_path=None, host="0.0.0.0", port=8000),

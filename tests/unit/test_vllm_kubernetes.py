@@ -29,8 +29,8 @@ from tasks import vllm_kubernetes
 from tasks.facts import KubernetesObjectsDiffer
 from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, rollout_deadline_s,
                                  startup_probe_window_s)
-from tasks.settings import DataError, resolve
-from tasks.vllm_kubernetes import read_kubernetes_settings, rollout_script
+from tasks.settings import OFFLINE_ENVIRONMENT, DataError, resolve
+from tasks.vllm_kubernetes import node_names, read_kubernetes_settings, rollout_script
 from tests.helpers import FakeHost, fact_command, group_data, planned_commands
 
 NODES = ("@fake/tray-01", "@fake/tray-02")
@@ -151,6 +151,19 @@ def rendered(secrets: str, nodes: tuple[dict, dict] = ({}, {})) -> dict[str, str
 def deployment_args(text: str) -> list[str]:
     (container,) = yaml.safe_load(text)["spec"]["template"]["spec"]["containers"]
     return container["args"]
+
+
+def pod_spec(text: str) -> dict:
+    return yaml.safe_load(text)["spec"]["template"]["spec"]
+
+
+def pinned_nodes(text: str) -> list[str]:
+    """The kubernetes.io/hostname values the Deployment's required node affinity allows."""
+    terms = pod_spec(text)["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    (expression,) = [expression for term in terms for expression in term["matchExpressions"]]
+    assert (expression["key"], expression["operator"]) == ("kubernetes.io/hostname", "In")
+    return expression["values"]
 
 
 # (a) A fresh control host: four files, then apply and rollout bounded by the probe window.
@@ -370,6 +383,7 @@ def test_a_node_of_another_runtime_is_refused(secrets):
     ("k8s_service_type", "LoadBalancer"),
     ("k8s_node_port", 8000),
     ("k8s_node_port", True),
+    ("k8s_node_port", 40000),
     ("k8s_manifest_dir", "etc/vllm-kubernetes"),
     ("k8s_manifest_dir", "/etc"),
     ("k8s_manifest_dir", "/etc/vllm kubernetes"),
@@ -382,6 +396,14 @@ def test_bad_data_raises_data_error_naming_host_and_key(secrets, key, value):
         prepared(secrets, {}, control={key: value})
     (problem,) = str(raised.value).splitlines()[1:]
     assert problem.startswith(f"  {CONTROL}: {key} = {value!r}: "), problem
+
+
+def test_a_node_port_out_of_range_is_refused_with_cluster_ip_too(secrets):
+    with pytest.raises(DataError) as raised:
+        prepared(secrets, {}, control={"k8s_service_type": "ClusterIP", "k8s_node_port": -1})
+    (problem,) = str(raised.value).splitlines()[1:]
+    assert problem == (f"  {CONTROL}: k8s_node_port = -1: a port in the NodePort range "
+                       "30000-32767")
 
 
 def test_bad_data_adds_no_operation(secrets):
@@ -419,21 +441,116 @@ def test_values_the_objects_cannot_hold_name_the_control_host(secrets):
                               "environment holds ['HF_TOKEN']"), problem
 
 
-# (g) Secrets reach the control host only inside the 0600 file.
+# (g) Secrets reach the control host only inside the 0600 file; the Hub token not at all.
 
 def test_no_secret_value_in_any_planned_command(secrets):
     state, host = prepared(secrets, {})
     commands = [command for commands in plan(state, host).values() for command in commands]
     assert any("kubectl" in command for command in commands)
-    for secret in (API_KEY, HF_TOKEN):
-        assert not any(secret in command for command in commands), secret
+    assert not any(API_KEY in command for command in commands)
     secret = yaml.safe_load(uploads(state, host)[f"{DIR}/secret.yaml"])
     assert {key: base64.b64decode(value).decode() for key, value in secret["data"].items()} \
-        == {"VLLM_API_KEY": API_KEY, "HF_TOKEN": HF_TOKEN}
-    encoded = [base64.b64encode(value.encode()).decode() for value in (API_KEY, HF_TOKEN)]
+        == {"VLLM_API_KEY": API_KEY}
+    encoded = base64.b64encode(API_KEY.encode()).decode()
     others = [text for dest, text in uploads(state, host).items() if "secret" not in dest]
     assert len(others) == 3 and not any(value in text for text in others
-                                        for value in (API_KEY, HF_TOKEN, *encoded))
+                                        for value in (API_KEY, encoded))
+
+
+@pytest.mark.parametrize("token_in", ["environment", "file"])
+def test_the_operators_hub_token_never_reaches_the_cluster(secrets, tmp_path, token_in):
+    """The nodes fetch the weights with the token (tasks/weights.py); the pod only reads them,
+    offline. Neither the control host's files nor its commands carry it, wherever the
+    operator keeps it (HF_TOKEN on the controller, the fixture's, or weights_hf_token_file)."""
+    nodes = ({}, {})
+    if token_in == "file":
+        token_file = tmp_path / "hub-token"
+        token_file.write_text(HF_TOKEN + "\n")
+        nodes = ({"weights_hf_token_file": str(token_file)},) * 2
+    state, host = prepared(secrets, {}, nodes)
+    texts = uploads(state, host)
+    encoded = base64.b64encode(HF_TOKEN.encode()).decode()
+    assert len(texts) == len(MANIFESTS)
+    for dest, text in texts.items():
+        assert HF_TOKEN not in text and encoded not in text and "HF_TOKEN" not in text, dest
+    commands = [command for commands in plan(state, host).values() for command in commands]
+    assert commands and not any(HF_TOKEN in command for command in commands)
+
+
+# (h) The pod: pinned to the nodes of the group, offline.
+
+def test_the_pod_is_pinned_to_the_nodes_of_the_group(secrets):
+    """Each node's k8s_node_name, else its inventory name without the connector's prefix: the
+    nodes this deploy filled with the weights, and no other."""
+    named = {"k8s_node_name": "gb200-a01.cluster.example"}
+    state, host = prepared(secrets, {}, (named, {}))
+    deployment = uploads(state, host)[f"{DIR}/deployment.yaml"]
+    assert pinned_nodes(deployment) == ["gb200-a01.cluster.example", "tray-02"]
+    assert pod_spec(deployment)["nodeSelector"] == {"kubernetes.io/arch": "arm64"}
+
+
+def test_a_node_outside_the_group_is_not_allowed(secrets):
+    """The group shrinks to one tray: the pod may no longer land on the other."""
+    state, host = prepared(secrets, {}, node_group=NODES[:1])
+    assert pinned_nodes(uploads(state, host)[f"{DIR}/deployment.yaml"]) == ["tray-01"]
+
+
+NEED_NODE_NAME = ("the node's kubernetes.io/hostname label, a DNS-1123 subdomain of at most "
+                  "63 characters")
+
+
+@pytest.mark.parametrize("name, given, need", [
+    ("@fake/tray-01", "Tray_01", NEED_NODE_NAME),
+    ("@fake/tray-01", "t" * 64, NEED_NODE_NAME),
+    ("@fake/tray-01", "tray-01..example", NEED_NODE_NAME),
+    ("@fake/tray-01", 5, NEED_NODE_NAME),
+    # No k8s_node_name and an inventory name that is no node's.
+    ("@local", None, NEED_NODE_NAME + " (its inventory name, '@local', is none)"),
+    ("GB200-Tray-01", None, NEED_NODE_NAME + " (its inventory name, 'GB200-Tray-01', is none)"),
+])
+def test_a_node_name_no_node_can_carry_names_the_host_and_key(name, given, need):
+    """FakeHost stands in for the inventory's host: node_names reads only names and data."""
+    with pytest.raises(DataError) as raised:
+        node_names([FakeHost(name, {"k8s_node_name": given})])
+    (problem,) = str(raised.value).splitlines()[1:]
+    assert problem == f"  {name}: k8s_node_name = {given!r}: {need}"
+
+
+def test_node_names_default_to_the_inventory_names():
+    hosts = [FakeHost("@fake/gb200-tray-01", {}), FakeHost("gb200-tray-02", {}),
+             FakeHost("@ssh/10.0.0.3", {"k8s_node_name": None})]
+    assert node_names(hosts) == ("gb200-tray-01", "gb200-tray-02", "10.0.0.3")
+
+
+def test_two_hosts_on_one_node_are_refused(secrets):
+    with pytest.raises(DataError) as raised:
+        prepared(secrets, {}, ({}, {"k8s_node_name": "tray-01"}))
+    (problem,) = str(raised.value).splitlines()[1:]
+    assert problem == (f"  {NODES[1]}: k8s_node_name = 'tray-01': a node of its own "
+                       f"({NODES[0]} is node 'tray-01' too)")
+
+
+def test_the_pod_runs_offline_with_the_nodes_environment_on_top(secrets):
+    extra = {"vllm_environment": {"VLLM_LOGGING_LEVEL": "DEBUG", "DO_NOT_TRACK": "0"}}
+    deployment = rendered(secrets, (extra, extra))["deployment.yaml"]
+    (container,) = pod_spec(deployment)["containers"]
+    plain = {item["name"]: item["value"] for item in container["env"] if "value" in item}
+    # The data's value wins, as in vllm.service (tasks/vllm_service.py).
+    assert plain == {**OFFLINE_ENVIRONMENT, "VLLM_LOGGING_LEVEL": "DEBUG", "DO_NOT_TRACK": "0"}
+
+
+@pytest.mark.parametrize("rate", [0.5, float("inf"), float("nan")],
+                         ids=["GB-per-s-slip", "infinite", "nan"])
+def test_a_load_rate_the_rollout_cannot_use_stops_the_run_naming_node_and_key(secrets, rate):
+    """0.5 is a rate given in GB/s: the rollout deadline it gives (some 75,000 years) overflows
+    progressDeadlineSeconds, an int32. tasks/settings.py refuses such a rate on the node, and
+    ManifestValues refuses it again for any other caller (tests/unit/test_k8s_manifests.py)."""
+    slip = {"vllm_load_bytes_per_s": rate}
+    with pytest.raises(DataError) as raised:
+        prepared(secrets, {}, (slip, slip))
+    problem = str(raised.value).splitlines()[1]
+    assert NODES[0] in problem and "vllm_load_bytes_per_s" in problem, problem
+    assert repr(rate) in problem, problem
 
 
 # The rollout's failure path, run against a stub kubectl.
