@@ -1,11 +1,15 @@
-"""The benchmark runbook: the seed's `vllm bench serve` (section 6) on every host, kept at home.
+"""The benchmark runbook: the seed's `vllm bench serve` (section 6) on every serving host, kept
+at home.
 
     pyinfra inventories/gb200.py bench.py                                 # the seed's workload
     pyinfra inventories/sandbox.py bench.py --data bench_profile=sandbox  # tiny, on the CPU
     tools/bench-report compare results/bench/<run id>                     # vs the seed
 
 Each host benchmarks its own endpoint once /health answers, so a benchmark never measures a
-server a deploy is restarting. Results land in results/bench/<run id>/<host>.json.
+server a deploy is restarting, with the client of the runtime's own vLLM (the venv, or a
+throwaway container of the pinned image). A workload longer than the served context is refused
+before any request; a run with any failed request fails. Results land in
+results/bench/<run id>/<host>.json.
 
 Speculative decoding A/B (the same workload with and without the EAGLE-3 draft):
 
@@ -16,8 +20,13 @@ Speculative decoding A/B (the same workload with and without the EAGLE-3 draft):
     tools/bench-report ab results/bench/spec-off results/bench/spec-on
 """
 
+from pyinfra import host
+
 from tasks import bench
 
-# 1. Wait for /health; 2. scrape /metrics, run `vllm bench serve`, scrape again; 3. bring the
-#    result, the scrapes and the client's log home.
-bench.run()
+# The drift-check and Kubernetes control hosts serve nothing: only the serving hosts run it.
+if "drift_control" not in host.groups and "k8s_control" not in host.groups:
+    # 1. Wait for /health; 2. refuse a workload longer than the served context; 3. scrape
+    #    /metrics, run `vllm bench serve`, scrape again, fail on any failed request; 4. bring
+    #    the result, the scrapes and the client's log home.
+    bench.run()

@@ -2,7 +2,8 @@
 systemd-nspawn host, the image is the CPU build of vLLM that tools/vllm-image makes from the
 wheelhouse (no registry is reachable: the deploy pushes it and `docker load`s it), and
 vllm.service runs it from templates/vllm-container.service.j2, as on a GB200 tray but without
-GPUs. The controller talks to the container through the port Docker publishes."""
+GPUs. The controller talks to the container through the port Docker publishes; bench.py runs
+its client in a throwaway container of the same image."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import sys
 import time
 import urllib.error
 import xml.etree.ElementTree as ElementTree
+from datetime import datetime, timezone
 
 import pytest
 import testinfra
 
-from tests.e2e.common import api_key, call, pyinfra, sandbox_tool, service_start
+from tasks.bench import WORKLOADS
+from tests.e2e.common import PYINFRA, api_key, call, pyinfra, sandbox_tool, service_start
 from tests.helpers import REPO
 
 NAME = "dock"
@@ -113,6 +116,44 @@ def test_the_infra_suite_passes_on_the_container_host(dock, tmp_path):
               if not {child.tag for child in case} & {"failure", "error", "skipped"}}
     assert "test_the_container_runs_the_declared_image_on_read_only_weights[dock1]" in passed
     assert "test_chat_completion_answers[dock1]" in passed
+
+
+def test_bench_runs_the_client_in_the_pinned_image_with_no_failed_request(dock, host):
+    """bench.py on the docker runtime: no venv on the host, so the client is the serving
+    image's own vLLM in a throwaway container; the key reaches it by name, never in an argv."""
+    workload = WORKLOADS["sandbox"]
+    run_id = f"e2e-dock-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+    process = subprocess.Popen(
+        [PYINFRA, "-y", "inventories/sandbox.py", "bench.py", "--data", "bench_profile=sandbox",
+         "--data", f"bench_run_id={run_id}"],
+        cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    listings = []  # what every process on the host showed as its arguments meanwhile
+    deadline = time.monotonic() + workload.timeout_s + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        listings.append(host.check_output("ps -ww -eo args"))
+        time.sleep(1)
+    if process.poll() is None:
+        process.kill()
+    output = process.communicate()[0]
+    assert process.returncode == 0, output[-5000:]
+    folder = REPO / "results" / "bench" / run_id
+    result = json.loads((folder / "dock1.json").read_text())
+    assert (result["completed"], result["failed"]) == (workload.num_prompts, 0)
+    assert result["total_output_tokens"] == workload.num_prompts * workload.output_len
+    assert result["output_throughput"] > 0 and result["mean_ttft_ms"] > 0
+    assert (result["runtime"], result["vllm_image"]) == ("docker", IMAGE)
+    assert result["vllm_version"].startswith("0.32.0")
+    assert any("/usr/bin/docker run --rm --name vllm-bench" in listing and
+               "vllm bench serve" in listing for listing in listings)
+    assert not host.file("/opt/vllm/venv").exists  # no venv on the host could have run it
+    key = api_key(dock)
+    assert key not in output
+    assert not [listing for listing in listings if key in listing]
+    for path in folder.iterdir():
+        assert key not in path.read_text(errors="replace"), path.name
+    # --rm: the client's container is gone; the serving one still serves.
+    assert host.check_output("docker ps --all --quiet --filter name=^vllm-bench$") == ""
+    assert container_id(host)
 
 
 def test_stopping_the_service_leaves_no_container(host):

@@ -1,7 +1,8 @@
 """bench.py against the deployed e2e sandbox: the sandbox workload runs on every host from the
 host's own vLLM venv, waits for /health when the service was just restarted, and brings the
 results home; tools/bench-report then compares them, charts them and flags a doctored
-baseline. Runs after the deploy and drift modules (name order), on the converged hosts."""
+baseline. The default (seed) workload cannot fit the sandbox's context and is refused before
+any request. Runs after the deploy and drift modules (name order), on the converged hosts."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import datetime, timezone
 
 import pytest
 from PIL import Image
 
 from tasks.bench import WORKLOADS, serve_args_digest
+from tasks.models import PROFILES
 from tasks.settings import resolve
 from tests.e2e.common import ENV, PYINFRA, api_key, service_start
 from tests.helpers import REPO, FakeHost, group_data, load_tool
@@ -151,4 +154,41 @@ def test_report_against_the_seed_refuses_to_call_different_work_a_regression(ben
                           str(bench_run["dir"] / "seed"))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "the workloads differ (bench_profile sandbox vs seed-8k-1k" in result.stdout
+
+
+def chat_requests(address: str) -> float:
+    """Chat completion requests the server has answered, whatever their status: the
+    `http_requests_total` samples of that handler on its /metrics."""
+    with urllib.request.urlopen(f"http://{address}:8000/metrics", timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("http_requests_total{")
+               and 'handler="/v1/chat/completions"' in line)
+
+
+def test_the_seed_workload_is_refused_before_any_request(sandbox):
+    """The sandbox serves a 2048-token context: the seed's 8000 + 1024 tokens cannot fit. The
+    run fails naming the limit, sends no request and keeps no result (it once sent all 32,
+    each answered "Bad Request", and said Success with 0 tok/s)."""
+    extra = PROFILES["sandbox-tiny"].extra_args
+    max_model_len = extra[extra.index("--max-model-len") + 1]
+    seed = WORKLOADS["seed-8k-1k"]
+    run_id = f"e2e-refused-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}"
+    before = {host["name"]: chat_requests(host["address"]) for host in sandbox["hosts"]}
+    assert all(count > 0 for count in before.values())  # the counter is real: earlier chats
+    result = subprocess.run(
+        [PYINFRA, "-y", "inventories/sandbox.py", "bench.py", "--data", f"bench_run_id={run_id}"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    for host in sandbox["hosts"]:
+        assert (f"{host['name']}: bench_profile = '{seed.name}': found {seed.input_len} input "
+                f"+ {seed.output_len} output = {seed.context_len} tokens per request; need at "
+                f"most the served model's max_model_len of {max_model_len}") in output, \
+            output[-3000:]
+    assert "Starting operation: Benchmark | Check that workload seed-8k-1k" in output
+    assert "Starting operation: Benchmark | Benchmark the endpoint" not in output
+    assert {host["name"]: chat_requests(host["address"]) for host in sandbox["hosts"]} == before
+    assert not (REPO / "results" / "bench" / run_id).exists()
+    assert api_key(sandbox) not in output
 

@@ -256,3 +256,58 @@ def test_thresholds_default_to_group_data_and_a_group_overrides_them(tmp_path):
     assert tool.setting(0.2, data, "bench_regression_tolerance", "--tolerance") == 0.2
     with pytest.raises(tool.InputError, match="pass --min-gain"):
         tool.setting(None, data, "bench_speculative_min_gain", "--min-gain")
+
+
+THRESHOLD_KEYS = [("bench_regression_tolerance", "--tolerance"),
+                  ("bench_regression_p99_tolerance", "--p99-tolerance"),
+                  ("bench_speculative_min_gain", "--min-gain")]
+
+
+@pytest.mark.parametrize("key, flag", THRESHOLD_KEYS)
+@pytest.mark.parametrize("value", [10, 1, 1.0, -0.1, "0.1", True, float("nan")])
+def test_a_threshold_out_of_range_is_refused_naming_its_key(key, flag, value):
+    with pytest.raises(tool.InputError) as error:
+        tool.fraction(None, {key: value}, key, flag)
+    assert str(error.value) == (f"data key {key}: found {value!r}; need a fraction in [0, 1) "
+                                "(0.10 is 10%)")
+
+
+@pytest.mark.parametrize("key, flag", THRESHOLD_KEYS)
+def test_thresholds_in_range_pass_and_group_data_holds_such(key, flag):
+    for value in (0, 0.0, 0.5, 0.99):
+        assert tool.fraction(None, {key: value}, key, flag) == value
+    assert 0 <= tool.fraction(None, tool.data_defaults([]), key, flag) < 1
+    assert 0 <= tool.fraction(None, tool.data_defaults(["gb200"]), key, flag) < 1
+
+
+def test_a_flag_out_of_range_exits_2_naming_the_flag(tmp_path, capsys):
+    run = write_run(tmp_path / "run", {"tray1": seed_result()})
+    status, output = report(capsys, "compare", str(run), "--baseline", str(BASELINE),
+                            "--tolerance", "10", "--p99-tolerance", "0.25")
+    assert status == 2
+    assert "bench-report: --tolerance: found 10.0; need a fraction in [0, 1)" in output
+    status, output = report(capsys, "ab", str(BASELINE), "--min-gain", "5", "--out",
+                            str(tmp_path))
+    assert status == 2
+    assert "bench-report: --min-gain: found 5.0; need a fraction in [0, 1)" in output
+
+
+def test_a_baseline_with_failed_requests_is_not_comparable(tmp_path, capsys):
+    """What bench.py kept before it failed such runs: all 32 requests refused, 0 tok/s."""
+    broken = write_run(tmp_path / "broken", {"tray1": seed_result(
+        completed=0, failed=32, output_throughput=0.0, total_token_throughput=0.0,
+        request_throughput=0.0)})
+    run = write_run(tmp_path / "run", {"tray1": seed_result()})
+    status, output = report(capsys, "compare", str(run), "--baseline", str(broken),
+                            *TOLERANCES)
+    assert status == 2
+    assert "**Not comparable**: the baseline failed 32 request(s)" in output
+    assert "No regression on tray1." not in output and "**PASS" not in output
+
+
+def test_ab_refuses_an_off_run_with_failed_requests(tmp_path, capsys):
+    off = write_run(tmp_path / "off", {"tray1": seed_result(speculative="false", failed=3)})
+    on = write_run(tmp_path / "on", {"tray1": seed_result("speculative-on")})
+    status, output = report(capsys, "ab", str(off), str(on), "--min-gain", "0.05")
+    assert status == 2
+    assert "tray1: the OFF run failed 3 request(s)" in output
