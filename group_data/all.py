@@ -11,8 +11,8 @@ README.md's data-keys table is kept in step with this file by tests/unit/test_re
 host_packages = ["python3-venv", "libnuma1", "curl", "iproute2"]
 
 # ---- preflight: checks before any change (tasks/preflight.py) -------------------------------
-# Proceed although GPU memory x utilisation is under the profile's minimum. The seed ran
-# Kimi-K2.6 INT4 (recipe: >= 714 GB) on 4 x GB200 (~666 GB usable at 0.90) with a tight KV
+# Proceed although GPU memory x utilisation is under the profile's minimum (a tight KV cache).
+# Weights larger than the usable GPU memory are refused regardless. The seed ran Kimi-K2.6 INT4 (recipe: >= 714 GB) on 4 x GB200 (~666 GB usable at 0.90) with a tight KV
 # cache; kimi-k2.6-nvfp4 (600 GB) is the roomier choice on Blackwell.
 preflight_accept_low_gpu_memory = False
 # Oldest NVIDIA driver branch accepted on GPU hosts (CUDA 13 builds of vLLM need 580).
@@ -20,9 +20,10 @@ nvidia_driver_min_branch = 580
 # GPU model every GPU of the host must report (infra checks); None accepts any.
 nvidia_gpu_model = None
 # Interconnect acceptance (tests/infra -m interconnect): least all-reduce bus bandwidth, GB/s,
-# per GPU model. NVLink 4 (H200 SXM, 900 GB/s) and NVLink 5 (GB200, 1.8 TB/s) reach far more.
+# per GPU model, each in (0, 10000]. NVLink 4 (H200 SXM, 900 GB/s) and NVLink 5 (GB200,
+# 1.8 TB/s) reach far more.
 nvidia_allreduce_min_busbw_gbps = {"NVIDIA H200": 300, "NVIDIA GB200": 600}
-# Bytes all-reduced per step in that test (1 GiB, as nccl-tests' large sizes).
+# Bytes all-reduced per step in that test (1 GiB, as nccl-tests' large sizes; 2**20..2**35).
 nvidia_allreduce_bytes = 2**30
 # Python with torch and NCCL on the host for that test; None uses the vLLM venv's.
 nvidia_allreduce_python = None
@@ -70,7 +71,7 @@ model_source_dir = None
 # Folder on the host that holds one sub-folder per model (the seed: /raid/<user>/models).
 weights_dir = "/raid/models"
 # Free space the infra checks require on the weights filesystem once the weights are in
-# (room for logs, caches and the next revision).
+# (room for logs, caches and the next revision). Range 0..1e15.
 weights_min_free_bytes = 100 * 10**9
 
 # Revision of model_draft_repo to fetch when model_speculative is on. Pin a commit SHA in
@@ -134,9 +135,10 @@ vllm_cpu_threads_bind = None
 # The key reaches the host only in a root-owned 0600 env file, never a command line.
 vllm_api_key_file = None
 # Seconds to wait for /health after a (re)start; None derives it from the checkpoint size:
-# 120 s + size / vllm_load_bytes_per_s (Kimi-K2.6 at 1 GB/s: ~12 min).
+# 120 s + size / vllm_load_bytes_per_s (Kimi-K2.6 at 1 GB/s: ~12 min). Range 10..86400.
 vllm_health_timeout_s = None
-# How fast a host loads weights from disk into GPU memory, for the derived health timeout.
+# How fast a host loads weights from disk into GPU memory, for the derived health timeout
+# (1e6..1e12 bytes per second).
 vllm_load_bytes_per_s = 1.0e9
 # venv runtime: the venv path on the host (a symlink to the current build, previous kept).
 vllm_venv_dir = "/opt/vllm/venv"

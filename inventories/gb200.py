@@ -21,6 +21,8 @@ import importlib.util
 import os
 from pathlib import Path
 
+from tasks.inventory_check import refuse_duplicates as _refuse_duplicates
+
 gb200 = [
     # (name, {connection and per-machine data})
     ("gb200-tray-01", {"ssh_hostname": "198.51.100.11", "ssh_user": "root"}),
@@ -44,6 +46,9 @@ _k8s_control_example = [
     ("k8s-control-01", {"ssh_hostname": "198.51.100.3", "ssh_user": "root"}),
 ]
 k8s_control = []
+
+# One entry per machine: pyinfra would merge a repeated name, or deploy one address twice.
+_refuse_duplicates(__file__, globals())
 
 _fake = os.environ.get("GB200_FAKE")
 if _fake:

@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from tasks.inventory_check import refuse_duplicates as _refuse_duplicates
+
 _state_dir = Path(os.environ.get("SANDBOX_STATE_DIR", Path(__file__).resolve().parent.parent / ".sandbox"))
 _state_file = _state_dir / os.environ.get("SANDBOX_NAME", "sbx") / "hosts.json"
 if not _state_file.exists():
@@ -34,3 +36,6 @@ sandbox = [
     )
     for host in _state["hosts"]
 ]
+
+# One entry per machine: pyinfra would merge a repeated name, or deploy one address twice.
+_refuse_duplicates(__file__, globals())

@@ -42,6 +42,42 @@ def needs_gpus(settings: Settings) -> bool:
     return settings.profile.min_gpu_memory_gb > 0
 
 
+def gpu_memory_problem(settings: Settings, used: list[dict]) -> str | None:
+    """The line refusing the tensor parallel GPUs ``used`` as too small for the model, or None.
+
+    Under the profile's minimum (the weights plus the KV cache vLLM's recipe asks for) refuses
+    unless preflight_accept_low_gpu_memory; weights larger than the usable memory refuse
+    always: that override accepts a tight KV cache, and no KV cache makes the weights fit.
+    """
+    name, profile = settings.host_name, settings.profile
+    tp = len(used)
+    # vLLM's own default when the profile leaves it unset.
+    utilisation = settings.gpu_memory_utilization or 0.9
+    total_mib = sum(gpu["memory_total_mib"] for gpu in used)
+    usable_gb = total_mib / 1024 * utilisation
+    if usable_gb < profile.min_gpu_memory_gb and not settings.accept_low_gpu_memory:
+        per_gpu = used[0]["memory_total_mib"] / 1024
+        seed_note = (
+            " The seed ran Kimi-K2.6 INT4 on 4 x GB200 this way with a tight KV cache: "
+            "set preflight_accept_low_gpu_memory = True to do the same, or choose "
+            "model_profile kimi-k2.6-nvfp4 (600 GB) on Blackwell."
+            if profile.name == "kimi-k2.6" else "")
+        return (f"{name}: vllm_gpu_memory_utilization: found {usable_gb:.0f} GB usable "
+                f"({tp} x {per_gpu:.0f} GB x {utilisation:.2f}); need "
+                f">= {profile.min_gpu_memory_gb} GB for {profile.name}.{seed_note}")
+    # In bytes, as the weights are counted: the units cannot tip the verdict.
+    usable_bytes = total_mib * 2**20 * utilisation
+    if settings.weights_bytes <= usable_bytes:
+        return None
+    override_note = (" (preflight_accept_low_gpu_memory accepts a tight KV cache, not weights "
+                     "that do not fit)" if settings.accept_low_gpu_memory else "")
+    per_gpu_bytes = used[0]["memory_total_mib"] * 2**20
+    return (f"{name}: vllm_tensor_parallel_size: found {tp} x {per_gpu_bytes / 1e9:.0f} GB x "
+            f"{utilisation:.2f} = {usable_bytes / 1e9:.0f} GB usable; need "
+            f">= {settings.weights_bytes / 1e9:.0f} GB to hold {profile.name}'s weights"
+            f"{override_note}")
+
+
 def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
     """Every reason this host cannot take the deploy, one line each: host, key, found, need."""
     problems = []
@@ -59,20 +95,9 @@ def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
                     f"(model_profile {settings.profile.name})")
         else:
             used = gpus[:tp]
-            # vLLM's own default when the profile leaves it unset.
-            utilisation = settings.gpu_memory_utilization or 0.9
-            usable_gb = sum(gpu["memory_total_mib"] for gpu in used) / 1024 * utilisation
-            minimum = settings.profile.min_gpu_memory_gb
-            if usable_gb < minimum and not settings.accept_low_gpu_memory:
-                per_gpu = used[0]["memory_total_mib"] / 1024
-                seed_note = (
-                    " The seed ran Kimi-K2.6 INT4 on 4 x GB200 this way with a tight KV cache: "
-                    "set preflight_accept_low_gpu_memory = True to do the same, or choose "
-                    "model_profile kimi-k2.6-nvfp4 (600 GB) on Blackwell."
-                    if settings.profile.name == "kimi-k2.6" else "")
-                problem("vllm_gpu_memory_utilization",
-                        f"{usable_gb:.0f} GB usable ({tp} x {per_gpu:.0f} GB x {utilisation:.2f})",
-                        f">= {minimum} GB for {settings.profile.name}.{seed_note}")
+            memory = gpu_memory_problem(settings, used)
+            if memory:
+                problems.append(memory)
             mig = [gpu["index"] for gpu in used if gpu.get("mig")]
             if mig:
                 problem("GPUs", f"MIG enabled on GPU {mig}", "MIG disabled for tensor parallel")
@@ -117,6 +142,31 @@ def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
                     f"a free port, or one held by {UNIT_NAME}")
             break
     return problems
+
+
+def kubernetes_problems(settings: Settings, groups: list[str],
+                        control_hosts: dict[str, str | None]) -> list[str]:
+    """The kubernetes runtime leaves serving to a host of group k8s_control, which applies the
+    objects for the nodes of its k8s_node_group: without one for this host's groups, the host
+    would fetch the weights and nothing would ever serve them.
+
+    + groups: this host's inventory groups
+    + control_hosts: every k8s_control host of the inventory -> its k8s_node_group
+    """
+    if settings.runtime != "kubernetes":
+        return []
+    name = settings.host_name
+    if not control_hosts:
+        return [f"{name}: vllm_runtime: found 'kubernetes' and no host in group k8s_control; "
+                "need a k8s_control host that applies the objects (inventories/gb200.py: "
+                "k8s_control = _k8s_control_example), or vllm_runtime 'docker'"]
+    node_groups = sorted({str(group) for group in control_hosts.values()})
+    if set(node_groups) & set(groups):
+        return []
+    return [f"{name}: vllm_runtime: found 'kubernetes' on a host of group(s) {sorted(groups)}, "
+            f"and k8s_control host(s) {sorted(control_hosts)} apply objects for k8s_node_group "
+            f"{node_groups} only; need this host in one of those groups, or their "
+            "k8s_node_group set to one of this host's"]
 
 
 def wheelhouse_problems(name: str, key: str, tool: str, platform: dict[str, str],
@@ -204,11 +254,12 @@ def gather(settings: Settings) -> HostFacts:
 def check() -> bool:
     """Refuse, before anything on any host changes, what cannot work; True when all passed.
 
-    Reads every data key (tasks.settings.resolve) and the host's GPUs, free space on
-    weights_dir, listening ports and architecture. Each problem is one line naming the host,
-    the data key, what was found and what is needed; all are reported at once, logged while
-    planning (so `--dry` shows them) and raised by this deploy's first operation, which stops
-    the run on every host before any change (config.FAIL_PERCENT = 0).
+    Reads every data key (tasks.settings.resolve), the host's GPUs, free space on
+    weights_dir, listening ports and architecture, and for the kubernetes runtime the
+    inventory's k8s_control hosts. Each problem is one line naming the host, the data key,
+    what was found and what is needed; all are reported at once, logged while planning (so
+    `--dry` shows them) and raised by this deploy's first operation, which stops the run on
+    every host before any change (config.FAIL_PERCENT = 0).
     """
     try:
         settings = resolve(host)
@@ -218,6 +269,10 @@ def check() -> bool:
     else:
         facts = gather(settings)
         problems = host_problems(settings, facts)
+        control_hosts = {control.name: control.data.get("k8s_node_group")
+                         for control in host.inventory.get_group("k8s_control", [])}
+        problems += kubernetes_problems(settings, [str(group) for group in host.groups],
+                                        control_hosts)
         if settings.model_source_dir is None:
             # Imported here: tasks.weights imports this module's siblings at load time.
             from tasks import hf_cli, weights

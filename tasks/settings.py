@@ -44,6 +44,16 @@ _IMAGE_REF = re.compile(r"^(?P<name>[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[0-9]+)?(?:
                         r"(?:@sha256:[0-9a-f]{64})?$")
 
 
+# A Hub repository id: owner/name, each part of letters, digits, -, _ and . (not leading).
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# What a numeric key needs, shared by its type check and its range check.
+HEALTH_TIMEOUT_NEED = "seconds, 10..86400 (a day)"
+LOAD_RATE_NEED = "bytes per second, 1e6..1e12 (1 MB/s..1 TB/s)"
+MIN_FREE_NEED = "bytes, 0..1e15 (1 PB)"
+ALLREDUCE_BYTES_NEED = "bytes, 2**20..2**35 (1 MiB..32 GiB per GPU)"
+BUSBW_NEED = "a mapping of GPU model (as nvidia-smi names it) to GB/s, each in (0, 10000]"
+
+
 class DataError(PyinfraError):
     """Host data that cannot work; the message holds one line per problem."""
 
@@ -158,6 +168,32 @@ def image_archive_info(path: str) -> dict:
         raise ValueError(f"not a `docker save` archive: {error}") from error
 
 
+def _number(value, low: float, high: float, integer: bool = False) -> bool:
+    """A number (not a bool: True is a typo) in [low, high]."""
+    kinds = (int,) if integer else (int, float)
+    return isinstance(value, kinds) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_infra_keys(read: _Reader) -> None:
+    """The keys only the infra checks (tests/infra) read: out of range, a check built on them
+    would pass whatever the host (a negative free-space floor, a zero bandwidth floor)."""
+    min_free = read.data.get("weights_min_free_bytes")
+    if not _number(min_free, 0, 10**15):
+        read.error("weights_min_free_bytes", min_free, MIN_FREE_NEED)
+    floors = read.data.get("nvidia_allreduce_min_busbw_gbps")
+    if not isinstance(floors, dict) or not all(
+            isinstance(model, str) and model and _number(gbps, 0, 10000) and gbps > 0
+            for model, gbps in floors.items()):
+        read.error("nvidia_allreduce_min_busbw_gbps", floors, BUSBW_NEED)
+    size = read.data.get("nvidia_allreduce_bytes")
+    if not _number(size, 2**20, 2**35, integer=True):
+        read.error("nvidia_allreduce_bytes", size, ALLREDUCE_BYTES_NEED)
+    model = read.data.get("nvidia_gpu_model")
+    if model is not None and not (isinstance(model, str) and model.strip()):
+        read.error("nvidia_gpu_model", model, "None (any GPU model) or the name nvidia-smi "
+                   "reports, e.g. NVIDIA GB200")
+
+
 def resolve(host) -> Settings:
     """Validate a host's data and derive everything the tasks need."""
     read = _Reader(host.name, host.data)
@@ -168,6 +204,8 @@ def resolve(host) -> Settings:
     revision = read.get("model_revision", (str,), "a commit SHA or tag", optional=True)
     speculative = read.get("model_speculative", (bool,), "true or false")
     draft_repo = read.get("model_draft_repo", (str,), "a Hub repo id like owner/name")
+    if draft_repo is not None and not HUB_REPO_ID.match(draft_repo):
+        read.error("model_draft_repo", draft_repo, "a Hub repo id like owner/name")
     num_spec = read.get("model_num_speculative_tokens", (int,), "an integer 1..10", optional=True)
     if num_spec is not None and not 1 <= num_spec <= 10:
         read.error("model_num_speculative_tokens", num_spec, "an integer 1..10")
@@ -211,12 +249,13 @@ def resolve(host) -> Settings:
         api_key = key_path.read_text().strip() if key_path.is_file() else ""
         if not api_key:
             read.error("vllm_api_key_file", key_file, "a readable, non-empty file on the controller")
-    health_timeout = read.get("vllm_health_timeout_s", (int,), "seconds, >= 10", optional=True)
-    if health_timeout is not None and health_timeout < 10:
-        read.error("vllm_health_timeout_s", health_timeout, "seconds, >= 10")
-    load_rate = read.get("vllm_load_bytes_per_s", (int, float), "bytes per second, > 0")
-    if load_rate is not None and load_rate <= 0:
-        read.error("vllm_load_bytes_per_s", load_rate, "bytes per second, > 0")
+    health_timeout = read.get("vllm_health_timeout_s", (int,), HEALTH_TIMEOUT_NEED,
+                              optional=True)
+    if health_timeout is not None and not 10 <= health_timeout <= 86400:
+        read.error("vllm_health_timeout_s", health_timeout, HEALTH_TIMEOUT_NEED)
+    load_rate = read.get("vllm_load_bytes_per_s", (int, float), LOAD_RATE_NEED)
+    if load_rate is not None and not 1e6 <= load_rate <= 1e12:
+        read.error("vllm_load_bytes_per_s", load_rate, LOAD_RATE_NEED)
     venv_dir = read.get("vllm_venv_dir", (str,), "an absolute path on the host")
     wheelhouse = read.get("vllm_wheelhouse_dir", (str,), "a folder made by tools/wheelhouse",
                           optional=True)
@@ -267,6 +306,8 @@ def resolve(host) -> Settings:
     driver_branch = read.get("nvidia_driver_min_branch", (int,), "a driver branch like 580")
     if driver_branch is not None and not 400 <= driver_branch <= 9999:
         read.error("nvidia_driver_min_branch", driver_branch, "a driver branch like 580")
+
+    _check_infra_keys(read)
 
     if profile is not None and tp is not None and tp >= 1 and profile.attention_heads % tp:
         read.error("vllm_tensor_parallel_size", tp,

@@ -197,3 +197,93 @@ def test_kubernetes_control_host_installs_the_objects_and_applies_them(kubernete
     # The control host gets objects, never weights or a server.
     assert all(name.startswith("vLLM on Kubernetes |") for name in ops)
     assert hosts_changed(kubernetes, "vLLM on Kubernetes |") == {K8S}
+
+
+# ---- bad data: the preflight's lines and a failing status, never a traceback -----------------
+
+REFUSED = "gb200-dry-run: the preflight refuses the deploy (a real run stops before any change):"
+BAD_DATA = [
+    ("model_profile=kimi-k3", "model_profile = 'kimi-k3': one of ['kimi-k2.6', "),
+    ("model_draft_repo=", "model_draft_repo = '': a Hub repo id like owner/name"),
+    ("vllm_runtime=kubernetes", "vllm_runtime: found 'kubernetes' and no host in group "
+                                "k8s_control; need a k8s_control host"),
+    ("vllm_tensor_parallel_size=1", "vllm_tensor_parallel_size: found 1 x 199 GB x 0.90 = 179 "
+                                    "GB usable; need >= 595 GB to hold kimi-k2.6's weights"),
+]
+
+
+@pytest.mark.parametrize("data,says", BAD_DATA, ids=[data for data, _ in BAD_DATA])
+def test_bad_data_fails_with_the_preflights_lines_and_no_traceback(data, says):
+    """An unknown profile or an empty draft repo once crashed the tool; kubernetes trays with no
+    control host and tensor parallel 1 on a tray (the override on) once planned as if fine."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("HF_TOKEN", "GB200_FAKE", "GB200_FAKE_RUNTIME")}
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "gb200-dry-run"), "--data",
+                             data], cwd=REPO, env=env, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    # The tool's summary: one line per tray, as the deploy's preflight prints it.
+    summary = result.stderr.split(REFUSED + "\n", 1)[1].splitlines()
+    assert sorted(line.split(": ", 1)[0] for line in summary) == TRAYS
+    assert all(line.split(": ", 1)[1].startswith(says) for line in summary), summary
+
+
+# ---- the inventories: one entry per machine ------------------------------------------------------
+
+def test_a_repeated_name_or_address_is_one_line_naming_both_entries():
+    from tasks.inventory_check import duplicate_problems
+    tray = {"ssh_hostname": "198.51.100.11", "ssh_user": "root"}
+    assert duplicate_problems({"gb200": [("tray-01", tray), ("tray-01", tray)]}) == [
+        "tray-01: found twice, as gb200[0] and gb200[1]; need one entry per host (pyinfra "
+        "keeps one host, the later entry's data winning key by key)"]
+    assert duplicate_problems({"gb200": [("tray-01", tray)],
+                               "k8s_control": [("tray-02", {"ssh_hostname": "198.51.100.11"})]}
+                              ) == [
+        "tray-02: ssh_hostname: found 198.51.100.11 in k8s_control[0], the address of tray-01 "
+        "(gb200[0]) too; need one entry per machine (two would deploy it at once)"]
+    # A name without ssh_hostname is its own address.
+    assert duplicate_problems({"gb200": [("tray-01", tray), "198.51.100.11"]})
+    # One address on two SSH ports is two machines; a bare name in a second group only adds
+    # the host to that group, as pyinfra means it.
+    assert duplicate_problems({"gb200": [("tray-01", tray),
+                                         ("tray-02", {**tray, "ssh_port": 2222})],
+                               "rack_a": ["tray-01"]}) == []
+
+
+def pyinfra_inventory(inventory: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {key: value for key, value in os.environ.items()
+               if key not in ("GB200_FAKE", "GB200_FAKE_RUNTIME")}
+    return subprocess.run([str(Path(sys.executable).parent / "pyinfra"), str(inventory),
+                           "deploy.py", "--dry"], cwd=REPO, env={**environ, **(env or {})},
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+
+
+def test_pyinfra_refuses_the_gb200_inventory_with_a_repeated_tray(tmp_path):
+    text = (REPO / "inventories" / "gb200.py").read_text()
+    last = '    ("gb200-tray-02", {"ssh_hostname": "198.51.100.12", "ssh_user": "root"}),\n'
+    assert last in text
+    inventory = tmp_path / "gb200.py"
+    inventory.write_text(text.replace(last, last + (
+        '    ("gb200-tray-01", {"ssh_hostname": "198.51.100.13", "ssh_user": "root"}),\n'
+        '    ("gb200-tray-03", {"ssh_hostname": "198.51.100.12", "ssh_user": "root"}),\n')))
+    result = pyinfra_inventory(inventory)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{inventory}: gb200-tray-01: found twice, as gb200[0] and gb200[2]; " \
+           "need one entry per host" in result.stderr
+    assert f"{inventory}: gb200-tray-03: ssh_hostname: found 198.51.100.12 in gb200[3], the " \
+           "address of gb200-tray-02 (gb200[1]) too" in result.stderr
+
+
+def test_pyinfra_refuses_a_sandbox_whose_hosts_share_an_address(tmp_path):
+    (tmp_path / "dup").mkdir()
+    (tmp_path / "dup" / "hosts.json").write_text(json.dumps({
+        "ssh_key": "/nonexistent/id", "known_hosts": "/nonexistent/known_hosts",
+        "api_key_file": "/nonexistent/api-key",
+        "hosts": [{"name": "sbx1", "address": "192.0.2.10", "cpu": 0},
+                  {"name": "sbx2", "address": "192.0.2.10", "cpu": 1}]}))
+    result = pyinfra_inventory(REPO / "inventories" / "sandbox.py",
+                               {"SANDBOX_STATE_DIR": str(tmp_path), "SANDBOX_NAME": "dup"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "inventories/sandbox.py: sbx2: ssh_hostname: found 192.0.2.10 in sandbox[1], the " \
+           "address of sbx1 (sandbox[0]) too" in result.stderr

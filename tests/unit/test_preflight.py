@@ -71,6 +71,28 @@ def test_the_gb200_group_runs_int4_as_the_seed_did(controller_folders):
     assert check({**group_data("gb200"), **controller_folders}, GB200_TRAY) == []
 
 
+def test_the_override_still_refuses_weights_that_cannot_fit_the_gpus(controller_folders):
+    """The GB200 group's override accepts a tight KV cache; tensor parallel 1 on a tray gives
+    the 595 GB of weights a third of what they need, and says so."""
+    data = {**group_data("gb200"), **controller_folders}
+    line = only(check(data, GB200_TRAY, vllm_tensor_parallel_size=1, _use_profile_size=True),
+                "vllm_tensor_parallel_size")
+    assert line == ("tray-01: vllm_tensor_parallel_size: found 1 x 199 GB x 0.90 = 179 GB "
+                    "usable; need >= 595 GB to hold kimi-k2.6's weights "
+                    "(preflight_accept_low_gpu_memory accepts a tight KV cache, not weights "
+                    "that do not fit)")
+    assert check(data, GB200_TRAY, vllm_tensor_parallel_size=4, _use_profile_size=True) == []
+
+
+def test_weights_bigger_than_the_gpus_are_refused_without_the_override_too(data):
+    """A model folder pushed from the controller counts as it is, not as the profile says."""
+    settings = dataclasses.replace(resolve(FakeHost("tray-01", {
+        **data, "model_profile": "kimi-k2.6-nvfp4"})), weights_bytes=800 * GB)
+    line = only(host_problems(settings, GB200_TRAY), "vllm_tensor_parallel_size")
+    assert "= 715 GB usable; need >= 800 GB to hold kimi-k2.6-nvfp4's weights" in line
+    assert "preflight_accept_low_gpu_memory" not in line
+
+
 def test_nvfp4_fits_a_gb200_tray(data):
     assert check(data, GB200_TRAY, model_profile="kimi-k2.6-nvfp4") == []
 
@@ -174,9 +196,14 @@ def test_real_h200_capture_refuses_the_seeds_tensor_parallel(data):
     assert "found 1 visible GPU(s); need at least 4" in line
 
 
-def test_real_h200_capture_passes_tensor_parallel_1_with_the_override(data):
+def test_real_h200_capture_refuses_600_gb_of_weights_at_tp_1_despite_the_override(data):
+    # The override still accepts a tight KV cache for weights that fit (the stand-in model).
     assert check(data, real_h200_facts(), model_profile="kimi-k2.6-nvfp4",
                  vllm_tensor_parallel_size=1, preflight_accept_low_gpu_memory=True) == []
+    # The capture's disk (68 GB free) is refused too: the GPU line is the one asked about.
+    line = only(check(data, real_h200_facts(), _use_profile_size=True)[:1],
+                "vllm_tensor_parallel_size")
+    assert "found 1 x 151 GB x 0.90 = 136 GB usable; need >= 600 GB" in line
 
 
 def test_an_old_driver_is_accepted_when_the_deploy_may_install_one(data):
@@ -196,7 +223,7 @@ def test_a_wheelhouse_for_another_cpu_is_refused(data, tmp_path):
                  model_profile="kimi-k2.6-nvfp4", **venv) == []
 
 
-def test_real_4_x_h200_capture_passes_the_seeds_tensor_parallel_and_refuses_8(data):
+def test_real_4_x_h200_capture_takes_tp_4_for_weights_that_fit_refuses_8_and_600_gb(data):
     facts = real_h200_facts("h200-4gpu")
     assert len(facts.gpus) == 4
     assert check(data, facts, model_profile="kimi-k2.6-nvfp4",
@@ -204,6 +231,10 @@ def test_real_4_x_h200_capture_passes_the_seeds_tensor_parallel_and_refuses_8(da
     line = only(check(data, facts, model_profile="kimi-k2.6-nvfp4", vllm_tensor_parallel_size=8,
                       preflight_accept_low_gpu_memory=True), "vllm_tensor_parallel_size")
     assert "found 4 visible GPU(s); need at least 8" in line
+    # 600 GB of NVFP4 weights are more than 4 x H200 hold at 0.90, override or not.
+    line = only(check(data, facts, vllm_tensor_parallel_size=4, _use_profile_size=True)[:1],
+                "vllm_tensor_parallel_size")
+    assert "found 4 x 151 GB x 0.90 = 543 GB usable; need >= 600 GB" in line
 
 
 # ---- docker runtime: which image, of which architecture ------------------------------------
@@ -291,3 +322,30 @@ def test_the_hf_wheelhouse_is_held_to_the_hosts_platform_too():
     assert wheelhouse_problems("tray-01", "hf_cli_wheelhouse_dir", "tools/hf-wheelhouse",
                                {"arch": "aarch64", "python": "3.12"},
                                dataclasses.replace(GB200_TRAY, python="3.12")) == []
+
+
+# ---- kubernetes runtime: a control host must apply the objects -----------------------------
+
+def kubernetes(data, groups, control_hosts, runtime="kubernetes"):
+    from tasks.preflight import kubernetes_problems
+    settings = resolve(FakeHost("tray-01", {**data, "vllm_runtime": runtime}))
+    return kubernetes_problems(settings, groups, control_hosts)
+
+
+def test_kubernetes_trays_without_a_control_host_are_refused(data):
+    (line,) = kubernetes(data, ["gb200"], {})
+    assert line.startswith("tray-01: vllm_runtime: found 'kubernetes' and no host in group "
+                           "k8s_control; need a k8s_control host")
+
+
+def test_kubernetes_trays_outside_the_control_hosts_node_group_are_refused(data):
+    (line,) = kubernetes(data, ["trays"], {"k8s-control-01": "gb200"})
+    assert line.startswith("tray-01: vllm_runtime: found 'kubernetes' on a host of group(s) "
+                           "['trays'], and k8s_control host(s) ['k8s-control-01'] apply "
+                           "objects for k8s_node_group ['gb200'] only")
+
+
+def test_kubernetes_trays_with_their_control_host_pass(data):
+    assert kubernetes(data, ["gb200"], {"k8s-control-01": "gb200"}) == []
+    # The other runtimes serve by themselves: no control host needed.
+    assert kubernetes(data, ["gb200"], {}, runtime="docker") == []

@@ -75,8 +75,25 @@ BAD_INPUTS = [
     ("vllm_extra_args", ["--max-model-len", 4096], "list of strings"),
     ("vllm_environment", {"A": 1}, "NAME: value"),
     ("vllm_api_key_file", "/nonexistent/key", "non-empty file"),
-    ("vllm_health_timeout_s", 5, ">= 10"),
-    ("vllm_load_bytes_per_s", -1, "> 0"),
+    ("vllm_health_timeout_s", 5, "10..86400"),
+    ("vllm_health_timeout_s", 10**9, "10..86400"),
+    ("vllm_load_bytes_per_s", -1, "1e6..1e12"),
+    ("vllm_load_bytes_per_s", 0.5, "1e6..1e12"),
+    ("vllm_load_bytes_per_s", float("inf"), "1e6..1e12"),
+    ("model_draft_repo", "", "owner/name"),
+    ("model_draft_repo", "kimi-k2.6-eagle3", "owner/name"),
+    # Read by the infra checks only (tests/infra): out of range, their checks pass regardless.
+    ("weights_min_free_bytes", -1, "0..1e15"),
+    ("weights_min_free_bytes", 1e16, "0..1e15"),
+    ("weights_min_free_bytes", None, "0..1e15"),
+    ("nvidia_allreduce_min_busbw_gbps", {"NVIDIA H200": 0}, "(0, 10000]"),
+    ("nvidia_allreduce_min_busbw_gbps", {"NVIDIA H200": -300}, "(0, 10000]"),
+    ("nvidia_allreduce_min_busbw_gbps", {"NVIDIA H200": "300"}, "(0, 10000]"),
+    ("nvidia_allreduce_min_busbw_gbps", 300, "mapping of GPU model"),
+    ("nvidia_allreduce_bytes", 0, "2**20..2**35"),
+    ("nvidia_allreduce_bytes", 2**40, "2**20..2**35"),
+    ("nvidia_gpu_model", "", "the name nvidia-smi reports"),
+    ("nvidia_gpu_model", 200, "the name nvidia-smi reports"),
     ("vllm_wheelhouse_dir", None, "wheelhouse"),
     ("vllm_wheelhouse_dir", "/nonexistent/wheelhouse", "requirements.lock"),
     ("host_packages", "curl", "list of package names"),
@@ -124,3 +141,14 @@ def test_the_venv_runtime_needs_a_wheelhouse():
         resolve(FakeHost("gb200-tray-01", data))
     problems = [line for line in str(error.value).splitlines()[1:]]
     assert [p.split(" = ")[0].strip() for p in problems] == ["gb200-tray-01: vllm_wheelhouse_dir"]
+
+
+def test_the_infra_keys_defaults_and_edges_resolve(sandbox_data):
+    """The ranges hold the defaults and their edges: 0 free bytes (no headroom asked) and a
+    mapping with no threshold (every model skips, saying so) are choices, not typos."""
+    for key, value in (("weights_min_free_bytes", 0), ("weights_min_free_bytes", 1e11),
+                       ("nvidia_allreduce_min_busbw_gbps", {}),
+                       ("nvidia_allreduce_min_busbw_gbps", {"NVIDIA H200": 300.5}),
+                       ("nvidia_allreduce_bytes", 2**20), ("nvidia_gpu_model", None),
+                       ("vllm_load_bytes_per_s", 1e6), ("vllm_health_timeout_s", 86400)):
+        assert resolve(FakeHost("tray-07", {**sandbox_data, key: value})).host_name == "tray-07"
