@@ -105,8 +105,7 @@ class Fetch:
             manifest = json.loads((self.local_dir / MANIFEST).read_text())
         except (OSError, ValueError):
             return
-        self.previous = manifest.get("files", {})
-        for path, entry in self.previous.items():
+        for path, entry in manifest.get("files", {}).items():
             want = self.files.get(path)
             if want is None or entry.get("checksum") != expected_checksum(want):
                 continue
@@ -116,8 +115,6 @@ class Fetch:
                 continue
             if (stat.st_size, stat.st_mtime_ns) == (entry["size"], entry["mtime_ns"]):
                 self.verified[path] = entry
-
-    previous: dict[str, dict] = {}
 
     def save_manifest(self, complete: bool) -> None:
         (self.local_dir / ".cache").mkdir(parents=True, exist_ok=True)
@@ -143,13 +140,13 @@ class Fetch:
         for stale in (self.local_dir / path, self.local_dir / HF_METADATA / f"{path}.metadata"):
             stale.unlink(missing_ok=True)
 
-    def remove_superseded(self) -> None:
-        """Files an earlier revision placed here that this one no longer has: vLLM would read
-        stray shards. Files nobody listed are left alone and reported as extra by --verify."""
-        for path in self.previous:
-            if path not in self.files and (self.local_dir / path).is_file():
-                log(f"removing {path}: not in {self.job['repo']}@{self.job['commit'][:12]}")
-                (self.local_dir / path).unlink()
+    def remove_undeclared(self) -> None:
+        """Files this listing does not hold, outside .cache/: an earlier revision's, or placed
+        by hand. vLLM reads the folder, so a stray shard or chat template would change what
+        runs (tasks/weights.py removes them from a complete tree; --verify only reports them)."""
+        for path in self.extra_files():
+            log(f"removing {path}: not in {self.job['repo']}@{self.job['commit'][:12]}")
+            (self.local_dir / path).unlink()
 
     def extra_files(self) -> list[str]:
         extra = []
@@ -297,7 +294,7 @@ class Fetch:
 
     def fetch(self) -> int:
         self.local_dir.mkdir(parents=True, exist_ok=True)
-        self.remove_superseded()
+        self.remove_undeclared()
         present = [path for path in self.files
                    if path not in self.verified and (self.local_dir / path).exists()]
         # Files changed since they were verified (or never verified): check them before the

@@ -94,7 +94,7 @@ weights_max_workers = 8
 # regardless.
 weights_xet = True
 # Seconds without a new byte before the watchdog stops an attempt (well above the client's own
-# 10 s read timeout x 5 retries).
+# 10 s read timeout x 5 retries; 30..86400).
 weights_stall_timeout_s = 300
 # Attempts before the fetch fails (each: remove *.incomplete, run hf download, verify
 # checksums).

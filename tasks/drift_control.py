@@ -50,6 +50,8 @@ _CRONJOB_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _CONFIG_MAP_KEY = re.compile(r"^[-._a-zA-Z0-9]{1,253}$")
+_REPORT_MODE_NEED = ("a file mode 0o000..0o666 without execute bits, e.g. 0o600 (root only) "
+                     "or 0o644")
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,18 @@ class DriftConfig:
     out_dir: str
     textfile: str
     user: str
+    report_mode: int  # report.json and junit.xml
 
     @property
     def textfile_dir(self) -> str:
         return posixpath.dirname(self.textfile)
+
+    @property
+    def out_dir_mode(self) -> int:
+        """The report folder's: the reports' mode with a search bit wherever it has a read
+        bit, and the owner's full access (tools/drift-check's folder_mode, kept in step by
+        tests/unit/test_drift_control.py)."""
+        return self.report_mode | ((self.report_mode & 0o444) >> 2) | 0o700
 
 
 def read_drift_config(host_name: str, data) -> DriftConfig:
@@ -108,6 +118,10 @@ def read_drift_config(host_name: str, data) -> DriftConfig:
     user = read.get("drift_user", (str,), "a user name on this host that holds the SSH key")
     if user is not None and not _USER_NAME.match(user):
         read.error("drift_user", user, "a user name on this host that holds the SSH key")
+    report_mode = read.get("drift_report_mode", (int,), _REPORT_MODE_NEED)
+    if report_mode is not None and (not 0 <= report_mode <= 0o777 or report_mode & 0o111):
+        read.error("drift_report_mode", report_mode, f"{_REPORT_MODE_NEED} (found "
+                   f"{'-' if report_mode < 0 else ''}{abs(report_mode):#o})")
     for key, folder in (("drift_out_dir", out_dir),
                         ("drift_textfile", textfile and posixpath.dirname(textfile))):
         if folder and folder.rstrip("/") in _SHARED_FOLDERS | {""}:
@@ -118,7 +132,8 @@ def read_drift_config(host_name: str, data) -> DriftConfig:
         raise DataError("invalid host data:\n  " + "\n  ".join(read.errors))
     return DriftConfig(host_name=host_name, repo_dir=repo_dir.rstrip("/") or "/",
                        inventory=inventory, schedule=schedule.strip(),
-                       out_dir=out_dir.rstrip("/") or "/", textfile=textfile, user=user)
+                       out_dir=out_dir.rstrip("/") or "/", textfile=textfile, user=user,
+                       report_mode=report_mode)
 
 
 def unit_template_values(config: DriftConfig) -> dict[str, dict]:
@@ -128,7 +143,8 @@ def unit_template_values(config: DriftConfig) -> dict[str, dict]:
     return {
         SERVICE_UNIT: {"service_user": config.user, "repo_dir": config.repo_dir,
                        "inventory_path": config.inventory, "out_dir": config.out_dir,
-                       "textfile": config.textfile, "timeout_start_s": TIMEOUT_START_S},
+                       "textfile": config.textfile, "timeout_start_s": TIMEOUT_START_S,
+                       "report_mode": f"{config.report_mode:04o}"},
         TIMER_UNIT: {"schedule": config.schedule, "randomized_delay_s": RANDOMIZED_DELAY_S,
                      "service_unit": SERVICE_UNIT},
     }
@@ -138,15 +154,16 @@ def unit_template_values(config: DriftConfig) -> dict[str, dict]:
 def install() -> None:
     """Converge this host (the control host) to run tools/drift-check on a systemd timer:
     drift-check.service and drift-check.timer installed, the report and textfile folders
-    present, the timer enabled and running, systemd reloaded only when a unit changed.
+    present (the report folder drift_report_mode with search bits), the timer enabled and
+    running, systemd reloaded only when a unit changed.
 
     Data keys: drift_repo_dir, drift_inventory, drift_schedule, drift_out_dir,
-    drift_textfile, drift_user.
+    drift_textfile, drift_user, drift_report_mode.
     """
     config = read_drift_config(host.name, host.data)
     values = unit_template_values(config)
     files.directory(name=f"Create drift report folder {config.out_dir}", path=config.out_dir,
-                    user=config.user, mode="755")
+                    user=config.user, mode=f"{config.out_dir_mode:o}")
     # Owned by drift_user too: drift-check writes a temporary file beside the textfile and
     # renames it over, so a reader never sees half a file; that needs the folder writable.
     files.directory(name=f"Create Prometheus textfile folder {config.textfile_dir}",

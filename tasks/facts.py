@@ -345,3 +345,43 @@ class KubernetesObjectsDiffer(FactBase):
     def process(self, output: list[str]) -> bool | None:
         status = output[-1].strip() if output else ""
         return {"0": False, "1": True}.get(status)
+
+
+# Where an administrator's drop-ins live: `systemctl edit` and files written by hand
+# (/etc/systemd/system), runtime ones (/run/systemd/system), and `systemctl set-property`
+# (system.control). Vendor drop-ins (/usr/lib/systemd, /lib/systemd: Ubuntu ships
+# service.d/10-timeout-abort.conf) and generated ones are the distribution's, not local edits.
+ADMIN_DROP_IN_DIRS = ("/etc/systemd/system.control", "/run/systemd/system.control",
+                      "/etc/systemd/system", "/run/systemd/system")
+
+
+class SystemdDropIns(FactBase):
+    """The administrator's drop-ins that apply to a unit: those systemd has loaded
+    (``systemctl show -p DropInPaths``) and those written since the last daemon-reload, in the
+    unit's own ``.d`` folders of ADMIN_DROP_IN_DIRS.
+
+    .. code:: python
+
+        ["/etc/systemd/system.control/vllm.service.d/50-CPUQuota.conf",
+         "/etc/systemd/system/service.d/restart.conf",
+         "/etc/systemd/system/vllm.service.d/override.conf"]
+
+    Drop-ins for every service (``service.d``) are listed too: they change what runs as well.
+    No systemd, or no drop-in, yields ``[]``.
+    """
+
+    def command(self, unit: str) -> StringCommand:
+        folders = " ".join(f"{folder}/{unit}.d" for folder in ADMIN_DROP_IN_DIRS)
+        return StringCommand(
+            "systemctl", "show", "-p", "DropInPaths", "--value", QuoteString(unit),
+            "2>/dev/null;", "for d in", folders + ";", "do",
+            'ls -1d "$d"/*.conf 2>/dev/null;', "done;", "true")
+
+    def process(self, output: list[str]) -> list[str]:
+        paths = {path for line in output for path in line.split()}
+        return sorted(path for path in paths
+                      if path.startswith(tuple(f"{folder}/" for folder in ADMIN_DROP_IN_DIRS)))
+
+    @staticmethod
+    def default() -> list[str]:
+        return []

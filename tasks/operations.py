@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import posixpath
+from collections.abc import Container, Iterable
 from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
 from pyinfra.facts.files import File, Link, Sha256File
 
-from tasks.facts import DockerImage, TreeDigests
+from tasks.facts import DockerImage, SystemdDropIns, TreeDigests
 
 
 def local_sha256(path: Path) -> str:
@@ -26,6 +28,20 @@ def local_tree_digests(src: Path) -> dict[str, str]:
             for path in sorted(src.rglob("*")) if path.is_file()}
 
 
+# Where a downloader keeps its own records inside a weights folder (the Hub fetch's manifest,
+# the hf client's resume metadata): never declared, never removed as undeclared.
+DOWNLOADER_RECORDS = ".cache/"
+
+
+def undeclared_files(present: Iterable[str], declared: Container[str]) -> list[str]:
+    """The files of a weights folder (paths relative to it) that nobody declared, outside
+    DOWNLOADER_RECORDS. vLLM reads the whole folder: a stray shard, a chat_template.jinja or
+    a config left there changes what runs, so the deploy removes them (a restart follows) and
+    the infra checks report them."""
+    return sorted(path for path in present
+                  if path not in declared and not path.startswith(DOWNLOADER_RECORDS))
+
+
 @operation()
 def tree_synced(src: str, dest: str):
     """
@@ -35,8 +51,8 @@ def tree_synced(src: str, dest: str):
     + dest: directory on the host
 
     Each missing or different file is uploaded beside its destination and renamed into place,
-    so a reader never sees half a file. Files only on the host are left alone (a weights
-    folder may hold the downloader's own metadata).
+    so a reader never sees half a file. Files only on the host are removed (undeclared_files),
+    except under DOWNLOADER_RECORDS (a folder once fetched from the Hub keeps its records).
 
     **Example:**
 
@@ -47,8 +63,13 @@ def tree_synced(src: str, dest: str):
     wanted = local_tree_digests(Path(src))
     present = host.get_fact(TreeDigests, path=dest)
     stale = [name for name, digest in wanted.items() if present.get(name) != digest]
-    if not stale:
+    extra = undeclared_files(present, wanted)
+    if not stale and not extra:
         host.noop(f"{dest} holds the {len(wanted)} files of {src}")
+        return
+    if extra:
+        yield StringCommand("rm", "-f", "--", *(QuoteString(f"{dest}/{name}") for name in extra))
+    if not stale:
         return
     folders = sorted({str(Path(dest, name).parent) for name in stale})
     yield StringCommand("mkdir", "-p", *(QuoteString(folder) for folder in folders))
@@ -167,6 +188,43 @@ def secret_file(dest: str, content: str):
                         QuoteString(partial))
     yield FileUploadCommand(io.BytesIO(content.encode()), partial)
     yield StringCommand("mv", "-f", QuoteString(partial), QuoteString(dest))
+
+
+def content_differs(dest: str, content: str) -> bool:
+    """Whether ``dest`` on the host lacks exactly ``content`` (a missing file counts). What a
+    restart decision reads: an operation's will_change also counts a mode or owner fix, which
+    changes nothing a service reads. Asks the fact secret_file asks: no extra command there."""
+    return host.get_fact(Sha256File, path=dest) != hashlib.sha256(content.encode()).hexdigest()
+
+
+@operation()
+def drop_ins_removed(unit: str):
+    """
+    Remove the administrator's drop-ins of ``unit``: ``systemctl edit``, ``systemctl
+    set-property`` and files written by hand, loaded or not (tasks.facts.SystemdDropIns).
+
+    + unit: the systemd unit, whose whole definition the deploy declares
+
+    A drop-in changes what runs while the unit file stays as declared, so it is drift: removed
+    here, and reported by the drift check's plan until then. The caller reloads systemd and
+    restarts the unit when this changes anything. Drop-ins for every service (``service.d``)
+    are not this unit's to remove: the infra checks report them.
+
+    **Example:**
+
+    .. code:: python
+
+        drop_ins_removed(name="Remove local drop-ins of vllm.service", unit="vllm.service")
+    """
+    own = [path for path in host.get_fact(SystemdDropIns, unit=unit)
+           if posixpath.basename(posixpath.dirname(path)) == f"{unit}.d"]
+    if not own:
+        host.noop(f"{unit} has no local drop-in")
+        return
+    folders = sorted({posixpath.dirname(path) for path in own})
+    yield StringCommand("rm", "-f", *(QuoteString(path) for path in own), "&&",
+                        "rmdir", "--ignore-fail-on-non-empty",
+                        *(QuoteString(folder) for folder in folders))
 
 
 def failing_command(message: str, unless: tuple = ()) -> StringCommand:

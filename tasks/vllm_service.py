@@ -5,20 +5,23 @@ in the pinned image (tasks/vllm_container.py). The checks, the drift check and t
 therefore read the same unit whichever runtime a host uses.
 """
 
+import io
 from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
+from pyinfra.api.util import get_template
 from pyinfra.operations import files, systemd
 
 from tasks import vllm_container
 from tasks.facts import CpuArchitecture, SystemdVersion
 from tasks.models import systemd_exec_line
-from tasks.operations import http_health_waited, secret_file
+from tasks.operations import content_differs, drop_ins_removed, http_health_waited, secret_file
 from tasks.settings import ENV_FILE, OFFLINE_ENVIRONMENT, UNIT_NAME, Settings, resolve
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
 # The offline list, plus folders a read-only system leaves writable.
 SERVICE_ENVIRONMENT = {
     **OFFLINE_ENVIRONMENT,
@@ -55,10 +58,21 @@ def env_file_content(api_key: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def unit_text(settings: Settings) -> str:
+    """vllm.service as installed: the runtime's template, rendered as files.template would."""
+    template, context = unit_template(settings)
+    return get_template(str(TEMPLATES / template)).render(
+        served_name=settings.profile.served_name, profile_name=settings.profile.name,
+        stop_timeout_s=STOP_TIMEOUT_S,
+        restart_backoff=(host.get_fact(SystemdVersion) or 0) >= BACKOFF_SYSTEMD, **context)
+
+
 @deploy("vLLM service")
 def run(restart_triggers: list[OperationMeta]) -> None:
-    """Converge vllm.service: secrets env file, unit, enabled and running; restart it only when
-    the unit, the env file or a trigger (weights, runtime) changed, then wait for /health.
+    """Converge vllm.service: secrets env file, unit, no local drop-in, enabled and running;
+    restart it only when what vLLM reads changed (the env file's or the unit's content, a
+    drop-in, a trigger: weights, runtime), then wait for /health. A mode or owner fix of a
+    file it reads is made without a restart.
 
     Data keys: vllm_api_key_file, vllm_environment, vllm_cpu_threads_bind,
     vllm_health_timeout_s, vllm_load_bytes_per_s, and those rendered into the command line
@@ -66,25 +80,19 @@ def run(restart_triggers: list[OperationMeta]) -> None:
     vllm_extra_args); for the docker runtime also vllm_image and vllm_container_gpus.
     """
     settings = resolve(host)
-    env = secret_file(name=f"Install vLLM secrets file {ENV_FILE}", dest=ENV_FILE,
-                      content=env_file_content(settings.api_key))
-    template, context = unit_template(settings)
-    unit = files.template(
-        name=f"Install {UNIT_NAME} unit ({settings.runtime} runtime)",
-        src=str(TEMPLATES / template),
-        dest=f"/etc/systemd/system/{UNIT_NAME}",
-        user="root", group="root", mode="644",
-        served_name=settings.profile.served_name,
-        profile_name=settings.profile.name,
-        stop_timeout_s=STOP_TIMEOUT_S,
-        restart_backoff=(host.get_fact(SystemdVersion) or 0) >= BACKOFF_SYSTEMD,
-        **context,
-    )
-    changed = any(op.will_change for op in (env, unit, *restart_triggers))
+    env_content = env_file_content(settings.api_key)
+    secret_file(name=f"Install vLLM secrets file {ENV_FILE}", dest=ENV_FILE, content=env_content)
+    unit_content = unit_text(settings)
+    files.put(name=f"Install {UNIT_NAME} unit ({settings.runtime} runtime)",
+              src=io.StringIO(unit_content), dest=UNIT_PATH, user="root", group="root", mode="644")
+    drop_ins = drop_ins_removed(name=f"Remove local drop-ins of {UNIT_NAME}", unit=UNIT_NAME)
+    definition_changed = content_differs(UNIT_PATH, unit_content) or drop_ins.will_change
+    read_changed = (definition_changed or content_differs(ENV_FILE, env_content)
+                    or any(trigger.will_change for trigger in restart_triggers))
     service = systemd.service(
         name=f"Enable and start {UNIT_NAME}, restart if its inputs changed",
-        service=UNIT_NAME, running=True, enabled=True, restarted=changed,
-        daemon_reload=unit.will_change)
+        service=UNIT_NAME, running=True, enabled=True, restarted=read_changed,
+        daemon_reload=definition_changed)
     http_health_waited(name="Wait for vLLM /health", url=settings.health_url,
                        timeout_s=settings.health_timeout_s, unit=UNIT_NAME,
                        when=service.will_change)

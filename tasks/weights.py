@@ -19,7 +19,7 @@ from pyinfra.operations import files
 
 from tasks import hf_cli
 from tasks.facts import FreeBytes
-from tasks.operations import secret_file, tree_synced
+from tasks.operations import secret_file, tree_synced, undeclared_files
 from tasks.settings import REPO, DataError, Settings, resolve
 
 FETCH_SCRIPT = REPO / "files" / "weights-fetch.py"
@@ -93,7 +93,8 @@ def read_hub_settings(host_name: str, data, environ=os.environ) -> HubSettings:
     workers = get("weights_max_workers", integer(1, 64), "an integer 1..64")
     xet = get("weights_xet", lambda v: isinstance(v, bool), "true or false")
     stall = get("weights_stall_timeout_s", integer(30, 24 * 3600),
-                "seconds, >= 30 (the client itself waits 10 s per read and retries 5 times)")
+                "seconds, 30..86400 (the client itself waits 10 s per read and retries 5 times; "
+                "a day without a byte is a dead transfer)")
     attempts = get("weights_download_attempts", integer(1, 20), "an integer 1..20")
     verify = get("weights_verify_full", lambda v: isinstance(v, bool), "true or false")
     draft_revision = get("model_draft_revision", lambda v: isinstance(v, str) and v,
@@ -503,6 +504,21 @@ def hub_tree_verified(target: Target, hub: HubSettings, python: str):
 
 
 @operation()
+def undeclared_removed(local_dir: str, paths: list[str]):
+    """
+    Remove files nobody declared from a complete weights folder (a fetch removes them itself).
+
+    + local_dir: the weights folder
+    + paths: relative to it (tasks.operations.undeclared_files of the listing and the
+      WeightsTree fact); empty: nothing to do
+    """
+    if not paths:
+        host.noop(f"{local_dir} holds only the files of its listing")
+        return
+    yield StringCommand("rm", "-f", "--", *(QuoteString(f"{local_dir}/{path}") for path in paths))
+
+
+@operation()
 def orphans_removed(local_dir: str, incomplete_bytes: int):
     """
     Remove ``*.incomplete`` files an interrupted client left in a weights folder.
@@ -533,11 +549,17 @@ class ChangedIfAny:
 
 # ---- the task ------------------------------------------------------------------------------
 
+def token_removed() -> None:
+    """No Hub token stays on a host that does not use one (the push path, a public repo)."""
+    files.file(name=f"Remove Hub token {TOKEN_FILE}", path=TOKEN_FILE, present=False)
+
+
 @deploy("Model weights")
 def place():
     """Converge the model folder (and the EAGLE-3 draft's, when speculative decoding is on) to
-    the controller's copy or to the Hub repo at the pinned revision; returns the operation
-    (restart trigger).
+    the controller's copy or to the Hub repo at the pinned revision, and to nothing else (files
+    nobody declared are removed: vLLM reads the folder), with no Hub token left on a host that
+    needs none; returns what changed them (the restart trigger).
 
     Data keys: model_profile, model_revision, model_speculative, model_draft_repo,
     model_draft_revision, model_source_dir, weights_dir, weights_hf_endpoint,
@@ -546,6 +568,7 @@ def place():
     """
     settings = resolve(host)
     if settings.model_source_dir is not None:
+        token_removed()
         return tree_synced(name=f"Place {settings.profile.name} weights in {settings.model_dir}",
                            src=settings.model_source_dir, dest=settings.model_dir)
     hub = read_hub_settings(host.name, host.data)
@@ -559,15 +582,15 @@ def place():
     if hub.token:
         secret_file(name=f"Install Hub token {TOKEN_FILE}", dest=TOKEN_FILE, content=hub.token)
     else:
-        files.file(name=f"Remove Hub token {TOKEN_FILE}", path=TOKEN_FILE, present=False)
+        token_removed()
     files.put(name="Install the weights fetch script", src=str(FETCH_SCRIPT), dest=HOST_SCRIPT,
               user="root", group="root", mode="755", create_remote_dir=True)
-    fetched = []
+    changes = []  # what vLLM reads: the restart trigger
     for target in targets(settings, hub):
         if hub.verify_full:
             hub_tree_verified(name=f"Verify {target.label} {target.local_dir} against the Hub",
                               target=target, hub=hub, python=python)
-        fetched.append(hub_tree_fetched(
+        changes.append(hub_tree_fetched(
             name=f"Fetch {target.label} {target.repo}@{target.revision} into {target.local_dir}",
             target=target, hub=hub, python=python))
         tree = host.get_fact(WeightsTree, path=target.local_dir, state_dir=target.state_dir,
@@ -580,4 +603,8 @@ def place():
             orphans_removed(name=f"Remove orphaned .incomplete files in {target.local_dir}",
                             local_dir=target.local_dir,
                             incomplete_bytes=tree["incomplete_bytes"])
-    return fetched[0] if len(fetched) == 1 else ChangedIfAny(fetched)
+            # Files placed by hand beside a complete tree: vLLM reads them (a restart follows).
+            changes.append(undeclared_removed(
+                name=f"Remove undeclared files from {target.local_dir}",
+                local_dir=target.local_dir, paths=undeclared_files(tree["files"], listing.files)))
+    return changes[0] if len(changes) == 1 else ChangedIfAny(changes)

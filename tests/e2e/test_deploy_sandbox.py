@@ -74,6 +74,28 @@ def test_second_deploy_changes_nothing_and_restarts_nothing(hosts):
     assert {name: service_start(host) for name, host in hosts.items()} == before
 
 
+def test_mode_fixes_and_a_stale_token_change_no_content_and_restart_nothing(hosts):
+    """A chmod of the env file (both hosts) and of the unit (e2e2), and a Hub token left by
+    the Hub path (e2e1, on the push path now): each is put right, and vLLM keeps running."""
+    for host in hosts.values():
+        host.run("chmod 0644 /etc/vllm/vllm.env")
+    hosts["e2e2"].run("chmod 0600 /etc/systemd/system/vllm.service")
+    hosts["e2e1"].run("install -D -m 0600 /dev/null /etc/weights-fetch/hf-token && "
+                      "echo hf_stale > /etc/weights-fetch/hf-token")
+    before = {name: service_start(host) for name, host in hosts.items()}
+    _, report = pyinfra("-y")
+    assert changed_operations(report) == {
+        "Model weights | Remove Hub token /etc/weights-fetch/hf-token": ["e2e1"],
+        "vLLM service | Install vLLM secrets file /etc/vllm/vllm.env": sorted(hosts),
+        "vLLM service | Install vllm.service unit (venv runtime)": ["e2e2"],
+    }
+    assert {name: service_start(host) for name, host in hosts.items()} == before
+    for host in hosts.values():
+        assert host.file("/etc/vllm/vllm.env").mode == 0o600
+        assert host.file("/etc/systemd/system/vllm.service").mode == 0o644
+    assert not hosts["e2e1"].file("/etc/weights-fetch/hf-token").exists
+
+
 def test_dry_run_plans_no_change(sandbox):
     _, report = pyinfra("--dry")
     assert {op["name"]: op["hosts_with_change"] for op in report["plan"]

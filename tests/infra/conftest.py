@@ -8,6 +8,7 @@ failure's test id names its host (`test_service_active[gb200-tray-01]`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -61,9 +62,40 @@ def host_data(request, host_name) -> dict:
     return _inventory(request.config)[host_name]
 
 
+class Secret:
+    """A secret the checks send but never show. pytest prints the arguments of every frame of a
+    failed test (and, with -l, its locals) in the terminal and in the JUnit XML that
+    tools/drift-check keeps: this object prints as ``Secret(<redacted>)`` there, and only the
+    call that sends the value reads it, with ``reveal()``."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(<redacted>)"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        raise TypeError("a Secret is not pickled: it would leave this process in the clear")
+
+
+def redacted(settings: Settings) -> Settings:
+    """The host's settings with the API key wrapped in a Secret: tests take ``settings`` as an
+    argument, and a failure prints it, with every field."""
+    if settings.api_key is None:
+        return settings
+    return dataclasses.replace(settings, api_key=Secret(settings.api_key))
+
+
 @pytest.fixture(scope="session")
 def settings(host_name, host_data) -> Settings:
-    return resolve(FakeHost(host_name, host_data))
+    return redacted(resolve(FakeHost(host_name, host_data)))
 
 
 @pytest.fixture(scope="session")

@@ -14,26 +14,38 @@ import zlib
 import pytest
 
 from tasks.settings import ENV_FILE
+from tests.infra.conftest import Secret
 
 
 @pytest.fixture(scope="session")
-def api_key(settings) -> str | None:
+def api_key(settings) -> Secret | None:
+    """The key as a Secret (tests/infra/conftest.py): what a failed check prints is redacted."""
     return settings.api_key
 
 
-def request(endpoint: str, path: str, api_key: str | None, body: dict | None = None):
-    """(status, parsed JSON or text) from the controller."""
+def request(endpoint: str, path: str, api_key: Secret | None, body: dict | None = None):
+    """(status, parsed JSON or text) from the controller.
+
+    The key is revealed only into the request's headers. A request that gets no answer fails
+    the check with one line and no traceback: the frames below urlopen hold the headers as an
+    argument (http.client's ``request(..., headers)``), and pytest would print them."""
     req = urllib.request.Request(f"{endpoint}{path}", method="POST" if body else "GET",
                                  data=json.dumps(body).encode() if body else None,
                                  headers={"Content-Type": "application/json"})
     if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
+        req.add_header("Authorization", f"Bearer {api_key.reveal()}")
+    no_answer = None
     try:
         with urllib.request.urlopen(req, timeout=120) as response:
             text = response.read().decode()
             status = response.status
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
+    except Exception as error:  # refused, reset, timed out, DNS: the reason, not the frames
+        reason = getattr(error, "reason", error)
+        no_answer = f"{endpoint}{path}: no answer: {type(reason).__name__}: {reason}"
+    if no_answer:  # outside the except block: nothing chained, no frame printed
+        pytest.fail(no_answer, pytrace=False)
     try:
         return status, json.loads(text)
     except ValueError:

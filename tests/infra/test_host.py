@@ -1,11 +1,14 @@
 """The weights filesystem, the model tree and the secrets file, as deployed."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from tasks.facts import FreeBytes
+from tasks.operations import undeclared_files
 from tasks.settings import ENV_FILE
+from tasks.weights import Target, WeightsTree
 from tests.helpers import run_fact
 
 
@@ -29,6 +32,37 @@ def test_model_tree_is_complete(host, settings):
                if not host.file(f"{settings.model_dir}/{shard}").exists
                or host.file(f"{settings.model_dir}/{shard}").size == 0]
     assert missing == []
+
+
+def declared_files(host, settings, folder: str) -> tuple[set[str] | None, dict]:
+    """(the files the deploy declares for a weights folder, what the folder holds): the
+    controller's copy on the push path, else the Hub listing the fetch verified (its
+    manifest); None when there is no complete record to compare with."""
+    target = Target("model", "", "", folder)  # its state folder and unit follow the folder
+    tree = run_fact(host, WeightsTree, folder, target.state_dir, target.unit)
+    if settings.model_source_dir and folder == settings.model_dir:
+        source = Path(settings.model_source_dir)
+        return {path.relative_to(source).as_posix() for path in source.rglob("*")
+                if path.is_file()}, tree
+    manifest = tree["manifest"] or {}
+    return (set(manifest.get("files") or {}) if manifest.get("complete") else None), tree
+
+
+def test_weights_folders_hold_only_declared_files(host, settings):
+    """vLLM reads the whole folder: a file nobody declared (a stray shard, a
+    chat_template.jinja) changes what runs. The deploy removes such files (and restarts vLLM);
+    until it runs, this check names them. The downloader's records under .cache/ are not
+    counted."""
+    checked = 0
+    for folder in filter(None, (settings.model_dir, settings.draft_dir)):
+        declared, tree = declared_files(host, settings, folder)
+        if declared is None:
+            continue
+        checked += 1
+        extra = undeclared_files(tree["files"], declared)
+        assert not extra, f"{folder} holds files the deploy did not place: {', '.join(extra)}"
+    if not checked:
+        pytest.skip("no complete weights folder yet (see test_model_tree_is_complete)")
 
 
 def test_secrets_file_is_root_owned_and_private(unit_host):

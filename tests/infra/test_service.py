@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tasks.facts import CpuArchitecture
+from tasks.facts import CpuArchitecture, SystemdDropIns
 from tasks.settings import UNIT_NAME
 from tasks.vllm_container import CONTAINER_NAME
 from tests.helpers import run_fact
@@ -15,6 +15,15 @@ def test_service_is_active_and_enabled(unit_host):
     service = unit_host.service(UNIT_NAME.removesuffix(".service"))
     assert service.is_running, f"{UNIT_NAME} is not active"
     assert service.is_enabled, f"{UNIT_NAME} is not enabled"
+
+
+def test_no_local_drop_in_changes_the_unit(unit_host):
+    """The deploy declares the whole unit: a drop-in (`systemctl edit`, `systemctl
+    set-property`, a file under /etc/systemd or /run/systemd) changes what runs while the unit
+    file looks right. The deploy removes the unit's own; those for every service
+    (service.d) are the host's and left to the operator: this check names them all."""
+    found = run_fact(unit_host, SystemdDropIns, UNIT_NAME)
+    assert not found, f"drop-ins change {UNIT_NAME}: {', '.join(found)}"
 
 
 def test_port_listens_on_the_intended_address_only(unit_host, settings):

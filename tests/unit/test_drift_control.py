@@ -3,14 +3,21 @@ Kubernetes CronJob and the checks on its data. No host needed."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import http.server
 import inspect
+import json
 import os
 import re
 import shutil
+import socket
+import stat
 import subprocess
 import sys
+import threading
 import warnings
+from pathlib import Path
 
 import jinja2
 import jinja2.meta
@@ -29,7 +36,7 @@ from tasks.drift_control import (CRONJOB_TEMPLATE, SERVICE_UNIT, TEMPLATES, TIME
                                  UNIT_DIR, read_drift_config, render_drift_cronjob,
                                  unit_template_values)
 from tasks.settings import DataError
-from tests.helpers import group_data
+from tests.helpers import REPO, group_data, load_tool
 
 # The defaults group_data/all.py declares for these keys; its own values win once it has them.
 DRIFT_DEFAULTS = {
@@ -39,6 +46,7 @@ DRIFT_DEFAULTS = {
     "drift_out_dir": "/var/lib/vllm-drift",
     "drift_textfile": "/var/lib/prometheus/node-exporter/vllm_drift.prom",
     "drift_user": "root",
+    "drift_report_mode": 0o600,
 }
 REPO_ON_CONTROL = "/srv/kimi-gb200"
 FAKE_HOST = "@fake/control"
@@ -75,7 +83,7 @@ def test_service_runs_the_drift_check_from_the_checkout():
     assert service["ExecStart"] == [
         f"{REPO_ON_CONTROL}/.venv/bin/python {REPO_ON_CONTROL}/tools/drift-check "
         "inventories/gb200.py --out /var/lib/vllm-drift "
-        "--textfile /var/lib/prometheus/node-exporter/vllm_drift.prom"]
+        "--textfile /var/lib/prometheus/node-exporter/vllm_drift.prom --report-mode 0600"]
     assert service["WorkingDirectory"] == [REPO_ON_CONTROL]
     assert service["Type"] == ["oneshot"]
     assert service["User"] == ["root"]
@@ -90,10 +98,11 @@ def test_service_follows_the_data():
     service = directives(render_units(control_data(
         drift_repo_dir="/home/operator/kimi-gb200/", drift_inventory="inventories/sandbox.py",
         drift_user="operator", drift_out_dir="/var/tmp/drift",
-        drift_textfile="/srv/textfiles/drift.prom"))[SERVICE_UNIT])
+        drift_textfile="/srv/textfiles/drift.prom", drift_report_mode=0o640))[SERVICE_UNIT])
     assert service["ExecStart"] == [
         "/home/operator/kimi-gb200/.venv/bin/python /home/operator/kimi-gb200/tools/drift-check "
-        "inventories/sandbox.py --out /var/tmp/drift --textfile /srv/textfiles/drift.prom"]
+        "inventories/sandbox.py --out /var/tmp/drift --textfile /srv/textfiles/drift.prom "
+        "--report-mode 0640"]
     assert service["User"] == ["operator"]
 
 
@@ -175,9 +184,11 @@ def stat_line(path: str, mode: str, user: str = "root", size: int = 4096) -> str
             f"ctime=1700000000 size={size} '{path}'")
 
 
-def host_answers(folders: dict[str, str], units: dict[str, str], timer_running: bool) -> dict:
-    """fake_responses for a host whose folders (path -> owner) and units (path -> text)
-    exist, and whose timer is running and enabled, or neither. Matchers are tried in order."""
+def host_answers(folders: dict[str, str], units: dict[str, str], timer_running: bool,
+                 modes: dict[str, str] | None = None) -> dict:
+    """fake_responses for a host whose folders (path -> owner, mode drwxr-xr-x unless
+    ``modes`` says otherwise) and units (path -> text) exist, and whose timer is running and
+    enabled, or neither. Matchers are tried in order."""
     answers: dict = {}
     for path, text in units.items():
         digest = hashlib.sha1(text.encode()).hexdigest()
@@ -186,7 +197,7 @@ def host_answers(folders: dict[str, str], units: dict[str, str], timer_running: 
             path, "-rw-r--r--", size=len(text.encode()))
     for path, owner in folders.items():
         answers[re.compile(rf"\(test -e {re.escape(path)} \|\|")] = stat_line(
-            path, "drwxr-xr-x", user=owner)
+            path, (modes or {}).get(path, "drwxr-xr-x"), user=owner)
     if timer_running:
         answers[f"--property SubState {TIMER_UNIT}"] = [f"Id={TIMER_UNIT}", "SubState=waiting"]
         answers[f"--property UnitFileState {TIMER_UNIT}"] = [f"Id={TIMER_UNIT}",
@@ -236,7 +247,7 @@ def test_deploy_plan_on_a_fake_host():
                      for unit, path in ((SERVICE_UNIT, service_path), (TIMER_UNIT, timer_path))}
     assert first == [
         ("Create drift report folder /var/lib/vllm-drift",
-         ["mkdir -p /var/lib/vllm-drift", "chmod 755 /var/lib/vllm-drift",
+         ["mkdir -p /var/lib/vllm-drift", "chmod 700 /var/lib/vllm-drift",
           "chown root /var/lib/vllm-drift"]),
         (f"Create Prometheus textfile folder {textfile_dir}",
          [f"mkdir -p {textfile_dir}", f"chmod 755 {textfile_dir}", f"chown root {textfile_dir}"]),
@@ -250,7 +261,8 @@ def test_deploy_plan_on_a_fake_host():
 
     converged = host_answers(
         {UNIT_DIR: "root", "/var/lib/vllm-drift": "root", textfile_dir: "root"},
-        {path: commands[0][2] for path, commands in unit_commands.items()}, timer_running=True)
+        {path: commands[0][2] for path, commands in unit_commands.items()}, timer_running=True,
+        modes={"/var/lib/vllm-drift": "drwx------"})
     second, changes = plan(data, converged)
     assert [commands for _, commands in second] == [[]] * 5
     assert changes == 0
@@ -262,7 +274,8 @@ def test_new_schedule_reloads_systemd_and_restarts_only_the_timer():
     units = render_units(data)
     installed = host_answers(
         {UNIT_DIR: "root", "/var/lib/vllm-drift": "root", textfile_dir: "root"},
-        {f"{UNIT_DIR}/{unit}": text for unit, text in units.items()}, timer_running=True)
+        {f"{UNIT_DIR}/{unit}": text for unit, text in units.items()}, timer_running=True,
+        modes={"/var/lib/vllm-drift": "drwx------"})
     operations, changes = plan(control_data(drift_schedule="hourly"), installed)
     changed = {name: commands for name, commands in operations if commands}
     timer_path = f"{UNIT_DIR}/{TIMER_UNIT}"
@@ -360,6 +373,11 @@ def test_cronjob_refuses_bad_values(overrides, named):
     ("drift_textfile", "/vllm_drift.prom"),
     ("drift_textfile", "/var/lib/prometheus/node-exporter/vllm_drift.txt"),
     ("drift_user", "ops team"),
+    ("drift_report_mode", 0o755),  # execute bits: a report is no program
+    ("drift_report_mode", 0o1600),
+    ("drift_report_mode", -1),
+    ("drift_report_mode", True),
+    ("drift_report_mode", "0600"),  # a string, where Python's 0o600 is meant
 ])
 def test_bad_data_raises_data_error_naming_host_and_key(key, value):
     inventory = Inventory(([(FAKE_HOST, control_data(**{key: value}))], {}))
@@ -380,3 +398,168 @@ def test_every_problem_is_reported_at_once():
     assert [line.split(" = ")[0] for line in lines] == [
         "  control: drift_repo_dir", "  control: drift_schedule", "  control: drift_user"]
 
+
+
+def test_the_report_mode_sets_the_folder_mode_with_search_bits():
+    """0o644 opens the folder for listing (0755); the default keeps it the owner's (0700)."""
+    data = control_data(drift_report_mode=0o644)
+    operations, _ = plan(data, host_answers({UNIT_DIR: "root"}, {}, timer_running=False))
+    assert operations[0][1][1] == "chmod 755 /var/lib/vllm-drift"
+    tool = load_tool("drift-check")
+    for mode, folder in ((0o600, 0o700), (0o640, 0o750), (0o644, 0o755), (0o000, 0o700)):
+        assert read_drift_config("control", control_data(drift_report_mode=mode)
+                                 ).out_dir_mode == folder
+        assert tool.folder_mode(mode) == folder  # the tool's twin, for folders it makes
+
+
+# (f) tools/drift-check: no secret in any report, reports private by default.
+
+KEY = "sk-drift-UNIT-TEST-0123456789abcdef"
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RefusingServer(http.server.BaseHTTPRequestHandler):
+    """A stand-in for a vLLM that holds another key, as during a key rotation (vLLM itself
+    does not run on this machine): /health answers, everything else is 401."""
+
+    def answer(self):
+        status = 200 if self.path == "/health" else 401
+        body = b"{}" if status == 200 else b'{"error": "Unauthorized"}'
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = answer
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def refusing_port():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RefusingServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def local_inventory(tmp_path: Path, folders: dict, port: int, **data) -> Path:
+    """An inventory of this machine (@local: the infra checks use testinfra's local backend)
+    whose vLLM listens on ``port`` of 127.0.0.1, with a recognisable API key: the endpoint
+    checks fail, and each failure would print whatever it holds."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text(KEY + "\n")
+    data = {**folders, "model_profile": "sandbox-tiny", "vllm_host": "127.0.0.1",
+            "vllm_port": port, "vllm_api_key_file": str(key_file),
+            "weights_dir": str(tmp_path / "weights"), **data}
+    inventory = tmp_path / "inventory.py"
+    inventory.write_text(f"local = [('@local', {data!r})]\n")
+    return inventory
+
+
+def test_failing_endpoint_checks_leave_no_key_in_the_reports(tmp_path, controller_folders):
+    """The whole tool on this machine: the deploy's dry run and the infra checks, for real.
+    The checks fail on the closed port (refused) and on the absent service; the model folder
+    holds the controller's copy and a file nobody declared, which both looks report."""
+    inventory = local_inventory(tmp_path, controller_folders, closed_port())
+    model = tmp_path / "weights" / "tiny-kimi"
+    model.mkdir(parents=True)
+    shutil.copy(Path(controller_folders["model_source_dir"]) / "config.json", model)
+    (model / "notes.txt").write_text("mine\n")
+    out = tmp_path / "drift"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "drift-check"),
+                             str(inventory), "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    failed = {check["check"]: check["message"]
+              for check in report["hosts"]["@local"]["failed_checks"]}
+    assert "no answer: ConnectionRefusedError" in failed["test_chat_completion_answers[@local]"]
+    assert failed["test_weights_folders_hold_only_declared_files[@local]"].endswith(
+        f"{model} holds files the deploy did not place: notes.txt")
+    assert (f"Model weights | Place sandbox-tiny weights in {model}"
+            in report["hosts"]["@local"]["changed_operations"])
+    for text in (result.stdout, result.stderr, (out / "report.json").read_text(),
+                 (out / "junit.xml").read_text(), (out / "drift.prom").read_text()):
+        assert KEY not in text
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()} == {
+        "report.json": 0o600, "junit.xml": 0o600, "drift.prom": 0o644}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("server, traceback", [("closed", "long"), ("refusing", "long"),
+                                               ("refusing", "native")])
+def test_the_infra_checks_never_print_the_key(tmp_path, controller_folders, request, server,
+                                              traceback):
+    """tests/infra alone, at the loudest settings (-vv; -l shows every frame's locals; the
+    captured output in the XML), with no scrubbing after it: the key is held only as a
+    Secret, which prints redacted, and a request that gets no answer fails without frames."""
+    port = request.getfixturevalue("refusing_port") if server == "refusing" else closed_port()
+    inventory = local_inventory(tmp_path, controller_folders, port)
+    junit = tmp_path / "junit.xml"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/infra", f"--inventory={inventory}",
+         "-k", "endpoint", "-vv", "-l", f"--tb={traceback}", "-p", "no:cacheprovider",
+         f"--junitxml={junit}", "-o", "junit_family=xunit1", "-o", "junit_logging=all"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "FAILED tests/infra/test_endpoint.py::test_models_lists_the_served_name" in \
+        result.stdout
+    assert KEY not in result.stdout + result.stderr
+    assert KEY not in junit.read_text()
+    if (server, traceback) == ("refusing", "long"):  # a 401 fails an assert: frames printed
+        assert "api_key = Secret(<redacted>)" in result.stdout
+
+
+def test_a_leaked_secret_is_scrubbed_from_every_report(tmp_path, monkeypatch):
+    """Defence in depth: a secret that reached a check's output anyway (escaped for XML, in
+    an attribute and in text) is replaced before anything is written."""
+    tool = load_tool("drift-check")
+    key_file = tmp_path / "key"
+    key_file.write_text('k&"<ey>-0123\n')
+    monkeypatch.setenv("HF_TOKEN", "hf_token_in_the_environment")
+    secrets = tool.known_secrets({"h1": {"vllm_api_key_file": str(key_file),
+                                         "weights_hf_token_file": str(tmp_path / "none"),
+                                         "ssh_key": str(key_file), "vllm_port": 8000}})
+    assert secrets == {'k&"<ey>-0123', "hf_token_in_the_environment"}
+    raw = tmp_path / "raw.xml"
+    raw.write_text('<testsuite><testcase name="t"><failure message="Bearer k&amp;&quot;&lt;ey'
+                   '&gt;-0123">headers = {"Authorization": "Bearer k&amp;"&lt;ey&gt;-0123"} '
+                   'hf_token_in_the_environment</failure></testcase></testsuite>')
+    hosts = {"h1": {"status": "drift", "changed_operations": [], "reason": "",
+                    "failed_checks": [{"check": "t", "message": 'Bearer k&"<ey>-0123'}]}}
+    cases = tool.add_plan_cases(raw, hosts)
+    tool.scrub_xml(cases, secrets)
+    report = tool.scrub({"hosts": hosts, "finished": 0.0, "exit_code": 1,
+                         "errors": ["pyinfra: hf_token_in_the_environment"]}, secrets)
+    out = tmp_path / "out"
+    tool.write_reports(report, cases, out, None, 0o640)
+    for name in ("report.json", "junit.xml"):
+        text = (out / name).read_text()
+        assert "0123" not in text and "hf_token" not in text, text
+        assert tool.REDACTED in text or "&lt;redacted&gt;" in text
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o640
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750
+
+
+@pytest.mark.parametrize("text, mode", [("600", 0o600), ("0640", 0o640), ("0o644", 0o644),
+                                        ("0", 0)])
+def test_report_mode_argument_reads_octal(text, mode):
+    assert load_tool("drift-check").report_mode_argument(text) == mode
+
+
+@pytest.mark.parametrize("text", ["755", "1600", "rw", "-600", "8"])
+def test_report_mode_argument_refuses_execute_bits_and_junk(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="without execute bits"):
+        load_tool("drift-check").report_mode_argument(text)

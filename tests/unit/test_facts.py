@@ -48,7 +48,7 @@ def test_case(path: Path):
 
 
 @pytest.mark.parametrize("fact", [facts.NvidiaGpus, facts.NvidiaSmiInfo, facts.FreeBytes,
-                                  facts.ListeningTcpPorts])
+                                  facts.ListeningTcpPorts, facts.SystemdDropIns])
 def test_empty_output_is_the_default(fact):
     # pyinfra skips process() on empty stdout and hands out default(): both must agree.
     assert fact().process([]) == fact.default()

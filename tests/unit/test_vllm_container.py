@@ -19,8 +19,10 @@ from pyinfra.api import (Config, FileUploadCommand, FunctionCommand, Inventory, 
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
 
+from pyinfra.facts.files import Directory, File, Sha1File, Sha256File
+
 from tasks import vllm_container, vllm_service
-from tasks.facts import CpuArchitecture, DockerImage, SystemdVersion
+from tasks.facts import CpuArchitecture, DockerImage, SystemdDropIns, SystemdVersion
 from tasks.models import systemd_exec_line
 from tasks.settings import ENV_FILE, DataError, image_archive_info, resolve
 from tests.helpers import FakeHost, fact_command, group_data, planned_commands
@@ -155,10 +157,12 @@ def command_text(command) -> str:
     return command.get_raw_value() if isinstance(command, StringCommand) else command
 
 
-def planned(data: dict, image: dict | None, systemd: int = 255, deploy=None, raw=False):
+def planned(data: dict, image: dict | None, systemd: int = 255, deploy=None, raw=False,
+            answers: dict | None = None):
     """{operation name: commands} that would change something on a fake GB200 tray whose
-    Docker holds ``image`` for the seed's tag."""
+    Docker holds ``image`` for the seed's tag, and that answers ``answers`` too."""
     answers = {
+        **(answers or {}),
         fact_command(CpuArchitecture): ["aarch64"],
         fact_command(SystemdVersion): [f"systemd {systemd} (test)"],
         fact_command(DockerImage, reference=data["vllm_image"]["aarch64"]):
@@ -258,3 +262,109 @@ def test_archive_info_reads_the_oci_layout_of_newer_docker_save(tmp_path):
     assert image_archive_info(str(archive)) == {
         "tags": [SEED_IMAGE], "image_id": f"sha256:{digest}", "architecture": "arm64",
         "os": "linux"}
+
+
+# ---- restarts: only when what vLLM reads changed (planned on @fake) ---------------------------
+
+def stat_answer(path: str, mode: str, size: int) -> str:
+    """What `stat -c` prints for a root-owned file, in the format pyinfra's File fact asks."""
+    return (f"user=root group=root mode={mode} atime=1700000000 mtime=1700000000 "
+            f"ctime=1700000000 size={size} '{path}'")
+
+
+def served_tray(data: dict, env_mode: str = "-rw-------", unit_mode: str = "-rw-r--r--",
+                env_content: str | None = None, drop_ins: tuple = ()) -> dict:
+    """Extra fake_responses: a tray where vllm.service runs, enabled, from the unit and the env
+    file the deploy writes for ``data`` (``env_content`` unless None), with these modes, and
+    ``drop_ins`` as SystemdDropIns finds them."""
+    def deploy():
+        vllm_service.run(restart_triggers=[vllm_container.image_present()])
+    bare = planned(data, image={"id": ARM_ID, "architecture": "arm64"}, deploy=deploy, raw=True)
+    uploads = {command.dest: command.src.getvalue()
+               for commands in bare.values() for command in commands
+               if isinstance(command, FileUploadCommand)}
+    unit = uploads[vllm_service.UNIT_PATH]
+    env = vllm_service.env_file_content(resolve(FakeHost("tray-01", data)).api_key) \
+        if env_content is None else env_content
+    answers = {
+        fact_command(Directory, path="/etc/systemd/system"): [
+            stat_answer("/etc/systemd/system", "drwxr-xr-x", 4096)],
+        fact_command(File, path=ENV_FILE): [stat_answer(ENV_FILE, env_mode, len(env))],
+        fact_command(Sha256File, path=ENV_FILE): [
+            f"{hashlib.sha256(env.encode()).hexdigest()}  {ENV_FILE}"],
+        fact_command(File, path=vllm_service.UNIT_PATH): [
+            stat_answer(vllm_service.UNIT_PATH, unit_mode, len(unit))],
+        fact_command(Sha1File, path=vllm_service.UNIT_PATH): [
+            f"{hashlib.sha1(unit.encode()).hexdigest()}  {vllm_service.UNIT_PATH}"],
+        fact_command(Sha256File, path=vllm_service.UNIT_PATH): [
+            f"{hashlib.sha256(unit.encode()).hexdigest()}  {vllm_service.UNIT_PATH}"],
+        "--property SubState vllm.service": ["Id=vllm.service", "SubState=running"],
+        "--property UnitFileState vllm.service": ["Id=vllm.service", "UnitFileState=enabled"],
+        fact_command(SystemdDropIns, unit="vllm.service"): list(drop_ins),
+    }
+    return answers
+
+
+def service_plan(data: dict, answers: dict) -> dict:
+    def deploy():
+        vllm_service.run(restart_triggers=[vllm_container.image_present()])
+    return planned(data, image={"id": ARM_ID, "architecture": "arm64"}, deploy=deploy,
+                   answers=answers)
+
+
+START = "Enable and start vllm.service, restart if its inputs changed"
+
+
+def test_a_served_tray_plans_nothing():
+    data = docker_data()
+    assert service_plan(data, served_tray(data)) == {}
+
+
+def test_a_mode_only_fix_of_the_env_file_is_a_chmod_without_a_restart():
+    data = docker_data()
+    assert service_plan(data, served_tray(data, env_mode="-rw-r--r--")) == {
+        f"Install vLLM secrets file {ENV_FILE}": [
+            f"chown root:root {ENV_FILE} && chmod 0600 {ENV_FILE}"]}
+
+
+def test_a_mode_only_fix_of_the_unit_neither_reloads_nor_restarts():
+    data = docker_data()
+    path = vllm_service.UNIT_PATH
+    assert service_plan(data, served_tray(data, unit_mode="-rw-------")) == {
+        "Install vllm.service unit (docker runtime)": [f"chmod 644 {path}"]}
+
+
+def test_a_rotated_key_rewrites_the_env_file_and_restarts(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("new-key\n")
+    data = docker_data(vllm_api_key_file=str(key))
+    plan = service_plan(data, served_tray(data, env_content=vllm_service.env_file_content(
+        "old-key")))
+    assert list(plan) == [f"Install vLLM secrets file {ENV_FILE}", START,
+                          "Wait for vLLM /health"]
+    assert plan[START] == ["systemctl restart vllm.service"]
+
+
+def test_a_local_drop_in_is_removed_then_systemd_reloaded_and_vllm_restarted():
+    data = docker_data()
+    plan = service_plan(data, served_tray(data, drop_ins=(
+        "/usr/lib/systemd/system/service.d/10-timeout-abort.conf "
+        "/etc/systemd/system/vllm.service.d/override.conf",
+        "/etc/systemd/system.control/vllm.service.d/50-RestartUSec.conf",
+        "/etc/systemd/system/vllm.service.d/override.conf")))
+    assert plan == {
+        "Remove local drop-ins of vllm.service": [
+            "rm -f /etc/systemd/system.control/vllm.service.d/50-RestartUSec.conf "
+            "/etc/systemd/system/vllm.service.d/override.conf && rmdir "
+            "--ignore-fail-on-non-empty /etc/systemd/system.control/vllm.service.d "
+            "/etc/systemd/system/vllm.service.d"],
+        START: ["systemctl daemon-reload", "systemctl restart vllm.service"],
+        "Wait for vLLM /health": plan["Wait for vLLM /health"],
+    }
+
+
+def test_drop_ins_for_every_service_are_not_the_deploys_to_remove():
+    data = docker_data()
+    assert service_plan(data, served_tray(data, drop_ins=(
+        "/usr/lib/systemd/system/service.d/10-timeout-abort.conf "
+        "/etc/systemd/system/service.d/restart.conf",))) == {}

@@ -14,14 +14,20 @@ import time
 from pathlib import Path
 
 import pytest
+from pyinfra.api import Config, FileUploadCommand, FunctionCommand, Inventory, State
+from pyinfra.api.connect import connect_all
+from pyinfra.api.deploy import add_deploy
+from pyinfra.facts.files import File
 
 from tasks import weights
+from tasks.facts import TreeDigests
 from tasks.settings import DataError
-from tests.helpers import REPO, group_data
+from tests.helpers import REPO, fact_command, group_data, planned_commands
 from tests.unit.test_hub_mirror import CLIENT_PIECE, Mirror, digests
 
 HF = REPO / ".venv" / "bin" / "hf"
 REPO_ID = "test-org/tiny-kimi"
+SANDBOX_REPO = "sandbox/tiny-kimi"  # model_profile sandbox-tiny's
 BIG_REPO = "test-org/big"
 SHARD = "model-00001-of-00002.safetensors"
 
@@ -39,7 +45,8 @@ def big_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def module_mirror(tmp_path_factory, tiny_model, big_model):
-    mirror = Mirror(tmp_path_factory.mktemp("mirror"), {REPO_ID: tiny_model, BIG_REPO: big_model},
+    mirror = Mirror(tmp_path_factory.mktemp("mirror"), {REPO_ID: tiny_model, BIG_REPO: big_model,
+                                                        SANDBOX_REPO: tiny_model},
                     token="hf_unit_test_token_0123456789")
     yield mirror
     mirror.stop()
@@ -114,6 +121,19 @@ def test_bad_values_name_host_and_key(key, value):
     with pytest.raises(DataError) as error:
         weights.read_hub_settings("h1", {**group_data(), key: value}, environ={})
     assert f"h1: {key} = {value!r}" in str(error.value)
+
+
+@pytest.mark.parametrize("key, low, high, need", [
+    ("weights_max_workers", 1, 64, "an integer 1..64"),
+    ("weights_stall_timeout_s", 30, 86400, "seconds, 30..86400"),
+    ("weights_download_attempts", 1, 20, "an integer 1..20")])
+def test_numeric_keys_have_a_range_that_the_error_states(key, low, high, need):
+    for good in (low, high):
+        weights.read_hub_settings("h1", {**group_data(), key: good}, environ={})
+    for bad in (low - 1, high + 1, float(low), str(low)):
+        with pytest.raises(DataError) as error:
+            weights.read_hub_settings("h1", {**group_data(), key: bad}, environ={})
+        assert f"h1: {key} = {bad!r}: {need}" in str(error.value)
 
 
 def test_a_token_file_inside_the_repository_is_refused():
@@ -243,8 +263,11 @@ def test_verify_names_missing_corrupt_and_extra_files(mirror, tiny_model, tmp_pa
     assert (report["missing"], report["corrupt"], report["extra"]) == (
         ["tokenizer.json"], ["config.json"], ["notes.txt"])
     assert not config.exists()  # deleted, so the next fetch replaces it
-    assert fetch(job(mirror, tmp_path)).returncode == 0
-    assert {k: v for k, v in digests(out).items() if k != "notes.txt"} == digests(tiny_model)
+    assert (out / "notes.txt").exists()  # --verify reports, the fetch removes
+    result = fetch(job(mirror, tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert digests(out) == digests(tiny_model)
+    assert "removing notes.txt: not in test-org/tiny-kimi@" in result.stderr
 
 
 def test_dropped_connection_mid_shard_still_gives_the_right_bytes(mirror, big_model, tmp_path):
@@ -303,3 +326,101 @@ def test_killed_fetch_leaves_an_orphan_that_the_rerun_removes(mirror, big_model,
     assert digests(out) == digests(big_model)
     assert not list(out.rglob("*.incomplete"))
     assert not done & {key.split("/")[-1] for key in mirror.stats()["bytes_sent"]}
+
+
+# ---- the deploy's plan on @fake: undeclared files, a token no longer needed -----------------
+
+def describe(command) -> str:
+    if isinstance(command, FileUploadCommand):
+        return f"upload {command.dest}"
+    if isinstance(command, FunctionCommand):
+        return f"call {command.function.__name__}"
+    return command.get_raw_value()
+
+
+def plan_place(data: dict, answers: dict) -> tuple[dict, bool]:
+    """({operation name: commands} that change something, whether vLLM would be restarted)
+    when tasks.weights.place runs on a fake host answering ``answers``: @fake stands in for a
+    host with a weights folder (none exists here); the Hub, when asked, is tools/hub-mirror
+    on loopback."""
+    inventory = Inventory(([("@fake/h1", {**data, "fake_responses": answers, "fake_delay": 0,
+                                           "fake_delay_jitter": 0})], {}))
+    state = State(inventory, Config())
+    connect_all(state)
+    restart = []
+    add_deploy(state, lambda: restart.append(weights.place().will_change))
+    return planned_commands(state, inventory.get_host("@fake/h1"), describe), restart[0]
+
+
+MODEL_DIR = "/raid/models/tiny-kimi"
+
+
+def token_answer(present: bool) -> dict:
+    line = ("user=root group=root mode=-rw------- atime=1 mtime=1 ctime=1 size=9 "
+            f"'{weights.TOKEN_FILE}'")
+    return {fact_command(File, path=weights.TOKEN_FILE): [line] if present else []}
+
+
+def pushed_tree(source: Path, *extra: str) -> dict:
+    """The TreeDigests answer of a host whose model folder holds the controller's copy of
+    ``source`` and ``extra`` files, and the records a Hub fetch once left under .cache/."""
+    lines = [f"{hashlib.sha256(path.read_bytes()).hexdigest()}  ./{path.name}"
+             for path in sorted(source.iterdir())]
+    lines += [f"{'0' * 64}  ./{name}" for name in (*extra, weights.MANIFEST)]
+    return {fact_command(TreeDigests, path=MODEL_DIR): lines}
+
+
+def push_data(controller_folders) -> dict:
+    return {**group_data("sandbox"), **controller_folders, "weights_dir": "/raid/models"}
+
+
+def test_the_push_path_removes_a_hub_token_left_by_the_hub_path(controller_folders):
+    data = push_data(controller_folders)
+    source = Path(data["model_source_dir"])
+    plan, restart = plan_place(data, {**token_answer(True), **pushed_tree(source)})
+    assert plan == {f"Remove Hub token {weights.TOKEN_FILE}": [f"rm -f {weights.TOKEN_FILE}"]}
+    assert not restart  # vLLM never reads the token
+    assert plan_place(data, {**token_answer(False), **pushed_tree(source)}) == ({}, False)
+
+
+def test_the_push_path_removes_undeclared_files_and_restarts(controller_folders):
+    data = push_data(controller_folders)
+    plan, restart = plan_place(data, pushed_tree(Path(data["model_source_dir"]),
+                                                 "notes.txt", "chat_template.jinja"))
+    assert plan == {f"Place sandbox-tiny weights in {MODEL_DIR}": [
+        f"rm -f -- {MODEL_DIR}/chat_template.jinja {MODEL_DIR}/notes.txt"]}
+    assert restart
+
+
+def hub_tree(listing: weights.Listing, *extra: str) -> list[str]:
+    """The WeightsTree answer of a complete, verified fetch of ``listing``, and ``extra``."""
+    manifest = {"repo": listing.repo, "commit": listing.commit, "complete": True,
+                "files": {path: {"size": want["size"], "mtime_ns": 10**9,
+                                 "checksum": want["sha256"] or want["git_sha1"]}
+                          for path, want in listing.files.items()}}
+    files = [f"{path}\t{want['size']}\t1.0" for path, want in listing.files.items()]
+    return ["::weights-tree::manifest", json.dumps(manifest), "::weights-tree::files", *files,
+            *(f"{name}\t5\t1.0" for name in extra), "::weights-tree::incomplete",
+            "::weights-tree::unit", "inactive", "::weights-tree::job"]
+
+
+def test_the_hub_path_removes_undeclared_files_from_a_complete_tree(mirror, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", mirror.token)
+    wheelhouse = tmp_path / "hf-wheelhouse"
+    wheelhouse.mkdir()
+    (wheelhouse / "requirements.lock").write_text("# pins\nhuggingface-hub==2.4.0 \n")
+    data = {**group_data(), "model_profile": "sandbox-tiny", "weights_dir": "/raid/models",
+            "weights_hf_endpoint": mirror.url, "hf_cli_wheelhouse_dir": str(wheelhouse),
+            "vllm_wheelhouse_dir": str(wheelhouse)}
+    listing = weights.hub_listing(SANDBOX_REPO, "main", mirror.url, mirror.token)
+    target = weights.Target("model", SANDBOX_REPO, "main", MODEL_DIR)
+    tree = fact_command(weights.WeightsTree, path=MODEL_DIR, state_dir=target.state_dir,
+                        unit=target.unit)
+    plan, restart = plan_place(data, {tree: hub_tree(listing, "notes.txt", "sub/stray.bin")})
+    assert plan[f"Remove undeclared files from {MODEL_DIR}"] == [
+        f"rm -f -- {MODEL_DIR}/notes.txt {MODEL_DIR}/sub/stray.bin"]
+    assert not [name for name in plan if name.startswith("Fetch ")]
+    assert restart
+    plan, restart = plan_place(data, {tree: hub_tree(listing)})
+    assert f"Remove undeclared files from {MODEL_DIR}" not in plan and not restart
