@@ -107,14 +107,26 @@ class Fetch:
             return
         for path, entry in manifest.get("files", {}).items():
             want = self.files.get(path)
-            if want is None or entry.get("checksum") != expected_checksum(want):
-                continue
-            try:
-                stat = (self.local_dir / path).stat()
-            except OSError:
-                continue
-            if (stat.st_size, stat.st_mtime_ns) == (entry["size"], entry["mtime_ns"]):
+            if want is not None and entry.get("checksum") == expected_checksum(want) \
+                    and self.unchanged(path, entry):
                 self.verified[path] = entry
+
+    def unchanged(self, path: str, entry: dict) -> bool:
+        """The file still has the size and mtime it had when it was hashed."""
+        try:
+            stat = (self.local_dir / path).stat()
+        except OSError:
+            return False
+        return (stat.st_size, stat.st_mtime_ns) == (entry["size"], entry["mtime_ns"])
+
+    def forget_rewritten(self) -> None:
+        """Drop the checks of files written since they were hashed: the client writes again
+        every file it holds no metadata for (a folder the push path filled, say), and a
+        manifest naming the old mtimes would send the next deploy fetching, and restarting
+        vLLM, once more."""
+        for path, entry in list(self.verified.items()):
+            if not self.unchanged(path, entry):
+                del self.verified[path]
 
     def save_manifest(self, complete: bool) -> None:
         (self.local_dir / ".cache").mkdir(parents=True, exist_ok=True)
@@ -310,6 +322,7 @@ class Fetch:
             outcomes.append(outcome)
             if outcome == "stalled":
                 xet = False  # reported upstream: Xet hangs on large downloads
+            self.forget_rewritten()
             unverified = [path for path in self.files if path not in self.verified]
             missing, corrupt = self.check(unverified, "verifying")
             if not missing and not corrupt:

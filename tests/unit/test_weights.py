@@ -240,6 +240,26 @@ def test_a_corrupt_shard_is_detected_and_fetched_again(mirror, tiny_model, tmp_p
     assert weights.is_complete(listing, tree_of(out))
 
 
+def test_a_folder_the_push_path_filled_is_complete_after_one_hub_fetch(mirror, tiny_model,
+                                                                       tmp_path):
+    """The known re-fetch bug: the push path (model_source_dir) leaves the files and no client
+    metadata. The first Hub fetch hashed them, then the client wrote the small non-LFS ones
+    again (without its metadata it cannot vouch for them), so the manifest kept the mtimes of
+    the files it replaced: the next deploy saw changed files, fetched again and restarted vLLM
+    once more. The manifest must describe the files as the fetch leaves them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for source in tiny_model.iterdir():
+        (out / source.name).write_bytes(source.read_bytes())
+        os.utime(out / source.name, ns=(10**18, 10**18))  # as pushed, long ago
+    assert fetch(job(mirror, tmp_path)).returncode == 0
+    listing = weights.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
+    assert weights.is_complete(listing, tree_of(out))
+    mirror.call("POST", "/_mirror/stats/reset")
+    assert fetch(job(mirror, tmp_path)).returncode == 0
+    assert mirror.stats()["bytes_sent"] == {}
+
+
 def test_a_truncated_shard_is_fetched_again(mirror, tiny_model, tmp_path):
     assert fetch(job(mirror, tmp_path)).returncode == 0
     shard = tmp_path / "out" / SHARD
