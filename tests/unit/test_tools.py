@@ -87,3 +87,22 @@ def test_wheelhouse_vllm_metadata_shim_is_a_valid_wheel(tmp_path):
 def test_wheelhouse_drops_only_what_a_cpu_text_server_never_imports():
     wheelhouse = load_tool("wheelhouse")
     assert wheelhouse.DROPPED == {"torchvision", "torchaudio", "torchcodec", "triton"}
+
+
+@pytest.mark.parametrize("tool,args,status", [
+    ("drift-check", ["inventories/gb200.py", "--out", "{tmp}"], 2),
+    ("gb200-dry-run", [], 1),
+    ("bench-report", ["compare", "{tmp}"], 2),
+    ("make-tiny-model", ["--out", "{tmp}"], 1),
+])
+def test_a_tool_without_the_controller_packages_says_how_to_fix_it(tool, args, status, tmp_path):
+    """Run as a shell without the activated venv runs it: a Python whose site-packages hold
+    none of the controller's packages (-S). One line, the fix in it, no traceback."""
+    result = subprocess.run([sys.executable, "-S", str(REPO / "tools" / tool),
+                             *(arg.format(tmp=tmp_path) for arg in args)],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == status, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{tool}: " in lines[0] and "not importable by" in lines[0]
+    assert "run `make venv`, then `. .venv/bin/activate`" in lines[0]
