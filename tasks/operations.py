@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
-from pyinfra.facts.files import File, Link, Sha256File
+from pyinfra.facts.files import File, Link, Sha1File, Sha256File
 
 from tasks.facts import DockerImage, SystemdDropIns, TreeDigests
 
@@ -190,11 +190,20 @@ def secret_file(dest: str, content: str):
     yield StringCommand("mv", "-f", QuoteString(partial), QuoteString(dest))
 
 
-def content_differs(dest: str, content: str) -> bool:
+# The checksum fact of each digest: content_differs asks the one the operation writing the
+# file already asked (secret_file: Sha256File; pyinfra's files.put: Sha1File), so that no
+# extra command goes to the host.
+_DIGESTS = {Sha256File: hashlib.sha256, Sha1File: hashlib.sha1}
+
+
+def content_differs(dest: str, content: str, fact=Sha256File) -> bool:
     """Whether ``dest`` on the host lacks exactly ``content`` (a missing file counts). What a
     restart decision reads: an operation's will_change also counts a mode or owner fix, which
-    changes nothing a service reads. Asks the fact secret_file asks: no extra command there."""
-    return host.get_fact(Sha256File, path=dest) != hashlib.sha256(content.encode()).hexdigest()
+    changes nothing a service reads.
+
+    + fact: Sha256File (what secret_file asks) or Sha1File (what files.put asks)
+    """
+    return host.get_fact(fact, path=dest) != _DIGESTS[fact](content.encode()).hexdigest()
 
 
 @operation()

@@ -12,6 +12,7 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.api.util import get_template
+from pyinfra.facts.files import Sha1File
 from pyinfra.operations import files, systemd
 
 from tasks import vllm_container
@@ -86,7 +87,8 @@ def run(restart_triggers: list[OperationMeta]) -> None:
     files.put(name=f"Install {UNIT_NAME} unit ({settings.runtime} runtime)",
               src=io.StringIO(unit_content), dest=UNIT_PATH, user="root", group="root", mode="644")
     drop_ins = drop_ins_removed(name=f"Remove local drop-ins of {UNIT_NAME}", unit=UNIT_NAME)
-    definition_changed = content_differs(UNIT_PATH, unit_content) or drop_ins.will_change
+    definition_changed = (content_differs(UNIT_PATH, unit_content, fact=Sha1File)
+                          or drop_ins.will_change)
     read_changed = (definition_changed or content_differs(ENV_FILE, env_content)
                     or any(trigger.will_change for trigger in restart_triggers))
     service = systemd.service(

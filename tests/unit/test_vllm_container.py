@@ -296,8 +296,6 @@ def served_tray(data: dict, env_mode: str = "-rw-------", unit_mode: str = "-rw-
             stat_answer(vllm_service.UNIT_PATH, unit_mode, len(unit))],
         fact_command(Sha1File, path=vllm_service.UNIT_PATH): [
             f"{hashlib.sha1(unit.encode()).hexdigest()}  {vllm_service.UNIT_PATH}"],
-        fact_command(Sha256File, path=vllm_service.UNIT_PATH): [
-            f"{hashlib.sha256(unit.encode()).hexdigest()}  {vllm_service.UNIT_PATH}"],
         "--property SubState vllm.service": ["Id=vllm.service", "SubState=running"],
         "--property UnitFileState vllm.service": ["Id=vllm.service", "UnitFileState=enabled"],
         fact_command(SystemdDropIns, unit="vllm.service"): list(drop_ins),
