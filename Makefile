@@ -11,13 +11,13 @@ export PYTHONUNBUFFERED := 1
 .PHONY: demo test unit e2e venv system-deps artefacts wheelhouse hf-wheelhouse tiny-model rootfs vllm-image down clean
 
 demo: venv system-deps artefacts
-	tools/sandbox status >/dev/null 2>&1 || tools/sandbox up $(SANDBOX_HOSTS)
+	sandbox status >/dev/null 2>&1 || sandbox up $(SANDBOX_HOSTS)
 	pyinfra -y inventories/sandbox.py deploy.py
-	tools/chat "Summarize Kimi-K2.6 in one sentence."
+	chat "Summarize Kimi-K2.6 in one sentence."
 	@echo
-	@echo "Deployed. '. .venv/bin/activate' puts pyinfra, pytest and the tools' packages on PATH;"
+	@echo "Deployed. '. .venv/bin/activate' puts pyinfra, pytest and the commands on PATH;"
 	@echo "then 'pyinfra inventories/sandbox.py deploy.py --dry' shows zero changes,"
-	@echo "'tools/sandbox status' lists the hosts and 'make down' tears them down."
+	@echo "'sandbox status' lists the hosts and 'make down' tears them down."
 
 # The e2e suite first: its first sandbox host boots right after the artefacts are built, on a
 # machine as cold as `make demo` finds it (the unit tests in between hid a start-up race).
@@ -31,10 +31,16 @@ unit: venv
 e2e: venv system-deps artefacts
 	$(BIN)/pytest tests/e2e
 
+# The lock, then this checkout in editable mode: the packages tasks, tools and harness, and the
+# commands of pyproject.toml as console scripts in .venv/bin (on PATH here, and in a shell after
+# `. .venv/bin/activate`). Editable, so the commands run this folder's code. Unisolated: the
+# build backend is the setuptools the lock pins, so no second download or index is needed.
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.lock
+$(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -qq --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -qq --disable-pip-version-check --no-build-isolation \
+	  --check-build-dependencies --no-deps -e .
 	touch $@
 
 # Debian packages the sandbox needs on the controller (idempotent; no-op when present).
@@ -47,19 +53,21 @@ system-deps:
 
 artefacts: wheelhouse hf-wheelhouse tiny-model rootfs vllm-image
 wheelhouse: venv
-	$(BIN)/python tools/wheelhouse
+	wheelhouse
 hf-wheelhouse: venv
-	$(BIN)/python tools/hf-wheelhouse
+	hf-wheelhouse
 tiny-model: venv
-	$(BIN)/python tools/make-tiny-model
-rootfs: system-deps
-	tools/sandbox rootfs >/dev/null
+	make-tiny-model
+rootfs: venv system-deps
+	sandbox rootfs >/dev/null
 # The docker runtime's image, built offline from the rootfs and the wheelhouse (once per inputs).
 vllm-image: wheelhouse rootfs
-	$(BIN)/python tools/vllm-image >/dev/null
+	vllm-image >/dev/null
 
+# Teardown needs no venv (harness/sandbox.py uses the standard library only), so that a broken
+# or deleted venv never leaves hosts running.
 down:
-	tools/sandbox down
+	$(PYTHON) -m harness.sandbox down
 
 clean: down
 	rm -rf $(VENV) .cache .sandbox

@@ -3,7 +3,7 @@ at home.
 
     pyinfra inventories/gb200.py bench.py                                 # the seed's workload
     pyinfra inventories/sandbox.py bench.py --data bench_profile=sandbox  # tiny, on the CPU
-    tools/bench-report compare results/bench/<run id>                     # vs the seed
+    bench-report compare results/bench/<run id>                     # vs the seed
 
 Each host benchmarks its own endpoint once /health answers, so a benchmark never measures a
 server a deploy is restarting, with the client of the runtime's own vLLM (the venv, or a
@@ -17,7 +17,7 @@ Speculative decoding A/B (the same workload with and without the EAGLE-3 draft):
     pyinfra INVENTORY bench.py --data bench_run_id=spec-off
     pyinfra INVENTORY deploy.py --data model_speculative=true
     pyinfra INVENTORY bench.py --data bench_run_id=spec-on
-    tools/bench-report ab results/bench/spec-off results/bench/spec-on
+    bench-report ab results/bench/spec-off results/bench/spec-on
 """
 
 from pyinfra import host

@@ -1,7 +1,7 @@
 """The runbook: from a bare host to a healthy vLLM endpoint serving the configured model.
 
     pyinfra inventories/gb200.py deploy.py         # production trays
-    pyinfra inventories/sandbox.py deploy.py       # disposable local hosts (tools/sandbox)
+    pyinfra inventories/sandbox.py deploy.py       # disposable local hosts (sandbox)
 
 Each step converges one concern and changes nothing that is already right; a second run of an
 unchanged deploy yields zero changes and no restart. Hosts of group `drift_control` get the
@@ -15,7 +15,7 @@ from tasks import (drift_control, nvidia, preflight, system, vllm_container, vll
                    vllm_service, vllm_venv, weights)
 
 if "drift_control" in host.groups:
-    # The control host: tools/drift-check on a systemd timer, reporting to Prometheus.
+    # The control host: drift-check on a systemd timer, reporting to Prometheus.
     drift_control.install()
 
 # 1. Refuse what cannot work (bad data, too few GPUs, no disk, port taken): the first

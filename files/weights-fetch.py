@@ -4,17 +4,9 @@
 
     weights-fetch.py --job JOB.json [--verify]
 
-JOB.json (written by the deploy; no secrets: the token is a path to a root-only file):
-    {"repo", "commit", "local_dir", "state_dir", "endpoint", "include", "exclude",
-     "max_workers", "xet", "stall_timeout_s", "attempts", "token_file", "hf",
-     "files": {PATH: {"size": N, "sha256": HEX | null, "git_sha1": HEX}}}
-
-Writes STATE_DIR/status.json (atomically, every second) for the deploy to follow:
-    {"state": "fetching" | "verifying" | "done" | "failed", "attempt", "attempts",
-     "bytes_done", "bytes_total", "rate_bytes_per_s", "message", "missing", "corrupt", "extra"}
-and, once every file of the listing has its Hub checksum, LOCAL_DIR/.cache/weights-manifest.json:
-    {"repo", "commit", "complete": true, "files": {PATH: {"size", "mtime_ns", "sha256"|"git_sha1"}}}
-which is how a later deploy knows, from sizes and mtimes alone, that nothing needs fetching.
+JOB.json is written by the deploy; its fields, the status file this script keeps for the deploy
+to follow and the manifest it leaves in the folder are defined in tasks/weights_job.py. The job
+names every path this script touches (under "paths"), so nothing here re-declares them.
 
 Why this wrapper and not a bare `hf download`: the client checks sizes only (never sha256),
 exits 1 on a reset connection, may hang on Xet, and leaves `*.incomplete` files behind when
@@ -42,8 +34,6 @@ import threading
 import time
 from pathlib import Path
 
-MANIFEST = ".cache/weights-manifest.json"
-HF_METADATA = ".cache/huggingface/download"
 BLOCK = 8 * 1024 * 1024
 POLL_S = 1.0
 # hf answers SIGTERM within a second or two; past this it is stuck in a syscall.
@@ -76,11 +66,27 @@ def expected_checksum(want: dict) -> str:
     return want.get("sha256") or want["git_sha1"]
 
 
+def read_job(path: Path) -> dict:
+    job = json.loads(path.read_text())
+    if "paths" not in job:
+        raise SystemExit(f"weights-fetch: {path} names no paths: a job of an older deploy; "
+                         "deploy again")
+    return job
+
+
 class Fetch:
     def __init__(self, job: dict):
         self.job = job
+        paths = job["paths"]
         self.local_dir = Path(job["local_dir"])
         self.state_dir = Path(job["state_dir"])
+        self.manifest = self.local_dir / paths["manifest"]
+        self.records_prefix = f"{paths['records_dir']}/"
+        self.client_records = self.local_dir / paths["client_records_dir"]
+        self.incomplete_glob = paths["incomplete_glob"]
+        self.status_file = self.state_dir / paths["status_file"]
+        self.hf_home = self.state_dir / paths["hf_home"]
+        self.no_token = self.state_dir / paths["no_token_file"]
         self.files: dict[str, dict] = job["files"]
         self.total = sum(want["size"] for want in self.files.values())
         self.status = {"state": "starting", "attempt": 0, "attempts": job["attempts"],
@@ -97,12 +103,12 @@ class Fetch:
 
     def report(self, **changes) -> None:
         self.status.update(changes, updated=time.time())
-        write_json(self.state_dir / "status.json", self.status)
+        write_json(self.status_file, self.status)
 
     def load_manifest(self) -> None:
         """Entries of an earlier run still valid for this listing: same checksum, same stat."""
         try:
-            manifest = json.loads((self.local_dir / MANIFEST).read_text())
+            manifest = json.loads(self.manifest.read_text())
         except (OSError, ValueError):
             return
         for path, entry in manifest.get("files", {}).items():
@@ -129,27 +135,31 @@ class Fetch:
                 del self.verified[path]
 
     def save_manifest(self, complete: bool) -> None:
-        (self.local_dir / ".cache").mkdir(parents=True, exist_ok=True)
-        write_json(self.local_dir / MANIFEST, {
+        self.manifest.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.manifest, {
             "repo": self.job["repo"], "commit": self.job["commit"], "complete": complete,
             "files": dict(sorted(self.verified.items()))})
 
     # --- the folder -----------------------------------------------------------------------
 
+    def incomplete_files(self) -> list[Path]:
+        """The client's temp files, which it never resumes (each restart writes a new one)."""
+        if not self.client_records.is_dir():
+            return []
+        return list(self.client_records.rglob(self.incomplete_glob))
+
     def remove_incomplete(self) -> int:
         """Temp files of an interrupted client: the next one never resumes them."""
         removed = 0
-        metadata = self.local_dir / HF_METADATA
-        if metadata.is_dir():
-            for partial in metadata.rglob("*.incomplete"):
-                removed += partial.stat().st_size
-                partial.unlink()
+        for partial in self.incomplete_files():
+            removed += partial.stat().st_size
+            partial.unlink()
         return removed
 
     def forget(self, path: str) -> None:
         """Delete a file and the client's record of it, so the client fetches it again."""
         self.verified.pop(path, None)
-        for stale in (self.local_dir / path, self.local_dir / HF_METADATA / f"{path}.metadata"):
+        for stale in (self.local_dir / path, self.client_records / f"{path}.metadata"):
             stale.unlink(missing_ok=True)
 
     def remove_undeclared(self) -> None:
@@ -164,7 +174,8 @@ class Fetch:
         extra = []
         for path in sorted(self.local_dir.rglob("*")):
             relative = path.relative_to(self.local_dir).as_posix()
-            if path.is_file() and not relative.startswith(".cache/") and relative not in self.files:
+            if path.is_file() and not relative.startswith(self.records_prefix) \
+                    and relative not in self.files:
                 extra.append(relative)
         return extra
 
@@ -175,19 +186,25 @@ class Fetch:
                 done += min((self.local_dir / path).stat().st_size, want["size"])
             except OSError:
                 pass
-        metadata = self.local_dir / HF_METADATA
-        if metadata.is_dir():
-            for partial in metadata.rglob("*.incomplete"):
-                try:
-                    done += partial.stat().st_size
-                except OSError:
-                    pass  # renamed into place between the listing and the stat
+        for partial in self.incomplete_files():
+            try:
+                done += partial.stat().st_size
+            except OSError:
+                pass  # renamed into place between the listing and the stat
         return min(done, self.total)
 
     def check(self, paths: list[str], state: str) -> tuple[list[str], list[str]]:
         """Hash files not yet verified; returns (missing, corrupt). Corrupt files are deleted."""
-        missing, corrupt = [], []
-        todo = []
+        missing, corrupt, todo = self.triage(paths)
+        corrupt += self.hash_files(todo, state)
+        for path in corrupt:
+            self.forget(path)
+        self.save_manifest(complete=False)
+        return missing, sorted(corrupt)
+
+    def triage(self, paths: list[str]) -> tuple[list[str], list[str], list[str]]:
+        """(missing, corrupt by their size alone, worth hashing)."""
+        missing, corrupt, todo = [], [], []
         for path in paths:
             want = self.files[path]
             target = self.local_dir / path
@@ -198,6 +215,11 @@ class Fetch:
                 corrupt.append(path)
             else:
                 todo.append(path)
+        return missing, corrupt, todo
+
+    def hash_files(self, todo: list[str], state: str) -> list[str]:
+        """Hash ``todo`` in parallel, reporting the bytes hashed; records each match as verified
+        (with the stat it had before hashing) and returns the files that do not match."""
         hashed = [0]
         lock = threading.Lock()
         todo_bytes = sum(self.files[path]["size"] for path in todo)
@@ -212,6 +234,7 @@ class Fetch:
                 hashed[0] += before.st_size
             return path, checksum, before
 
+        corrupt = []
         workers = max(1, min(8, os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
             futures = [pool.submit(one, path) for path in todo]
@@ -227,10 +250,7 @@ class Fetch:
                     log(f"{path}: checksum {checksum}, the Hub lists "
                         f"{expected_checksum(self.files[path])}")
                     corrupt.append(path)
-        for path in corrupt:
-            self.forget(path)
-        self.save_manifest(complete=False)
-        return missing, sorted(corrupt)
+        return corrupt
 
     # --- the client -----------------------------------------------------------------------
 
@@ -238,11 +258,11 @@ class Fetch:
         env = {key: value for key, value in os.environ.items()
                if not key.startswith("HF_") and key not in ("HUGGING_FACE_HUB_TOKEN",)}
         env.update(HF_HUB_DISABLE_UPDATE_CHECK="1", HF_HUB_DISABLE_TELEMETRY="1",
-                   HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HOME=str(self.state_dir / "hf-home"))
+                   HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HOME=str(self.hf_home))
         if self.job.get("endpoint"):
             env["HF_ENDPOINT"] = self.job["endpoint"]
         # The client reads the token from this root-only file itself: never argv, never env.
-        env["HF_TOKEN_PATH"] = self.job.get("token_file") or str(self.state_dir / "no-token")
+        env["HF_TOKEN_PATH"] = self.job.get("token_file") or str(self.no_token)
         if not xet:
             env["HF_HUB_DISABLE_XET"] = "1"
         return env
@@ -274,13 +294,8 @@ class Fetch:
                 rc = None
             now = time.monotonic()
             done = self.bytes_done()
-            self.samples.append((now, done))
-            rate = 0.0
-            if len(self.samples) > 1 and self.samples[-1][0] > self.samples[0][0]:
-                rate = max(0.0, (self.samples[-1][1] - self.samples[0][1])
-                           / (self.samples[-1][0] - self.samples[0][0]))
             self.report(state="fetching", attempt=number, bytes_done=done,
-                        bytes_total=self.total, rate_bytes_per_s=round(rate, 1),
+                        bytes_total=self.total, rate_bytes_per_s=self.rate(now, done),
                         message=f"Xet {'on' if xet else 'off'}")
             if rc is not None:
                 return f"exited {rc}"
@@ -291,6 +306,16 @@ class Fetch:
                     "stopping the client")
                 self.stop_child()
                 return "stalled"
+
+    def rate(self, now: float, done: int) -> float:
+        """Bytes per second over the last samples (a moving window: the rate of now, not of
+        the whole attempt), rounded for the status file."""
+        self.samples.append((now, done))
+        rate = 0.0
+        if len(self.samples) > 1 and self.samples[-1][0] > self.samples[0][0]:
+            rate = max(0.0, (self.samples[-1][1] - self.samples[0][1])
+                       / (self.samples[-1][0] - self.samples[0][0]))
+        return round(rate, 1)
 
     def stop_child(self) -> None:
         if self.child is None or self.child.poll() is not None:
@@ -326,16 +351,22 @@ class Fetch:
             unverified = [path for path in self.files if path not in self.verified]
             missing, corrupt = self.check(unverified, "verifying")
             if not missing and not corrupt:
-                self.remove_incomplete()
-                self.save_manifest(complete=True)
-                self.report(state="done", bytes_done=self.total, bytes_total=self.total,
-                            message=f"{len(self.files)} files verified")
-                log(f"{self.job['repo']}@{self.job['commit']}: {len(self.files)} files, "
-                    f"{self.total} bytes, verified")
-                return 0
+                return self.succeeded()
             log(f"after attempt {number} ({outcome}): {len(missing)} missing, "
                 f"{len(corrupt)} corrupt: {', '.join((missing + corrupt)[:5])}")
             self.report(missing=missing, corrupt=corrupt)
+        return self.failed(outcomes)
+
+    def succeeded(self) -> int:
+        self.remove_incomplete()
+        self.save_manifest(complete=True)
+        self.report(state="done", bytes_done=self.total, bytes_total=self.total,
+                    message=f"{len(self.files)} files verified")
+        log(f"{self.job['repo']}@{self.job['commit']}: {len(self.files)} files, "
+            f"{self.total} bytes, verified")
+        return 0
+
+    def failed(self, outcomes: list[str]) -> int:
         self.remove_incomplete()
         stalls = outcomes.count("stalled")
         why = (f"no progress for {self.job['stall_timeout_s']} s in {stalls} of "
@@ -367,14 +398,15 @@ def main() -> int:
     parser.add_argument("--job", type=Path, required=True)
     parser.add_argument("--verify", action="store_true")
     args = parser.parse_args()
-    job = json.loads(args.job.read_text())
+    job = read_job(args.job)
     state_dir = Path(job["state_dir"])
     state_dir.mkdir(parents=True, exist_ok=True)
-    lock = open(state_dir / "lock", "w")
+    lock_path = state_dir / job["paths"]["lock_file"]
+    lock = open(lock_path, "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        log(f"another fetch holds {state_dir}/lock")
+        log(f"another fetch holds {lock_path}")
         return 75
     fetch = Fetch(job)
 

@@ -14,5 +14,5 @@ nvidia_gpu_model = "NVIDIA GB200"
 vllm_runtime = "docker"
 # The hf CLI's wheels for the trays' CPU and Python (Ubuntu 24.04 on Grace), apart from the
 # sandbox's. Build them with
-#   tools/hf-wheelhouse --arch aarch64 --python-version 3.12 --out .cache/hf-wheelhouse-gb200
+#   hf-wheelhouse --arch aarch64 --python-version 3.12 --out .cache/hf-wheelhouse-gb200
 hf_cli_wheelhouse_dir = ".cache/hf-wheelhouse-gb200"

@@ -1,9 +1,9 @@
-"""The hosts `tools/sandbox up` booted on this machine (systemd-nspawn, private veth addresses).
+"""The hosts `sandbox up` booted on this machine (systemd-nspawn, private veth addresses).
 
-    tools/sandbox up 2 && pyinfra -y inventories/sandbox.py deploy.py
+    sandbox up 2 && pyinfra -y inventories/sandbox.py deploy.py
 
 SANDBOX_NAME picks the sandbox (default "sbx"; the tests use their own). SANDBOX_RUNTIME picks
-how vLLM runs: venv (default) or docker (the image of tools/vllm-image). Host keys are known
+how vLLM runs: venv (default) or docker (the image of vllm-image). Host keys are known
 in advance (the sandbox wrote them), so host-key checking stays strict.
 """
 
@@ -16,7 +16,7 @@ from tasks.inventory_check import refuse_duplicates as _refuse_duplicates
 _state_dir = Path(os.environ.get("SANDBOX_STATE_DIR", Path(__file__).resolve().parent.parent / ".sandbox"))
 _state_file = _state_dir / os.environ.get("SANDBOX_NAME", "sbx") / "hosts.json"
 if not _state_file.exists():
-    raise SystemExit(f"no sandbox at {_state_file}: run `tools/sandbox up` first")
+    raise SystemExit(f"no sandbox at {_state_file}: run `sandbox up` first")
 _state = json.loads(_state_file.read_text())
 
 sandbox = [

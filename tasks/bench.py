@@ -27,10 +27,11 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files, python, server
 
+from tasks import data_keys
+from tasks.data_keys import DataError, problem
 from tasks.facts import CpuArchitecture
 from tasks.operations import http_health_waited
-from tasks.settings import (ENV_FILE, OFFLINE_ENVIRONMENT, REPO, UNIT_NAME, DataError, Settings,
-                            resolve)
+from tasks.settings import ENV_FILE, OFFLINE_ENVIRONMENT, REPO, UNIT_NAME, Settings, resolve
 from tasks.vllm_container import DOCKER, GPU_ARGS, image_reference
 
 
@@ -68,7 +69,6 @@ WORKLOADS: dict[str, Workload] = {
 # Shared by every host of one pyinfra run (this module is imported once per run), so a run's
 # results land in one folder.
 RUN_STARTED = datetime.now(timezone.utc)
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 # Names of what each host's run leaves, on the host and (prefixed by the host) at home.
 RESULT_FILES = {"result.json": ".json", "metrics-before.prom": ".metrics-before.prom",
                 "metrics-after.prom": ".metrics-after.prom", "bench.log": ".log"}
@@ -91,39 +91,24 @@ class BenchSettings:
 
 
 def resolve_bench(host_name: str, data) -> BenchSettings:
-    """Validate the bench_* keys; a bad value raises DataError naming host and key."""
-    errors = []
-    profile = data.get("bench_profile")
-    workload = WORKLOADS.get(profile) if isinstance(profile, str) else None
-    if workload is None:
-        errors.append(f"{host_name}: bench_profile = {profile!r}: one of {sorted(WORKLOADS)} "
-                      "(tasks/bench.py)")
-    run_id = data.get("bench_run_id")
-    if isinstance(run_id, int) and not isinstance(run_id, bool):
-        run_id = str(run_id)  # pyinfra's --data turns `bench_run_id=42` into a number
-    if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
-        errors.append(f"{host_name}: bench_run_id = {run_id!r}: a folder name of letters, "
-                      "digits, '.', '_' and '-', or None for a timestamp")
-    results_dir = data.get("bench_results_dir")
-    if not isinstance(results_dir, str) or not results_dir:
-        errors.append(f"{host_name}: bench_results_dir = {results_dir!r}: a folder on the "
-                      "controller")
-    host_dir = data.get("bench_host_dir")
-    if not isinstance(host_dir, str) or not host_dir.startswith("/"):
-        errors.append(f"{host_name}: bench_host_dir = {host_dir!r}: an absolute path on the host")
-    if data.get("vllm_runtime") == "kubernetes":
+    """The bench_* keys, checked (tasks/data_keys.py), and the runtime's rule: a pod serves
+    on the kubernetes runtime, not vllm.service. DataError holds every problem."""
+    values = data_keys.read(host_name, data)
+    if values["vllm_runtime"] == "kubernetes":
         # The trays of this runtime hold the weights only: no vllm.service, no vLLM to run.
-        errors.append(f"{host_name}: vllm_runtime = 'kubernetes': bench.py benchmarks "
-                      "vllm.service from the host, and on this runtime a pod serves; need the "
-                      "docker or venv runtime, or run the client in the pod: kubectl exec "
-                      f"deploy/{data.get('k8s_name')} -- vllm bench serve ...")
-    if errors:
-        raise DataError("invalid host data:\n  " + "\n  ".join(errors))
-    run_id = run_id or f"{RUN_STARTED:%Y%m%dT%H%M%SZ}-{workload.name}"
+        raise DataError([problem(
+            host_name, "vllm_runtime", "kubernetes", "the docker or venv runtime: bench.py "
+            "benchmarks vllm.service from the host, and on this runtime a pod serves; or run "
+            f"the client in the pod: kubectl exec deploy/{values['k8s_name']} -- vllm bench "
+            "serve ...")])
+    workload = WORKLOADS[values["bench_profile"]]
+    # pyinfra's --data turns `bench_run_id=42` into a number.
+    run_id = (str(values["bench_run_id"]) if values["bench_run_id"] is not None
+              else f"{RUN_STARTED:%Y%m%dT%H%M%SZ}-{workload.name}")
     # Relative to this repository, as every controller path in data, not to the caller's cwd.
     return BenchSettings(workload=workload, run_id=run_id,
-                         results_dir=REPO / results_dir / run_id,
-                         host_dir=f"{host_dir.rstrip('/')}/{run_id}")
+                         results_dir=REPO / values["bench_results_dir"] / run_id,
+                         host_dir=f"{values['bench_host_dir'].rstrip('/')}/{run_id}")
 
 
 def serve_args_digest(serve_args: list[str]) -> str:
@@ -143,7 +128,7 @@ def client_argv(settings: Settings, result_dir: str, image: str | None) -> list[
     handed over as to the server: the seed's client ran with them visible, inside the serving
     container beside a server holding 0.90 of their memory, while a CUDA build's `vllm bench
     serve` without them has failed on platform detection (vLLM issue 23967). `--entrypoint vllm`:
-    vllm/vllm-openai's entrypoint is `vllm serve`, tools/vllm-image's is unset with vllm on
+    vllm/vllm-openai's entrypoint is `vllm serve`, vllm-image's is unset with vllm on
     PATH. `--env OPENAI_API_KEY` names the variable only: docker copies its value from the
     calling shell's environment, so no argv holds the key.
     """
@@ -230,7 +215,7 @@ def context_check_script(settings: Settings, bench: BenchSettings,
     workload = bench.workload
     url = f"http://127.0.0.1:{settings.port}/v1/models"
     too_long = _format(
-        f"{settings.host_name}: bench_profile = '{workload.name}': found {workload.input_len} "
+        f"{settings.host_name}: bench_profile: found '{workload.name}', {workload.input_len} "
         f"input + {workload.output_len} output = {workload.context_len} tokens per request; "
         "need at most the served model's max_model_len of ") + "%s" + _format(
         " (GET /v1/models): pick a bench_profile that fits (tasks/bench.py), or serve a "

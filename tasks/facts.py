@@ -6,10 +6,14 @@ failed for a question; the fact is then empty (``[]`` or ``{}``), and a prefligh
 
 from __future__ import annotations
 
+import json
 import re
 from xml.etree import ElementTree
 
 from pyinfra.api import FactBase, QuoteString, StringCommand
+
+from tasks.weights_job import (CLIENT_RECORDS_DIR, INCOMPLETE_GLOB, JOB_FILE, MANIFEST,
+                               RECORDS_DIR)
 
 # nvidia-smi prints "[N/A]", "[Not Supported]" or "[Insufficient Permissions]" (in -q -x: "N/A")
 # where a board has no such value; a number or a flag it cannot give is unknown, not zero or off.
@@ -28,7 +32,7 @@ class TreeDigests(FactBase):
         {"config.json": "9f2c...", "model-00001-of-00002.safetensors": "41ab..."}
 
     An absent directory yields ``{}``. Meant for small trees (a tiny model, a config folder):
-    it reads every byte, so a 595 GB weights tree has its own completeness check.
+    it reads every byte, so a 595 GB weights tree has its own completeness check (WeightsTree).
     """
 
     def command(self, path: str) -> StringCommand:
@@ -47,6 +51,86 @@ class TreeDigests(FactBase):
     @staticmethod
     def default() -> dict[str, str]:
         return {}
+
+
+_WEIGHTS_TREE_MARK = "::weights-tree::"
+
+
+class WeightsTree(FactBase):
+    """A weights folder as the Hub fetch left it: its manifest, every file's size and mtime
+    (outside the downloaders' records), the bytes of orphaned ``.incomplete`` files, and
+    whether its fetch unit is running (and the sha256 of its job). tasks/weights_job.py names
+    the files; tasks.weights.Target gives ``state_dir`` and ``unit``.
+
+    .. code:: python
+
+        {"manifest": {"repo": "moonshotai/Kimi-K2.6", "commit": "3f1c...", "complete": True,
+                      "files": {"model-00001-of-000064.safetensors": {"size": 9.9e9, ...}}},
+         "files": {"model-00001-of-000064.safetensors": [9932891234, 1764413012123456789]},
+         "incomplete_bytes": 0, "unit_active": False, "job_sha256": "9e1d..."}
+
+    Reads sizes and mtimes only, never content: a complete 595 GB tree is recognised in well
+    under a second. An absent folder yields empty values.
+    """
+
+    def command(self, path: str, state_dir: str, unit: str) -> StringCommand:
+        mark = _WEIGHTS_TREE_MARK
+        return StringCommand(
+            "echo", f"{mark}manifest;", "cat", QuoteString(f"{path}/{MANIFEST}"), "2>/dev/null;",
+            "echo;", "echo", f"{mark}files;",
+            "find", QuoteString(path), "-path", QuoteString(f"{path}/{RECORDS_DIR}"), "-prune",
+            "-o", "-type", "f", "-printf", QuoteString("%P\\t%s\\t%T@\\n"), "2>/dev/null;",
+            "echo", f"{mark}incomplete;",
+            "find", QuoteString(f"{path}/{CLIENT_RECORDS_DIR}"), "-name",
+            QuoteString(INCOMPLETE_GLOB), "-type", "f", "-printf", "'%s\\n'", "2>/dev/null;",
+            "echo", f"{mark}unit;", "systemctl", "is-active", unit, "2>/dev/null;",
+            "echo", f"{mark}job;", "sha256sum", QuoteString(f"{state_dir}/{JOB_FILE}"),
+            "2>/dev/null;", "true",
+        )
+
+    def process(self, output: list[str]) -> dict:
+        sections = self._sections(output)
+        try:
+            manifest = json.loads("\n".join(sections.get("manifest", [])) or "null")
+        except ValueError:
+            manifest = None
+        present = {}
+        for line in sections.get("files", []):
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[1].isdigit():
+                present[parts[0]] = [int(parts[1]), mtime_ns(parts[2])]
+        job = sections.get("job", [""])
+        return {
+            "manifest": manifest if isinstance(manifest, dict) else None,
+            "files": present,
+            "incomplete_bytes": sum(int(n) for n in sections.get("incomplete", []) if n.isdigit()),
+            "unit_active": sections.get("unit", [""])[:1] in (["active"], ["activating"]),
+            "job_sha256": job[0].split()[0] if job and job[0] else None,
+        }
+
+    @staticmethod
+    def _sections(output: list[str]) -> dict[str, list[str]]:
+        """The lines after each mark, by the mark's name."""
+        sections: dict[str, list[str]] = {}
+        current = None
+        for line in output:
+            if line.startswith(_WEIGHTS_TREE_MARK):
+                current = line[len(_WEIGHTS_TREE_MARK):]
+                sections[current] = []
+            elif current:
+                sections[current].append(line)
+        return sections
+
+    @staticmethod
+    def default() -> dict:
+        return {"manifest": None, "files": {}, "incomplete_bytes": 0, "unit_active": False,
+                "job_sha256": None}
+
+
+def mtime_ns(text: str) -> int:
+    """find's %T@ ("1764413012.1234567890") as st_mtime_ns, exactly (no float rounding)."""
+    seconds, _, fraction = text.partition(".")
+    return int(seconds) * 10**9 + int((fraction + "000000000")[:9])
 
 
 class NvidiaGpus(FactBase):
@@ -158,6 +242,51 @@ class NvidiaSmiInfo(FactBase):
     @staticmethod
     def default() -> dict:
         return {}
+
+
+_MODULE_VERSION = re.compile(r"Kernel Module\b.*?\s(\d+\.\d+(?:\.\d+)*)(?=\s|$)")
+
+
+class NvidiaKernelModuleVersion(FactBase):
+    """The version of the NVIDIA kernel module loaded now, from ``/proc/driver/nvidia/version``.
+
+    .. code:: python
+
+        "580.95.05"
+
+    ``None`` when no NVIDIA module is loaded. After a driver install it names the old driver
+    until the host reboots.
+    """
+
+    def command(self) -> str:
+        return "cat /proc/driver/nvidia/version 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> str | None:
+        for line in output:
+            match = _MODULE_VERSION.search(line)
+            if match:
+                return match[1]
+        return None
+
+
+class CdiSpecDriverVersion(FactBase):
+    """The driver version a CDI spec was generated for: that of the ``libcuda.so.<version>`` it
+    mounts into containers.
+
+    .. code:: python
+
+        "580.95.05"
+
+    ``None`` when the spec is absent or mounts no versioned libcuda. (The spec also names
+    ``libcuda.so.1`` in its symlink hook, which the pattern skips: it needs two dots.)
+    """
+
+    def command(self, path: str) -> StringCommand:
+        return StringCommand("grep", "-oE", "-m1", "'libcuda[.]so[.][0-9]+[.][0-9.]+'",
+                             QuoteString(path), "2>/dev/null", "||", "true")
+
+    def process(self, output: list[str]) -> str | None:
+        return output[0].strip().removeprefix("libcuda.so.").rstrip(".") if output else None
 
 
 class CpuArchitecture(FactBase):

@@ -8,41 +8,29 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
+from tasks import data_keys
+from tasks.data_keys import DataError, problem
 from tasks.operations import wheelhouse_venv
-from tasks.settings import DataError, _resolve_path
+from tasks.settings import controller_path
 
 BIN_LINK = "/usr/local/bin/hf"
 
 
 def read(host_name: str, data) -> tuple[str, str, str]:
-    """(version, venv_dir, wheelhouse_dir) after checking them; DataError names host and key."""
-    values = {key: data.get(key) for key in ("hf_cli_version", "hf_cli_venv_dir",
-                                             "hf_cli_wheelhouse_dir")}
-    errors = []
-    version = values["hf_cli_version"]
-    if not isinstance(version, str) or not version[:1].isdigit():
-        errors.append(f"{host_name}: hf_cli_version = {version!r}: a huggingface_hub version "
-                      "like 2.4.0")
-    venv_dir = values["hf_cli_venv_dir"]
-    if not isinstance(venv_dir, str) or not venv_dir.startswith("/"):
-        errors.append(f"{host_name}: hf_cli_venv_dir = {venv_dir!r}: an absolute path on the host")
-    wheelhouse = values["hf_cli_wheelhouse_dir"]
-    if not isinstance(wheelhouse, str):
-        errors.append(f"{host_name}: hf_cli_wheelhouse_dir = {wheelhouse!r}: a folder made by "
-                      "tools/hf-wheelhouse")
-    elif isinstance(version, str):
-        wheelhouse = _resolve_path(wheelhouse)
-        lock = Path(wheelhouse) / "requirements.lock"
-        pinned = f"huggingface-hub=={version} "
-        if not lock.is_file():
-            errors.append(f"{host_name}: hf_cli_wheelhouse_dir = {wheelhouse!r}: a folder with "
-                          "requirements.lock: run tools/hf-wheelhouse")
-        elif not any(line.startswith(pinned) for line in lock.read_text().splitlines()):
-            errors.append(f"{host_name}: hf_cli_wheelhouse_dir = {wheelhouse!r}: holds no "
-                          f"huggingface_hub {version} (hf_cli_version): run tools/hf-wheelhouse "
-                          f"--version {version}")
-    if errors:
-        raise DataError("invalid host data:\n  " + "\n  ".join(errors))
+    """(version, venv_dir, wheelhouse_dir) after checking the host's data (tasks/data_keys.py)
+    and that the wheelhouse holds that version; DataError holds every problem."""
+    values = data_keys.read(host_name, data)
+    version, venv_dir = values["hf_cli_version"], values["hf_cli_venv_dir"]
+    wheelhouse = controller_path(values["hf_cli_wheelhouse_dir"])
+    lock = Path(wheelhouse) / "requirements.lock"
+    if not lock.is_file():
+        raise DataError([problem(host_name, "hf_cli_wheelhouse_dir", wheelhouse,
+                                 "a folder with requirements.lock: run hf-wheelhouse")])
+    if not any(line.startswith(f"huggingface-hub=={version} ")
+               for line in lock.read_text().splitlines()):
+        raise DataError([problem(host_name, "hf_cli_wheelhouse_dir", wheelhouse,
+                                 f"holds no huggingface_hub {version} (hf_cli_version): run "
+                                 f"hf-wheelhouse --version {version}")])
     return version, venv_dir, wheelhouse
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import jinja2
 
+from tasks.data_keys import (DNS_LABEL_RFC1035, DNS_LABEL_RFC1123, NODE_NAME, SERVICE_TYPES,
+                             VOLUME_TYPES, is_integer)
 from tasks.settings import OFFLINE_ENVIRONMENT
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates" / "k8s"
@@ -43,8 +45,6 @@ SECRET_KEYS = ("VLLM_API_KEY",)
 HUB_TOKEN_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # The node label the pod's affinity matches, set by the kubelet on every node.
 HOSTNAME_LABEL = "kubernetes.io/hostname"
-VOLUME_TYPES = ("hostPath", "persistentVolumeClaim")
-SERVICE_TYPES = ("NodePort", "ClusterIP")
 
 PROBE_PERIOD_S = 10
 # Start-up work that does not scale with the checkpoint: CUDA init, torch.compile, CUDA graph
@@ -59,13 +59,8 @@ STARTUP_LOAD_FACTOR = 2
 # deadline (600 s) would declare a Kimi rollout failed while it is still loading.
 ROLLOUT_EXTRA_S = 900
 
-_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-# A node's HOSTNAME_LABEL value: a DNS-1123 subdomain (what node names are) that, being a label
-# value, has at most 63 characters; a longer name no node carries would leave the pod pending.
-_SUBDOMAIN_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-NODE_NAME = re.compile(rf"^(?=.{{1,63}}$){_SUBDOMAIN_LABEL}(\.{_SUBDOMAIN_LABEL})*$")
 # Kubernetes' integer fields (progressDeadlineSeconds, failureThreshold) are int32.
 _INT32_MAX = 2**31 - 1
 
@@ -210,11 +205,13 @@ class ManifestValues:
 
 def _name_problems(values: ManifestValues) -> list[str]:
     problems = []
-    for key in ("name", "namespace"):
-        if not _DNS_LABEL.match(getattr(values, key)):
-            problems.append(f"{key}={getattr(values, key)!r}: a DNS-1035 label (a-z, 0-9, -)")
-    if values.secret_name is not None and not _DNS_LABEL.match(values.secret_name):
-        problems.append(f"secret_name={values.secret_name!r}: a DNS-1035 label")
+    # A Service's name must be an RFC 1035 label; a namespace's an RFC 1123 one.
+    if not DNS_LABEL_RFC1035.match(values.name):
+        problems.append(f"name={values.name!r}: an RFC 1035 label (a-z, 0-9, -)")
+    if not DNS_LABEL_RFC1123.match(values.namespace):
+        problems.append(f"namespace={values.namespace!r}: an RFC 1123 label (a-z, 0-9, -)")
+    if values.secret_name is not None and not DNS_LABEL_RFC1035.match(values.secret_name):
+        problems.append(f"secret_name={values.secret_name!r}: an RFC 1035 label")
     if values.image_digest is not None and not _DIGEST.match(values.image_digest):
         problems.append(f"image_digest={values.image_digest!r}: sha256:<64 hex digits>")
     return problems
@@ -233,15 +230,15 @@ def _placement_problems(values: ManifestValues) -> list[str]:
     bad_nodes = [name for name in values.node_names
                  if not isinstance(name, str) or not NODE_NAME.match(name)]
     if bad_nodes:
-        problems.append(f"node_names {bad_nodes}: {HOSTNAME_LABEL} values (DNS-1123 "
+        problems.append(f"node_names {bad_nodes}: {HOSTNAME_LABEL} values (RFC 1123 "
                         "subdomains of at most 63 characters)")
     if len(set(map(str, values.node_names))) != len(values.node_names):
         problems.append(f"node_names={list(values.node_names)}: each node once")
     if values.service_type not in SERVICE_TYPES:
         problems.append(f"service_type={values.service_type!r}: one of {SERVICE_TYPES}")
-    if not _is_int(values.service_port) or not 1 <= values.service_port <= 65535:
+    if not is_integer(values.service_port) or not 1 <= values.service_port <= 65535:
         problems.append(f"service_port={values.service_port!r}: a TCP port 1..65535")
-    if values.service_type == "NodePort" and not (_is_int(values.node_port)
+    if values.service_type == "NodePort" and not (is_integer(values.node_port)
                                                   and 30000 <= values.node_port <= 32767):
         problems.append(f"node_port={values.node_port!r}: the default NodePort range "
                         "30000-32767")
@@ -287,7 +284,7 @@ def _number_problems(values: ManifestValues) -> list[str]:
     lands in int32 fields, and a slip of units in the load rate could overflow them."""
     size, rate = values.checkpoint_size_bytes, values.load_bytes_per_s
     problems = []
-    if not _is_int(size) or size < 0:
+    if not is_integer(size) or size < 0:
         problems.append(f"checkpoint_size_bytes={size!r}: a byte count >= 0")
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not (
             math.isfinite(rate) and rate > 0):
@@ -302,10 +299,6 @@ def _number_problems(values: ManifestValues) -> list[str]:
                         "s; vllm_load_bytes_per_s is in bytes per second)")
     return problems
 
-
-def _is_int(value: object) -> bool:
-    # bool is an int subclass: True as a port is a typo, not a number.
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _labels(values: ManifestValues) -> list[tuple[str, str]]:

@@ -88,7 +88,7 @@ PROFILES: dict[str, ModelProfile] = {
             num_speculative_tokens=3,
             extra_args=("--kv-cache-dtype", "fp8"),
         ),
-        # The sandbox: the tiny random-weight model from tools/make-tiny-model, served by the
+        # The sandbox: the tiny random-weight model from make-tiny-model, served by the
         # CPU build of vLLM under the production served name, with the same parsers.
         ModelProfile(
             name="sandbox-tiny",

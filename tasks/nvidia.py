@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import shlex
 from dataclasses import dataclass
 
 from pyinfra import host, logger
-from pyinfra.api import FactBase, QuoteString, StringCommand, deploy, operation
+from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, server, systemd
 
-from tasks.facts import NvidiaGpus
+from tasks import data_keys
+from tasks.facts import CdiSpecDriverVersion, NvidiaGpus, NvidiaKernelModuleVersion
 from tasks.operations import failing_command
 from tasks.preflight import needs_gpus
-from tasks.settings import DataError, _Reader, resolve
+from tasks.settings import resolve
 
 DAEMON_JSON = "/etc/docker/daemon.json"
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
@@ -49,51 +49,6 @@ PACKAGE_SOURCES = {
               "on the host (this deploy adds no repositories)",
 }
 
-_MODULE_VERSION = re.compile(r"Kernel Module\b.*?\s(\d+\.\d+(?:\.\d+)*)(?=\s|$)")
-
-
-class NvidiaKernelModuleVersion(FactBase):
-    """The version of the NVIDIA kernel module loaded now, from ``/proc/driver/nvidia/version``.
-
-    .. code:: python
-
-        "580.95.05"
-
-    ``None`` when no NVIDIA module is loaded. After a driver install it names the old driver
-    until the host reboots.
-    """
-
-    def command(self) -> str:
-        return "cat /proc/driver/nvidia/version 2>/dev/null || true"
-
-    def process(self, output: list[str]) -> str | None:
-        for line in output:
-            match = _MODULE_VERSION.search(line)
-            if match:
-                return match[1]
-        return None
-
-
-class CdiSpecDriverVersion(FactBase):
-    """The driver version a CDI spec was generated for: that of the ``libcuda.so.<version>`` it
-    mounts into containers.
-
-    .. code:: python
-
-        "580.95.05"
-
-    ``None`` when the spec is absent or mounts no versioned libcuda. (The spec also names
-    ``libcuda.so.1`` in its symlink hook, which the pattern skips: it needs two dots.)
-    """
-
-    def command(self, path: str) -> StringCommand:
-        return StringCommand("grep", "-oE", "-m1", "'libcuda[.]so[.][0-9]+[.][0-9.]+'",
-                             QuoteString(path), "2>/dev/null", "||", "true")
-
-    def process(self, output: list[str]) -> str | None:
-        return output[0].strip().removeprefix("libcuda.so.").rstrip(".") if output else None
-
-
 @dataclass(frozen=True)
 class NvidiaHostSettings:
     docker_package: str
@@ -106,26 +61,13 @@ class NvidiaHostSettings:
 
 
 def read_settings(host_name: str, data) -> NvidiaHostSettings:
-    """This task's data keys, checked the way tasks.settings checks the others: every problem
-    in one DataError naming the host and the key."""
-    read = _Reader(host_name, data)
-    docker_package = read.get("docker_package", (str,), "a Debian package name, e.g. docker.io")
-    daemon = read.get("docker_daemon_settings", (dict,), "a mapping of daemon.json settings")
-    if daemon is not None:
-        try:
-            json.dumps(daemon)
-        except (TypeError, ValueError):
-            read.error("docker_daemon_settings", daemon, "JSON values only (str, number, bool, "
-                       "list, mapping)")
-    toolkit = read.get("nvidia_container_toolkit_package", (str,),
-                       "a Debian package name, e.g. nvidia-container-toolkit")
-    branch = read.get("nvidia_driver_min_branch", (int,), "a driver branch like 580")
-    install = read.get("nvidia_driver_install", (bool,), "true or false")
-    driver_package = read.get("nvidia_driver_package", (str,),
-                              "a Debian package name, e.g. nvidia-driver-580-open")
-    allow_reboot = read.get("nvidia_driver_allow_reboot", (bool,), "true or false")
-    if read.errors:
-        raise DataError("invalid host data:\n  " + "\n  ".join(read.errors))
+    """This task's data keys, checked (tasks/data_keys.py); DataError holds every problem."""
+    values = data_keys.read(host_name, data)
+    docker_package, daemon = values["docker_package"], values["docker_daemon_settings"]
+    toolkit = values["nvidia_container_toolkit_package"]
+    branch, install = values["nvidia_driver_min_branch"], values["nvidia_driver_install"]
+    driver_package = values["nvidia_driver_package"]
+    allow_reboot = values["nvidia_driver_allow_reboot"]
     return NvidiaHostSettings(
         docker_package=docker_package, docker_daemon_settings=daemon, toolkit_package=toolkit,
         driver_min_branch=branch, driver_install=install, driver_package=driver_package,

@@ -5,14 +5,17 @@ from __future__ import annotations
 import hashlib
 import io
 import posixpath
+import shlex
 from collections.abc import Container, Iterable
 from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, QuoteString, StringCommand, operation
+from pyinfra.api.exceptions import OperationValueError
 from pyinfra.facts.files import File, Link, Sha1File, Sha256File
 
 from tasks.facts import DockerImage, SystemdDropIns, TreeDigests
+from tasks.weights_job import RECORDS_DIR
 
 
 def local_sha256(path: Path) -> str:
@@ -30,7 +33,7 @@ def local_tree_digests(src: Path) -> dict[str, str]:
 
 # Where a downloader keeps its own records inside a weights folder (the Hub fetch's manifest,
 # the hf client's resume metadata): never declared, never removed as undeclared.
-DOWNLOADER_RECORDS = ".cache/"
+DOWNLOADER_RECORDS = f"{RECORDS_DIR}/"
 
 
 def undeclared_files(present: Iterable[str], declared: Container[str]) -> list[str]:
@@ -60,6 +63,10 @@ def tree_synced(src: str, dest: str):
 
         tree_synced(name="Place tiny model", src=".cache/tiny-model", dest="/raid/models/tiny")
     """
+    if not Path(src).is_dir():
+        # An absent source would read as an empty tree, and every file on the host is extra.
+        raise OperationValueError(f"tree_synced: {src} is no folder on the controller; "
+                                  f"refusing to empty {dest}")
     wanted = local_tree_digests(Path(src))
     present = host.get_fact(TreeDigests, path=dest)
     stale = [name for name, digest in wanted.items() if present.get(name) != digest]
@@ -97,7 +104,7 @@ def wheelhouse_venv(wheelhouse_dir: str, venv_link: str, python: str = "python3"
     """
     Make ``venv_link`` point at a venv holding exactly the wheels of a controller wheelhouse.
 
-    + wheelhouse_dir: folder made by tools/wheelhouse (wheels + requirements.lock)
+    + wheelhouse_dir: folder made by wheelhouse (wheels + requirements.lock)
     + venv_link: path the service uses; a symlink to ``<venv_link>-<lock digest>``
     + python: interpreter on the host that creates the venv
 
@@ -110,6 +117,13 @@ def wheelhouse_venv(wheelhouse_dir: str, venv_link: str, python: str = "python3"
     digest = wheelhouse_lock_digest(wheelhouse_dir)[:16]
     target = f"{venv_link}-{digest}"
     link = host.get_fact(Link, path=venv_link)
+    if link is False:
+        # Something else sits there (a venv made by hand): `mv -T` of the new link would fail
+        # on every run after building a whole venv, so say so before building anything.
+        yield failing_command(f"{venv_link} on {host.name} is not a symlink (a venv made by "
+                              "hand?): move it aside; the deploy manages it as a link to "
+                              f"{venv_link}-<lock digest>\n")
+        return
     current = link["link_target"] if link else None
     if current == target:
         host.noop(f"{venv_link} -> {target}")
@@ -152,12 +166,15 @@ def http_health_waited(url: str, timeout_s: int, unit: str, when: bool = True):
     if not when:
         host.noop(f"{unit} was not restarted; no need to wait for {url}")
         return
+    quoted_url, quoted_unit = shlex.quote(url), shlex.quote(unit)
+    failure = shlex.quote(f"{unit} did not answer {url} within {int(timeout_s)}s; its last "
+                          "log lines:")
     script = (
         f"deadline=$(( $(date +%s) + {int(timeout_s)} )); "
-        f"until curl -fs -o /dev/null --max-time 5 {url}; do "
+        f"until curl -fs -o /dev/null --max-time 5 {quoted_url}; do "
         f"if [ $(date +%s) -ge $deadline ]; then "
-        f"echo '{unit} did not answer {url} within {int(timeout_s)}s; its last log lines:' >&2; "
-        f"journalctl -u {unit} -n 40 --no-pager -o cat >&2; exit 1; fi; sleep 1; done"
+        f"echo {failure} >&2; "
+        f"journalctl -u {quoted_unit} -n 40 --no-pager -o cat >&2; exit 1; fi; sleep 1; done"
     )
     yield StringCommand("sh", "-c", QuoteString(script))
 
@@ -262,6 +279,9 @@ def docker_image_present(reference: str, architecture: str, archive: str | None 
     A pulled image of another architecture is refused, not run: on a Grace host an x86-only
     tag ends in ``exec format error`` at every start.
     """
+    if archive is not None and not image_id:
+        raise OperationValueError("docker_image_present: an archive needs its image_id (else "
+                                  "it would be loaded on every run)")
     present = host.get_fact(DockerImage, reference=reference)
     if archive is not None:
         if present and present["id"] == image_id:

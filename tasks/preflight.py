@@ -12,11 +12,11 @@ from pyinfra import host, logger
 from pyinfra.api import deploy, operation
 from pyinfra.facts.server import Command
 
+from tasks.data_keys import IMAGE_ARCH, DataError, Problem
 from tasks.facts import (CpuArchitecture, DockerImage, FreeBytes, ListeningTcpPorts, NvidiaGpus,
                          NvidiaSmiInfo, PythonVersion)
 from tasks.operations import failing_command
-from tasks.settings import (IMAGE_ARCH, UNIT_NAME, DataError, Settings, resolve,
-                            wheelhouse_platform)
+from tasks.settings import UNIT_NAME, Settings, resolve, wheelhouse_platform
 
 GIB = 2**30
 # GPUs whose trays sit on an NVLink fabric (GB200/GB300 NVL72): their fabric must be up.
@@ -80,53 +80,64 @@ def gpu_memory_problem(settings: Settings, used: list[dict]) -> str | None:
 
 def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
     """Every reason this host cannot take the deploy, one line each: host, key, found, need."""
-    problems = []
-    name = settings.host_name
-
-    def problem(key: str, found: str, need: str) -> None:
-        problems.append(f"{name}: {key}: found {found}; need {need}")
-
-    tp = settings.tensor_parallel_size
-    if needs_gpus(settings):
-        gpus = facts.gpus
-        if tp > len(gpus):
-            problem("vllm_tensor_parallel_size", f"{len(gpus)} visible GPU(s)",
-                    f"at least {tp} for tensor parallel {tp} "
-                    f"(model_profile {settings.profile.name})")
-        else:
-            used = gpus[:tp]
-            memory = gpu_memory_problem(settings, used)
-            if memory:
-                problems.append(memory)
-            mig = [gpu["index"] for gpu in used if gpu.get("mig")]
-            if mig:
-                problem("GPUs", f"MIG enabled on GPU {mig}", "MIG disabled for tensor parallel")
-        # With nvidia_driver_install on, tasks/nvidia.py brings the driver up to the branch.
-        drivers = set() if settings.driver_install else {gpu["driver"] for gpu in gpus}
-        for driver in sorted(drivers):
-            if int(driver.split(".")[0]) < settings.driver_min_branch:
-                problem("nvidia_driver_min_branch", f"driver {driver}",
-                        f"branch >= {settings.driver_min_branch} (CUDA 13 builds of vLLM)")
-        if any(marker in gpu["name"] for gpu in gpus for marker in NVL_GPU_MARKERS):
-            states = {gpu.get("fabric_state") for gpu in facts.smi.get("gpus", [])}
-            if states != {"Completed"}:
-                problem("GPU fabric", f"state {sorted(map(str, states))} on an NVL tray",
-                        "Completed on every GPU (check nvidia-imex / the ComputeDomain)")
-
+    problems = _gpu_problems(settings, facts) if needs_gpus(settings) else []
     if settings.runtime == "venv":
-        problems += wheelhouse_problems(name, "vllm_wheelhouse_dir", "tools/wheelhouse",
-                                        settings.wheelhouse_platform, facts)
+        problems += wheelhouse_problems(settings.host_name, "vllm_wheelhouse_dir",
+                                        "wheelhouse", settings.wheelhouse_platform, facts)
     if settings.runtime == "docker":
         problems += image_problems(settings, facts)
+    return problems + _disk_problems(settings, facts) + _port_problems(settings, facts)
 
-    if facts.weights_free is not None:
-        needed = max(settings.weights_bytes - facts.weights_present_bytes, 0)
-        free = facts.weights_free["free_bytes"]
-        if needed > free:
-            problem("weights_dir", f"{free / 1e9:.1f} GB free on {facts.weights_free['mount']} "
-                    f"for {settings.model_dir}",
-                    f"{needed / 1e9:.1f} GB more for the weights not yet present")
 
+def _gpu_problems(settings: Settings, facts: HostFacts) -> list[str]:
+    """Enough GPUs for tensor parallel, memory for the weights, no MIG, the driver branch, and
+    the fabric up on NVL trays."""
+    name, tp, gpus = settings.host_name, settings.tensor_parallel_size, facts.gpus
+    problems = []
+    if tp > len(gpus):
+        problems.append(Problem(name, "vllm_tensor_parallel_size", f"{len(gpus)} visible GPU(s)",
+                                f"at least {tp} for tensor parallel {tp} (model_profile "
+                                f"{settings.profile.name})"))
+    else:
+        used = gpus[:tp]
+        memory = gpu_memory_problem(settings, used)
+        if memory:
+            problems.append(memory)
+        mig = [gpu["index"] for gpu in used if gpu.get("mig")]
+        if mig:
+            problems.append(Problem(name, "GPUs", f"MIG enabled on GPU {mig}",
+                                    "MIG disabled for tensor parallel"))
+    # With nvidia_driver_install on, tasks/nvidia.py brings the driver up to the branch.
+    drivers = set() if settings.driver_install else {gpu["driver"] for gpu in gpus}
+    for driver in sorted(drivers):
+        if int(driver.split(".")[0]) < settings.driver_min_branch:
+            problems.append(Problem(name, "nvidia_driver_min_branch", f"driver {driver}",
+                                    f"branch >= {settings.driver_min_branch} (CUDA 13 builds "
+                                    "of vLLM)"))
+    if any(marker in gpu["name"] for gpu in gpus for marker in NVL_GPU_MARKERS):
+        states = {gpu.get("fabric_state") for gpu in facts.smi.get("gpus", [])}
+        if states != {"Completed"}:
+            problems.append(Problem(name, "GPU fabric", f"state {sorted(map(str, states))} on "
+                                    "an NVL tray", "Completed on every GPU (check nvidia-imex "
+                                    "/ the ComputeDomain)"))
+    return [str(item) for item in problems]
+
+
+def _disk_problems(settings: Settings, facts: HostFacts) -> list[str]:
+    if facts.weights_free is None:
+        return []
+    needed = max(settings.weights_bytes - facts.weights_present_bytes, 0)
+    free = facts.weights_free["free_bytes"]
+    if needed <= free:
+        return []
+    return [str(Problem(settings.host_name, "weights_dir",
+                        f"{free / 1e9:.1f} GB free on {facts.weights_free['mount']} for "
+                        f"{settings.model_dir}",
+                        f"{needed / 1e9:.1f} GB more for the weights not yet present"))]
+
+
+def _port_problems(settings: Settings, facts: HostFacts) -> list[str]:
+    """The serving port free, or held by vllm.service itself."""
     # A pod listens in its own network namespace: the node's port is not the server's.
     listening = facts.listening if settings.runtime != "kubernetes" else []
     for listener in listening:
@@ -138,10 +149,10 @@ def host_problems(settings: Settings, facts: HostFacts) -> list[str]:
             owner = listener["process"] or "an unknown process"
             if listener["pid"]:
                 owner += f" (pid {listener['pid']})"
-            problem("vllm_port", f"port {settings.port} held by {owner}",
-                    f"a free port, or one held by {UNIT_NAME}")
-            break
-    return problems
+            return [str(Problem(settings.host_name, "vllm_port",
+                                f"port {settings.port} held by {owner}",
+                                f"a free port, or one held by {UNIT_NAME}"))]
+    return []
 
 
 def kubernetes_problems(settings: Settings, groups: list[str],
@@ -250,6 +261,29 @@ def gather(settings: Settings) -> HostFacts:
     )
 
 
+def _problems(settings: Settings) -> list[str]:
+    """What the host's facts, the inventory and the Hub say against data that is valid."""
+    facts = gather(settings)
+    problems = host_problems(settings, facts)
+    control_hosts = {control.name: control.data.get("k8s_node_group")
+                     for control in host.inventory.get_group("k8s_control", [])}
+    problems += kubernetes_problems(settings, [str(group) for group in host.groups],
+                                    control_hosts)
+    if settings.model_source_dir is None:
+        # Imported here: tasks.weights imports this module's siblings at load time.
+        from tasks import hf_cli, weights, weights_hub
+        try:
+            _, _, hf_wheelhouse = hf_cli.read(host.name, host.data)
+            problems += wheelhouse_problems(
+                host.name, "hf_cli_wheelhouse_dir", "hf-wheelhouse",
+                wheelhouse_platform(hf_wheelhouse), facts)
+            problems += weights.problems(
+                host, settings, weights_hub.read_hub_settings(host.name, host.data))
+        except DataError as error:
+            problems += [str(item) for item in error.problems]
+    return problems
+
+
 @deploy("Preflight")
 def check() -> bool:
     """Refuse, before anything on any host changes, what cannot work; True when all passed.
@@ -264,27 +298,9 @@ def check() -> bool:
     try:
         settings = resolve(host)
     except DataError as error:
-        problems = str(error).splitlines()[1:]
-        problems = [line.strip() for line in problems]
+        problems = [str(item) for item in error.problems]
     else:
-        facts = gather(settings)
-        problems = host_problems(settings, facts)
-        control_hosts = {control.name: control.data.get("k8s_node_group")
-                         for control in host.inventory.get_group("k8s_control", [])}
-        problems += kubernetes_problems(settings, [str(group) for group in host.groups],
-                                        control_hosts)
-        if settings.model_source_dir is None:
-            # Imported here: tasks.weights imports this module's siblings at load time.
-            from tasks import hf_cli, weights
-            try:
-                _, _, hf_wheelhouse = hf_cli.read(host.name, host.data)
-                problems += wheelhouse_problems(
-                    host.name, "hf_cli_wheelhouse_dir", "tools/hf-wheelhouse",
-                    wheelhouse_platform(hf_wheelhouse), facts)
-                problems += weights.problems(
-                    host, settings, weights.read_hub_settings(host.name, host.data))
-            except DataError as error:
-                problems += [line.strip() for line in str(error).splitlines()[1:]]
+        problems = _problems(settings)
     for line in problems:
         logger.warning(f"preflight: {line}")
     passed(name="Check data, GPUs, disk and port", problems=problems,

@@ -1,8 +1,11 @@
-"""Host data -> one validated, derived view (`Settings`) that every task reads.
+"""Host data -> one derived view (`Settings`) that every serving task reads.
 
-Defaults live in group_data/all.py (each key commented there); this module checks types and
-ranges and derives paths and the rendered `vllm serve` command. A bad value raises `DataError`
-naming the host, the key, what was found and what is needed, before any operation runs.
+Each key is declared, with its default and what it needs, in tasks/data_keys.py, which checks
+every value on its own. This module adds the rules that tie keys together or read the
+controller's files (a wheelhouse's lock, the API key file, an image archive) and derives paths
+and the rendered `vllm serve` command. Every problem, of either kind, is one
+`tasks.data_keys.Problem` (`host: key: found X; need Y`), raised together in one `DataError`
+before any operation runs.
 """
 
 from __future__ import annotations
@@ -11,18 +14,16 @@ import functools
 import hashlib
 import json
 import os
-import re
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyinfra.api.exceptions import PyinfraError
-
+from tasks import data_keys
+from tasks.data_keys import DataError, Problem, problem
 from tasks.models import PROFILES, ModelProfile, vllm_serve_args
 
 REPO = Path(__file__).resolve().parent.parent
-RUNTIMES = ("docker", "kubernetes", "venv")
 ENV_FILE = "/etc/vllm/vllm.env"
 UNIT_NAME = "vllm.service"
 # Offline by design, for every runtime (the systemd units, the pod) and the bench client: the
@@ -33,29 +34,6 @@ OFFLINE_ENVIRONMENT = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
 }
-# How the docker runtime hands GPUs to the container: the NVIDIA runtime with --gpus (what
-# vLLM's docs show), CDI device names (tasks/nvidia.py writes the spec), or none (CPU builds).
-CONTAINER_GPU_MODES = ("gpus", "cdi", "none")
-# `uname -m` -> the architecture name images carry (OCI / Docker).
-IMAGE_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
-# name[:port]/path:tag, optionally @sha256:<64 hex>: a tag is required (pinned), "latest" is not.
-_IMAGE_REF = re.compile(r"^(?P<name>[a-z0-9]+(?:[._/-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+"
-                        r"(?:[._-][a-z0-9]+)*)*):(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})"
-                        r"(?:@sha256:[0-9a-f]{64})?$")
-
-
-# A Hub repository id: owner/name, each part of letters, digits, -, _ and . (not leading).
-HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# What a numeric key needs, shared by its type check and its range check.
-HEALTH_TIMEOUT_NEED = "seconds, 10..86400 (a day)"
-LOAD_RATE_NEED = "bytes per second, 1e6..1e12 (1 MB/s..1 TB/s)"
-MIN_FREE_NEED = "bytes, 0..1e15 (1 PB)"
-ALLREDUCE_BYTES_NEED = "bytes, 2**20..2**35 (1 MiB..32 GiB per GPU)"
-BUSBW_NEED = "a mapping of GPU model (as nvidia-smi names it) to GB/s, each in (0, 10000]"
-
-
-class DataError(PyinfraError):
-    """Host data that cannot work; the message holds one line per problem."""
 
 
 @dataclass(frozen=True)
@@ -102,35 +80,13 @@ class Settings:
         return self.images.get(arch)
 
 
-def _resolve_path(value: str) -> str:
+def controller_path(value: str) -> str:
     """Controller paths in data are relative to the repository, not to the caller's cwd."""
     return str(value if os.path.isabs(value) else REPO / value)
 
 
-class _Reader:
-    """Reads data keys, collecting every problem instead of stopping at the first."""
-
-    def __init__(self, host_name: str, data):
-        self.host_name = host_name
-        self.data = data
-        self.errors: list[str] = []
-
-    def error(self, key: str, found, need: str) -> None:
-        self.errors.append(f"{self.host_name}: {key} = {found!r}: {need}")
-
-    def get(self, key: str, types: tuple[type, ...], need: str, optional: bool = False):
-        value = self.data.get(key)
-        if value is None and optional:
-            return None
-        # bool is an int subclass: a True port or TP size is a typo, not a number.
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            self.error(key, value, need)
-            return None
-        return value
-
-
 def wheelhouse_platform(wheelhouse: str | None) -> dict[str, str]:
-    """The `arch=` and `python=` tools/wheelhouse and tools/hf-wheelhouse write in their lock's
+    """The `arch=` and `python=` wheelhouse and hf-wheelhouse write in their lock's
     first line ({} without a wheelhouse or such words): the hosts it can install on."""
     if not wheelhouse:
         return {}
@@ -142,14 +98,14 @@ def wheelhouse_platform(wheelhouse: str | None) -> dict[str, str]:
 @functools.lru_cache(maxsize=8)
 def _archive_info(path: str, size: int, mtime_ns: int) -> dict:
     with tarfile.open(path) as archive:
-        # tools/vllm-image writes manifest.json first, docker save last: stop once it is read.
+        # vllm-image writes manifest.json first, docker save last: stop once it is read.
         member = next((m for m in archive if m.name.removeprefix("./") == "manifest.json"), None)
         if member is None:
             raise ValueError("no manifest.json (not a `docker save` archive)")
         manifest = json.load(archive.extractfile(member))
         if not isinstance(manifest, list) or len(manifest) != 1:
             raise ValueError("manifest.json must describe exactly one image")
-        # <id>.json (docker save before 25, tools/vllm-image) or blobs/sha256/<id> (OCI layout).
+        # <id>.json (docker save before 25, vllm-image) or blobs/sha256/<id> (OCI layout).
         config_bytes = archive.extractfile(manifest[0]["Config"]).read()
     config = json.loads(config_bytes)
     return {"tags": list(manifest[0].get("RepoTags") or []),
@@ -168,186 +124,146 @@ def image_archive_info(path: str) -> dict:
         raise ValueError(f"not a `docker save` archive: {error}") from error
 
 
-def _number(value, low: float, high: float, integer: bool = False) -> bool:
-    """A number (not a bool: True is a typo) in [low, high]."""
-    kinds = (int,) if integer else (int, float)
-    return isinstance(value, kinds) and not isinstance(value, bool) and low <= value <= high
+def _model_problems(name: str, values: dict, bad: set[str]) -> list[Problem]:
+    """The model's rules across keys: the tensor parallel size against the profile's heads,
+    and a pushed model folder that holds a config."""
+    found = []
+    profile = _profile(values) if "model_profile" not in bad else None
+    tp = values["vllm_tensor_parallel_size"]
+    if profile and tp and "vllm_tensor_parallel_size" not in bad \
+            and profile.attention_heads % tp:
+        found.append(problem(name, "vllm_tensor_parallel_size", tp,
+                             f"a divisor of the {profile.attention_heads} attention heads of "
+                             f"{profile.name} (vLLM shards heads evenly)"))
+    source = values["model_source_dir"]
+    if source is not None and "model_source_dir" not in bad \
+            and not (Path(controller_path(source)) / "config.json").is_file():
+        found.append(problem(name, "model_source_dir", controller_path(source),
+                             "a model folder with config.json on the controller "
+                             "(make-tiny-model)"))
+    return found
 
 
-def _check_infra_keys(read: _Reader) -> None:
-    """The keys only the infra checks (tests/infra) read: out of range, a check built on them
-    would pass whatever the host (a negative free-space floor, a zero bandwidth floor)."""
-    min_free = read.data.get("weights_min_free_bytes")
-    if not _number(min_free, 0, 10**15):
-        read.error("weights_min_free_bytes", min_free, MIN_FREE_NEED)
-    floors = read.data.get("nvidia_allreduce_min_busbw_gbps")
-    if not isinstance(floors, dict) or not all(
-            isinstance(model, str) and model and _number(gbps, 0, 10000) and gbps > 0
-            for model, gbps in floors.items()):
-        read.error("nvidia_allreduce_min_busbw_gbps", floors, BUSBW_NEED)
-    size = read.data.get("nvidia_allreduce_bytes")
-    if not _number(size, 2**20, 2**35, integer=True):
-        read.error("nvidia_allreduce_bytes", size, ALLREDUCE_BYTES_NEED)
-    model = read.data.get("nvidia_gpu_model")
-    if model is not None and not (isinstance(model, str) and model.strip()):
-        read.error("nvidia_gpu_model", model, "None (any GPU model) or the name nvidia-smi "
-                   "reports, e.g. NVIDIA GB200")
+def _profile(values: dict) -> ModelProfile:
+    return PROFILES[values["model_profile"]]
+
+
+def read_api_key(name: str, values: dict) -> tuple[str | None, list[Problem]]:
+    """The API key from vllm_api_key_file (None: the endpoint is open)."""
+    key_file = values["vllm_api_key_file"]
+    if key_file is None:
+        return None, []
+    path = Path(os.path.expanduser(controller_path(key_file)))
+    api_key = path.read_text().strip() if path.is_file() else ""
+    if not api_key:
+        return None, [problem(name, "vllm_api_key_file", key_file,
+                              "a readable, non-empty file on the controller")]
+    return api_key, []
+
+
+def _wheelhouse(name: str, values: dict) -> tuple[str | None, list[Problem]]:
+    """The venv runtime's wheelhouse folder (None on the other runtimes, which ignore it)."""
+    if values["vllm_runtime"] != "venv":
+        return None, []
+    if values["vllm_wheelhouse_dir"] is None:
+        return None, [problem(name, "vllm_wheelhouse_dir", None, "the venv runtime needs a "
+                              "wheelhouse folder (wheelhouse)")]
+    wheelhouse = controller_path(values["vllm_wheelhouse_dir"])
+    if not (Path(wheelhouse) / "requirements.lock").is_file():
+        return None, [problem(name, "vllm_wheelhouse_dir", wheelhouse,
+                              "a folder with requirements.lock: run wheelhouse")]
+    return wheelhouse, []
+
+
+def _image_archive(name: str, values: dict) -> tuple[str | None, dict | None, list[Problem]]:
+    """docker runtime: vllm_image_tarball, what it holds, and that it holds the images."""
+    images = values["vllm_image"]
+    if values["vllm_runtime"] != "docker":
+        return None, None, []
+    if not images:
+        return None, None, [problem(name, "vllm_image", images, "the docker runtime needs an "
+                                    "image for the host's CPU architecture")]
+    if values["vllm_image_tarball"] is None:
+        return None, None, []
+    tarball = controller_path(values["vllm_image_tarball"])
+    try:
+        archive = image_archive_info(tarball)
+    except (OSError, ValueError) as error:
+        return None, None, [problem(name, "vllm_image_tarball", tarball,
+                                    f"a readable `docker save` archive ({error})")]
+    unknown = sorted(ref for ref in images.values() if ref not in archive["tags"])
+    if unknown:
+        return None, None, [problem(name, "vllm_image", unknown, f"the tags "
+                                    f"vllm_image_tarball holds: {archive['tags']} (the unit "
+                                    "runs the image by that name)")]
+    return tarball, archive, []
 
 
 def resolve(host) -> Settings:
-    """Validate a host's data and derive everything the tasks need."""
-    read = _Reader(host.name, host.data)
-    profile_name = read.get("model_profile", (str,), f"one of {sorted(PROFILES)}")
-    profile = PROFILES.get(profile_name) if profile_name else None
-    if profile_name and not profile:
-        read.error("model_profile", profile_name, f"one of {sorted(PROFILES)} (tasks/models.py)")
-    revision = read.get("model_revision", (str,), "a commit SHA or tag", optional=True)
-    speculative = read.get("model_speculative", (bool,), "true or false")
-    draft_repo = read.get("model_draft_repo", (str,), "a Hub repo id like owner/name")
-    if draft_repo is not None and not HUB_REPO_ID.match(draft_repo):
-        read.error("model_draft_repo", draft_repo, "a Hub repo id like owner/name")
-    num_spec = read.get("model_num_speculative_tokens", (int,), "an integer 1..10", optional=True)
-    if num_spec is not None and not 1 <= num_spec <= 10:
-        read.error("model_num_speculative_tokens", num_spec, "an integer 1..10")
-    source = read.get("model_source_dir", (str,), "a directory on the controller", optional=True)
-    if source is not None:
-        source = _resolve_path(source)
-        if not (Path(source) / "config.json").is_file():
-            read.error("model_source_dir", source,
-                       "a model folder with config.json on the controller (tools/make-tiny-model)")
-    weights_dir = read.get("weights_dir", (str,), "an absolute path on the host")
-    if weights_dir and not weights_dir.startswith("/"):
-        read.error("weights_dir", weights_dir, "an absolute path on the host")
-
-    runtime = read.get("vllm_runtime", (str,), f"one of {list(RUNTIMES)}")
-    if runtime and runtime not in RUNTIMES:
-        read.error("vllm_runtime", runtime, f"one of {list(RUNTIMES)}")
-    listen_host = read.get("vllm_host", (str,), "an address to listen on, e.g. 0.0.0.0")
-    port = read.get("vllm_port", (int,), "a TCP port 1..65535")
-    if port is not None and not 1 <= port <= 65535:
-        read.error("vllm_port", port, "a TCP port 1..65535")
-    tp = read.get("vllm_tensor_parallel_size", (int,), "a positive integer", optional=True)
-    if tp is not None and tp < 1:
-        read.error("vllm_tensor_parallel_size", tp, "a positive integer")
-    memory = read.get("vllm_gpu_memory_utilization", (int, float), "a fraction in (0, 1]",
-                      optional=True)
-    if memory is not None and not 0 < memory <= 1:
-        read.error("vllm_gpu_memory_utilization", memory, "a fraction in (0, 1]")
-    extra_args = read.get("vllm_extra_args", (list, tuple), "a list of strings")
-    if extra_args and not all(isinstance(arg, str) for arg in extra_args):
-        read.error("vllm_extra_args", extra_args, "a list of strings")
-    environment = read.get("vllm_environment", (dict,), "a mapping of NAME: value strings")
-    if environment and not all(isinstance(k, str) and isinstance(v, str)
-                               for k, v in environment.items()):
-        read.error("vllm_environment", environment, "a mapping of NAME: value strings")
-    threads_bind = read.get("vllm_cpu_threads_bind", (str,), "a CPU list like 0-3",
-                            optional=True)
-    key_file = read.get("vllm_api_key_file", (str,), "a file on the controller", optional=True)
-    api_key = None
-    if key_file is not None:
-        key_path = Path(os.path.expanduser(_resolve_path(key_file)))
-        api_key = key_path.read_text().strip() if key_path.is_file() else ""
-        if not api_key:
-            read.error("vllm_api_key_file", key_file, "a readable, non-empty file on the controller")
-    health_timeout = read.get("vllm_health_timeout_s", (int,), HEALTH_TIMEOUT_NEED,
-                              optional=True)
-    if health_timeout is not None and not 10 <= health_timeout <= 86400:
-        read.error("vllm_health_timeout_s", health_timeout, HEALTH_TIMEOUT_NEED)
-    load_rate = read.get("vllm_load_bytes_per_s", (int, float), LOAD_RATE_NEED)
-    if load_rate is not None and not 1e6 <= load_rate <= 1e12:
-        read.error("vllm_load_bytes_per_s", load_rate, LOAD_RATE_NEED)
-    venv_dir = read.get("vllm_venv_dir", (str,), "an absolute path on the host")
-    wheelhouse = read.get("vllm_wheelhouse_dir", (str,), "a folder made by tools/wheelhouse",
-                          optional=True)
-    if runtime == "venv":
-        if wheelhouse is None:
-            read.error("vllm_wheelhouse_dir", None,
-                       "the venv runtime needs a wheelhouse folder (tools/wheelhouse)")
-        else:
-            wheelhouse = _resolve_path(wheelhouse)
-            if not (Path(wheelhouse) / "requirements.lock").is_file():
-                read.error("vllm_wheelhouse_dir", wheelhouse,
-                           "a folder with requirements.lock: run tools/wheelhouse")
+    """Check a host's data (every key, then the rules across keys) and derive everything the
+    serving tasks need; DataError holds every problem."""
+    name = host.name
+    problems = data_keys.check(name, host.data)
+    bad = {item.key for item in problems}
+    values = {key.name: host.data.get(key.name) for key in data_keys.KEYS}
+    problems += _model_problems(name, values, bad)
+    api_key, found = read_api_key(name, values)
+    problems += found
+    wheelhouse, found = (None, []) if "vllm_runtime" in bad else _wheelhouse(name, values)
+    problems += found
+    if {"vllm_runtime", "vllm_image", "vllm_image_tarball"} & bad:
+        tarball, archive = None, None
     else:
-        wheelhouse = None  # only the venv runtime installs from it
-    images = read.get("vllm_image", (dict,), "a mapping of CPU architecture (uname -m) to a "
-                      "pinned image reference", optional=runtime != "docker") or {}
-    for arch, reference in images.items():
-        pinned = _IMAGE_REF.match(reference) if isinstance(reference, str) else None
-        if arch not in IMAGE_ARCH:
-            read.error("vllm_image", images, f"CPU architectures from {sorted(IMAGE_ARCH)} "
-                       f"as keys (found {arch!r})")
-        elif not pinned:
-            read.error("vllm_image", reference, f"{arch}: an image pinned by tag, e.g. "
-                       "vllm/vllm-openai:v0.19.1-cu130[@sha256:<64 hex>]")
-        elif pinned["tag"] == "latest":
-            read.error("vllm_image", reference, f"{arch}: a pinned tag, not latest (it moves)")
-    tarball = read.get("vllm_image_tarball", (str,), "a `docker save` archive on the "
-                       "controller", optional=True)
-    archive = None
-    if tarball is not None and runtime == "docker":
-        tarball = _resolve_path(tarball)
-        try:
-            archive = image_archive_info(tarball)
-        except (OSError, ValueError) as error:
-            read.error("vllm_image_tarball", tarball, f"a readable `docker save` archive "
-                       f"({error})")
-        else:
-            unknown = sorted(ref for ref in images.values() if ref not in archive["tags"])
-            if unknown:
-                read.error("vllm_image", unknown, f"the tags vllm_image_tarball holds: "
-                           f"{archive['tags']} (the unit runs the image by that name)")
-    gpu_mode = read.get("vllm_container_gpus", (str,), f"one of {list(CONTAINER_GPU_MODES)}")
-    if gpu_mode is not None and gpu_mode not in CONTAINER_GPU_MODES:
-        read.error("vllm_container_gpus", gpu_mode, f"one of {list(CONTAINER_GPU_MODES)}")
-    packages = read.get("host_packages", (list, tuple), "a list of package names")
-    accept_low = read.get("preflight_accept_low_gpu_memory", (bool,), "true or false")
-    driver_install = read.get("nvidia_driver_install", (bool,), "true or false")
-    driver_branch = read.get("nvidia_driver_min_branch", (int,), "a driver branch like 580")
-    if driver_branch is not None and not 400 <= driver_branch <= 9999:
-        read.error("nvidia_driver_min_branch", driver_branch, "a driver branch like 580")
+        tarball, archive, found = _image_archive(name, values)
+        problems += found
+    if problems:
+        raise DataError(problems)
+    return _derive(host.name, values, api_key, wheelhouse, tarball, archive)
 
-    _check_infra_keys(read)
 
-    if profile is not None and tp is not None and tp >= 1 and profile.attention_heads % tp:
-        read.error("vllm_tensor_parallel_size", tp,
-                   f"a divisor of the {profile.attention_heads} attention heads of "
-                   f"{profile.name} (vLLM shards heads evenly)")
-
-    if read.errors:
-        raise DataError("invalid host data:\n  " + "\n  ".join(read.errors))
-
-    model_dir = f"{weights_dir.rstrip('/')}/{profile.local_name}"
-    draft_dir = (f"{weights_dir.rstrip('/')}/{profile.draft_local_name}"
-                 if speculative and profile.draft_local_name else None)
-    tp = tp if tp is not None else profile.tensor_parallel_size
+def _derive(name: str, values: dict, api_key: str | None, wheelhouse: str | None,
+            tarball: str | None, archive: dict | None) -> Settings:
+    profile = _profile(values)
+    weights_dir = values["weights_dir"].rstrip("/")
+    model_dir = f"{weights_dir}/{profile.local_name}"
+    draft_dir = (f"{weights_dir}/{profile.draft_local_name}"
+                 if values["model_speculative"] and profile.draft_local_name else None)
+    tp = values["vllm_tensor_parallel_size"] or profile.tensor_parallel_size
+    memory = values["vllm_gpu_memory_utilization"]
     memory = memory if memory is not None else profile.gpu_memory_utilization
-    serve_args = vllm_serve_args(
-        profile, model_path=model_dir, draft_path=draft_dir, host=listen_host, port=port,
-        tensor_parallel_size=tp, gpu_memory_utilization=memory,
-        num_speculative_tokens=num_spec, extra_args=extra_args)
     # The same command with the weights seen elsewhere (a pod's mounts): every other input equal.
     serve_args_at = functools.partial(
-        vllm_serve_args, profile, host=listen_host, port=port, tensor_parallel_size=tp,
-        gpu_memory_utilization=memory, num_speculative_tokens=num_spec, extra_args=extra_args)
-    env = {**profile.environment, **environment}
-    if threads_bind is not None:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = threads_bind
+        vllm_serve_args, profile, host=values["vllm_host"], port=values["vllm_port"],
+        tensor_parallel_size=tp, gpu_memory_utilization=memory,
+        num_speculative_tokens=values["model_num_speculative_tokens"],
+        extra_args=values["vllm_extra_args"])
+    env = {**profile.environment, **values["vllm_environment"]}
+    if values["vllm_cpu_threads_bind"] is not None:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = values["vllm_cpu_threads_bind"]
+    source = values["model_source_dir"] and controller_path(values["model_source_dir"])
+    health_timeout = values["vllm_health_timeout_s"]
     if health_timeout is None:
         # Loading is the long part of a start: weights at the data key's rate, plus a fixed
         # allowance for engine start-up (CUDA graphs, KV cache) that does not scale with size.
-        health_timeout = int(120 + profile.size_bytes / load_rate)
+        health_timeout = int(120 + profile.size_bytes / values["vllm_load_bytes_per_s"])
     return Settings(
-        host_name=host.name, profile=profile, model_revision=revision or profile.revision,
-        speculative=speculative, draft_repo=draft_repo, weights_dir=weights_dir,
-        model_dir=model_dir, draft_dir=draft_dir, model_source_dir=source, runtime=runtime,
-        listen_host=listen_host, port=port, api_key=api_key, health_timeout_s=health_timeout,
-        venv_dir=venv_dir, wheelhouse_dir=wheelhouse, environment=env, serve_args=serve_args,
-        packages=list(packages), tensor_parallel_size=tp, gpu_memory_utilization=memory,
+        host_name=name, profile=profile,
+        model_revision=values["model_revision"] or profile.revision,
+        speculative=values["model_speculative"], draft_repo=values["model_draft_repo"],
+        weights_dir=values["weights_dir"], model_dir=model_dir, draft_dir=draft_dir,
+        model_source_dir=source, runtime=values["vllm_runtime"],
+        listen_host=values["vllm_host"], port=values["vllm_port"], api_key=api_key,
+        health_timeout_s=health_timeout, venv_dir=values["vllm_venv_dir"],
+        wheelhouse_dir=wheelhouse, environment=env,
+        serve_args=serve_args_at(model_path=model_dir, draft_path=draft_dir),
+        packages=list(values["host_packages"]), tensor_parallel_size=tp,
+        gpu_memory_utilization=memory,
         weights_bytes=(sum(p.stat().st_size for p in Path(source).rglob("*") if p.is_file())
                        if source else profile.size_bytes),
-        accept_low_gpu_memory=accept_low, driver_min_branch=driver_branch,
-        driver_install=driver_install, wheelhouse_platform=wheelhouse_platform(wheelhouse),
-        images=dict(images), image_tarball=tarball if archive else None,
-        image_archive=archive, container_gpus=gpu_mode,
+        accept_low_gpu_memory=values["preflight_accept_low_gpu_memory"],
+        driver_min_branch=values["nvidia_driver_min_branch"],
+        driver_install=values["nvidia_driver_install"],
+        wheelhouse_platform=wheelhouse_platform(wheelhouse),
+        images=dict(values["vllm_image"] or {}), image_tarball=tarball,
+        image_archive=archive, container_gpus=values["vllm_container_gpus"],
         serve_args_at=serve_args_at)

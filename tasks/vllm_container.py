@@ -11,9 +11,10 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 
+from tasks.data_keys import IMAGE_ARCH, DataError, problem
 from tasks.facts import CpuArchitecture
 from tasks.operations import docker_image_present
-from tasks.settings import ENV_FILE, IMAGE_ARCH, DataError, Settings, resolve
+from tasks.settings import ENV_FILE, Settings, resolve
 
 DOCKER = "/usr/bin/docker"
 CONTAINER_NAME = "vllm"
@@ -32,8 +33,8 @@ def image_reference(settings: Settings, arch: str) -> str:
     preflight reports the same before any change)."""
     reference = settings.image_for(arch)
     if reference is None:
-        raise DataError(f"invalid host data:\n  {settings.host_name}: vllm_image: no image for "
-                        f"this host's {arch} CPU (entries: {sorted(settings.images)})")
+        raise DataError([problem(settings.host_name, "vllm_image", settings.images,
+                                 f"an image for this host's {arch} CPU")])
     return reference
 
 

@@ -30,23 +30,18 @@ from pyinfra import host, logger
 from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.operations import files
 
-from tasks.drift_control import _SHARED_FOLDERS
+from tasks import data_keys
+from tasks.data_keys import NODE_NAME, DataError, Problem, problem
 from tasks.facts import KubernetesObjectsDiffer
-from tasks.k8s_manifests import (_DNS_LABEL, DRAFT_MOUNT, HOSTNAME_LABEL, MANIFESTS,
-                                 MODEL_MOUNT, NODE_NAME, SERVICE_TYPES, VOLUME_TYPES,
+from tasks.k8s_manifests import (DRAFT_MOUNT, HOSTNAME_LABEL, MANIFESTS, MODEL_MOUNT,
                                  ManifestValues, render_manifests, rollout_deadline_s)
 from tasks.operations import secret_file
-from tasks.settings import DataError, Settings, _Reader, resolve
+from tasks.settings import Settings, resolve
 
 SECRET_MANIFEST = "secret.yaml"
 # GB200 trays are Grace (aarch64): the image for that architecture, as the docker runtime
 # picks it by `uname -m`; the Deployment's nodeSelector asks for kubernetes.io/arch: arm64.
 NODE_ARCH = "aarch64"
-# The claim template is NAME-gpu-claim and the Secret NAME-secrets: both must stay labels of
-# at most 63 characters.
-_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,51}[a-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_LITERAL_PATH = re.compile(r"^/[A-Za-z0-9._/@+-]*$")
 # A connector's prefix on an inventory name (`@fake/gb200-tray-01`): not part of the machine's.
 _CONNECTOR_PREFIX = re.compile(r"^@[^/]*/")
 # Which data keys feed each input of the objects, to name them when two nodes disagree.
@@ -88,83 +83,31 @@ class KubernetesSettings:
 
 
 def read_kubernetes_settings(host_name: str, data) -> KubernetesSettings:
-    """Check the k8s_* keys of the control host's data; raise DataError with one line per
-    problem, each naming the host and the key."""
-    read = _Reader(host_name, data)
-    node_group = read.get("k8s_node_group", (str,), "the inventory group of the GPU nodes, "
-                          "e.g. gb200")
-    if node_group is not None and not node_group.strip():
-        read.error("k8s_node_group", node_group, "the inventory group of the GPU nodes")
-    namespace = read.get("k8s_namespace", (str,), "a namespace name (a DNS label)")
-    if namespace is not None and not _DNS_LABEL.match(namespace):
-        read.error("k8s_namespace", namespace, "a namespace name (a DNS label: a-z, 0-9, -)")
-    name = read.get("k8s_name", (str,), "a DNS label of at most 53 characters")
-    if name is not None and not _NAME.match(name):
-        read.error("k8s_name", name, "a DNS label of at most 53 characters (a-z, 0-9, -; "
-                   "NAME-gpu-claim must stay a label)")
-    volume_type = read.get("k8s_volume_type", (str,), f"one of {list(VOLUME_TYPES)}")
-    if volume_type is not None and volume_type not in VOLUME_TYPES:
-        read.error("k8s_volume_type", volume_type, f"one of {list(VOLUME_TYPES)}")
-    claims = {}
+    """The k8s_* keys of the control host's data, checked (tasks/data_keys.py), with the rules
+    the volume type adds; DataError holds every problem."""
+    problems = data_keys.check(host_name, data)
+    values = {key: data.get(key) for key in data_keys.BY_NAME}
+    volume_type = values["k8s_volume_type"]
     for key in ("k8s_model_claim", "k8s_draft_claim"):
-        claim = read.get(key, (str,), "a PersistentVolumeClaim name", optional=True)
-        if volume_type == "hostPath" and claim is not None:
-            read.error(key, claim, "None with k8s_volume_type hostPath (the pod mounts the "
-                       "nodes' weights_dir)")
-        elif claim is not None and not _DNS_SUBDOMAIN.match(claim):
-            read.error(key, claim, "a PersistentVolumeClaim name (a DNS subdomain)")
-        claims[key] = claim
-    if volume_type == "persistentVolumeClaim" and data.get("k8s_model_claim") is None:
-        read.error("k8s_model_claim", None, "the claim holding a folder per model (required "
-                   "with k8s_volume_type persistentVolumeClaim)")
-    service_type = read.get("k8s_service_type", (str,), f"one of {list(SERVICE_TYPES)}")
-    if service_type is not None and service_type not in SERVICE_TYPES:
-        read.error("k8s_service_type", service_type, f"one of {list(SERVICE_TYPES)}")
-    # Checked whatever the service type: a ClusterIP Service ignores it, and a value that is
-    # no node port would only surface when someone switches to NodePort.
-    node_port = read.get("k8s_node_port", (int,), "a port in the NodePort range 30000-32767")
-    if node_port is not None and not 30000 <= node_port <= 32767:
-        read.error("k8s_node_port", node_port, "a port in the NodePort range 30000-32767")
-    manifest_dir = read.get("k8s_manifest_dir", (str,), "an absolute folder path on this host")
-    if manifest_dir is not None:
-        folder = manifest_dir.rstrip("/")
-        if not _LITERAL_PATH.match(manifest_dir) or ".." in manifest_dir.split("/"):
-            read.error("k8s_manifest_dir", manifest_dir, "an absolute folder path on this host "
-                       "(letters, digits, . _ - / @ +)")
-        elif folder in _SHARED_FOLDERS | {""}:
-            read.error("k8s_manifest_dir", manifest_dir, "a folder of its own, not a shared "
-                       "one: the task sets its owner and mode")
-    kubectl = read.get("k8s_kubectl", (str,), "the kubectl command, e.g. kubectl")
-    words: list[str] = []
-    if kubectl is not None:
-        try:
-            words = shlex.split(kubectl)
-        except ValueError:
-            pass
-        if not words:
-            read.error("k8s_kubectl", kubectl, "the kubectl command, e.g. kubectl or "
-                       "\"k3s kubectl\"")
-    kubeconfig = read.get("k8s_kubeconfig", (str,), "an absolute path on this host, or None",
-                          optional=True)
-    if kubeconfig is not None and not kubeconfig.startswith("/"):
-        read.error("k8s_kubeconfig", kubeconfig, "an absolute path on this host, or None "
-                   "(kubectl's default)")
-    field_manager = read.get("k8s_field_manager", (str,), "a server-side apply field manager "
-                             "name")
-    if field_manager is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$",
-                                                  field_manager):
-        read.error("k8s_field_manager", field_manager, "a field manager name of at most 128 "
-                   "characters (letters, digits, . _ : -)")
-    if read.errors:
-        raise DataError("invalid host data:\n  " + "\n  ".join(read.errors))
-    if kubeconfig is not None:
-        words.append(f"--kubeconfig={kubeconfig}")
+        if volume_type == "hostPath" and values[key] is not None:
+            problems.append(problem(host_name, key, values[key], "None with k8s_volume_type "
+                                    "hostPath (the pod mounts the nodes' weights_dir)"))
+    if volume_type == "persistentVolumeClaim" and values["k8s_model_claim"] is None:
+        problems.append(problem(host_name, "k8s_model_claim", None, "the claim holding a "
+                                "folder per model (required with k8s_volume_type "
+                                "persistentVolumeClaim)"))
+    if problems:
+        raise DataError(problems)
+    kubectl = shlex.split(values["k8s_kubectl"])
+    if values["k8s_kubeconfig"] is not None:
+        kubectl.append(f"--kubeconfig={values['k8s_kubeconfig']}")
     return KubernetesSettings(
-        node_group=node_group, namespace=namespace, name=name, volume_type=volume_type,
-        model_claim=claims["k8s_model_claim"], draft_claim=claims["k8s_draft_claim"],
-        service_type=service_type, node_port=node_port,
-        manifest_dir=manifest_dir.rstrip("/"), kubectl=tuple(words),
-        field_manager=field_manager)
+        node_group=values["k8s_node_group"], namespace=values["k8s_namespace"],
+        name=values["k8s_name"], volume_type=volume_type,
+        model_claim=values["k8s_model_claim"], draft_claim=values["k8s_draft_claim"],
+        service_type=values["k8s_service_type"], node_port=values["k8s_node_port"],
+        manifest_dir=values["k8s_manifest_dir"].rstrip("/"), kubectl=tuple(kubectl),
+        field_manager=values["k8s_field_manager"])
 
 
 def node_names(nodes) -> tuple[str, ...]:
@@ -178,17 +121,16 @@ def node_names(nodes) -> tuple[str, ...]:
         name = given if given is not None else _CONNECTOR_PREFIX.sub("", node.name)
         if not isinstance(name, str) or not NODE_NAME.match(name):
             default = "" if given is not None else f" (its inventory name, {name!r}, is none)"
-            problems.append(f"{node.name}: k8s_node_name = {given!r}: the node's "
-                            f"{HOSTNAME_LABEL} label, a DNS-1123 subdomain of at most 63 "
-                            f"characters{default}")
+            problems.append(problem(node.name, "k8s_node_name", given,
+                                    data_keys.BY_NAME["k8s_node_name"].need + default))
         elif name in owner:
-            problems.append(f"{node.name}: k8s_node_name = {given!r}: a node of its own "
-                            f"({owner[name]} is node {name!r} too)")
+            problems.append(problem(node.name, "k8s_node_name", given, f"a node of its own "
+                                    f"({owner[name]} is node {name!r} too)"))
         else:
             owner[name] = node.name
             names.append(name)
     if problems:
-        raise DataError("invalid host data:\n  " + "\n  ".join(problems))
+        raise DataError(problems)
     return tuple(names)
 
 
@@ -204,15 +146,15 @@ def node_values(config: KubernetesSettings, node, settings: Settings,
     """
     problems = []
     if settings.runtime != "kubernetes":
-        problems.append(f"{node.name}: vllm_runtime = {settings.runtime!r}: kubernetes on "
-                        f"every node of {config.node_group} (else the node also runs "
-                        "vllm.service on the GPUs the pod asks for)")
+        problems.append(problem(node.name, "vllm_runtime", settings.runtime, f"kubernetes on "
+                                f"every node of {config.node_group} (else the node also runs "
+                                "vllm.service on the GPUs the pod asks for)"))
     image = settings.image_for(NODE_ARCH)
     if image is None:
-        problems.append(f"{node.name}: vllm_image = {settings.images!r}: an {NODE_ARCH!r} "
-                        "image (GB200 nodes are arm64)")
+        problems.append(problem(node.name, "vllm_image", settings.images,
+                                f"an {NODE_ARCH!r} image (GB200 nodes are arm64)"))
     if problems:
-        raise DataError("invalid host data:\n  " + "\n  ".join(problems))
+        raise DataError(problems)
     if config.volume_type == "hostPath":
         volumes = {"model_volume": settings.model_dir, "draft_volume": settings.draft_dir}
     else:
@@ -248,6 +190,18 @@ def _difference(field: dataclasses.Field, first, second) -> str:
     return f"{first!r} vs {second!r}"
 
 
+def _disagreements(first_name: str, first: ManifestValues, name: str, values: ManifestValues,
+                   group: str) -> list[Problem]:
+    """One problem per input on which node `name` renders other objects than `first_name`."""
+    return [Problem(name, _VALUE_KEYS.get(field.name, "k8s_*"),
+                    f"{field.name}: "
+                    + _difference(field, getattr(first, field.name), getattr(values, field.name)),
+                    f"the same as on {first_name}: one Deployment serves every node of group "
+                    f"{group}, so their data must agree")
+            for field in dataclasses.fields(ManifestValues)
+            if getattr(first, field.name) != getattr(values, field.name)]
+
+
 def desired_values(control, config: KubernetesSettings) -> ManifestValues:
     """The one set of values every node of `config.node_group` renders the objects from.
     Raises DataError naming the control host when the group is empty, a node and its
@@ -256,32 +210,25 @@ def desired_values(control, config: KubernetesSettings) -> ManifestValues:
     """
     nodes = control.inventory.get_group(config.node_group, [])
     if not nodes:
-        raise DataError(f"invalid host data:\n  {control.name}: k8s_node_group = "
-                        f"{config.node_group!r}: an inventory group holding the GPU nodes "
-                        "(this inventory has no host in it)")
+        raise DataError([problem(control.name, "k8s_node_group", config.node_group,
+                                 "an inventory group holding the GPU nodes (this inventory "
+                                 "has no host in it)")])
     pinned_to = node_names(nodes)
     rendered = []
     for node in nodes:
         try:
             rendered.append((node, node_values(config, node, resolve(node), pinned_to)))
         except ValueError as error:
-            problems = str(error).splitlines()[1:] or [str(error)]
-            raise DataError("invalid host data:\n" + "\n".join(
-                f"  {control.name}: the Kubernetes objects from {node.name}'s data: "
-                f"{problem.strip()}" for problem in problems)) from error
+            lines = str(error).splitlines()[1:] or [str(error)]
+            raise DataError([Problem(control.name, f"the Kubernetes objects from {node.name}'s "
+                                     "data", line.strip(), "values the objects can hold")
+                             for line in lines]) from error
     (first_node, first), others = rendered[0], rendered[1:]
     for node, values in others:
         if values == first:
             continue
-        differences = [
-            f"    {field.name} (from {_VALUE_KEYS.get(field.name, 'k8s_*')}): "
-            + _difference(field, getattr(first, field.name), getattr(values, field.name))
-            for field in dataclasses.fields(ManifestValues)
-            if getattr(first, field.name) != getattr(values, field.name)]
-        raise DataError(
-            f"invalid host data:\n  {first_node.name} and {node.name} render different "
-            f"Kubernetes objects; one Deployment serves every node of group "
-            f"{config.node_group}, so their data must agree on:\n" + "\n".join(differences))
+        raise DataError(_disagreements(first_node.name, first, node.name, values,
+                                       config.node_group))
     return first
 
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import runpy
-import sys
-import types
 from pathlib import Path
 
 from pyinfra.api import StringCommand
 from pyinfra.context import ctx_host, ctx_state
 
-REPO = Path(__file__).resolve().parent.parent
+# group_data is re-exported: tests read the data the way the commands read it.
+from tools.repository import REPO, group_data  # noqa: F401
+
 SEED = REPO.parent / "shared" / "seed" / "000_80ee62958af13de0.txt"
 # The seed's section 6, kept in the repository: a clone without ../shared still has it.
 SEED_BENCHMARKS = REPO / "tests" / "fixtures" / "seed-benchmarks.txt"
@@ -22,16 +19,6 @@ def seed_benchmarks_text() -> str:
     """The seed's benchmark section (command and results), from the fixture copy."""
     return "\n".join(line for line in SEED_BENCHMARKS.read_text().splitlines()
                      if not line.startswith("# ")) + "\n"
-
-
-def group_data(*groups: str) -> dict:
-    """group_data/all.py, then each named group file on top, as pyinfra merges them."""
-    data: dict = {}
-    for group in ("all", *groups):
-        values = runpy.run_path(str(REPO / "group_data" / f"{group}.py"))
-        data.update({key: value for key, value in values.items()
-                     if not key.startswith("_") and not isinstance(value, types.ModuleType)})
-    return data
 
 
 class FakeHost:
@@ -51,18 +38,6 @@ def run_fact(testinfra_host, fact_class, *args):
     text = command.get_raw_value() if hasattr(command, "get_raw_value") else str(command)
     output = testinfra_host.check_output(text)
     return fact.process(output.splitlines()) if output else fact.default()
-
-
-def load_tool(name: str):
-    """Import tools/NAME (a script without .py) as a module, registered in sys.modules so
-    that its dataclasses can look their module up by name."""
-    module_name = name.replace("-", "_")
-    loader = importlib.machinery.SourceFileLoader(module_name, str(REPO / "tools" / name))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module
-    loader.exec_module(module)
-    return module
 
 
 def fact_command(fact, **arguments) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +19,7 @@ ENV = {**os.environ, "SANDBOX_NAME": SANDBOX, "PYTHONUNBUFFERED": "1"}
 
 
 def sandbox_tool(*args: str, name: str = SANDBOX) -> subprocess.CompletedProcess:
-    return subprocess.run([str(REPO / "tools" / "sandbox"), "--name", name, *args],
+    return subprocess.run([sys.executable, "-m", "harness.sandbox", "--name", name, *args],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 

@@ -1,5 +1,5 @@
 """The e2e sandbox: two systemd-nspawn hosts (real systemd, real sshd, no internet) booted by
-tools/sandbox once per test session, under the name "e2e" (apart from the demo's "sbx").
+sandbox once per test session, under the name "e2e" (apart from the demo's "sbx").
 Needs root; CI provides it. Test modules run in name order on the same hosts: deploy, drift,
 endpoint bench, Hub weights, infra suite, then the teardown check.
 """

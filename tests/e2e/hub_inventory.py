@@ -1,4 +1,4 @@
-"""inventories/sandbox.py's hosts, fetching the model from tools/hub-mirror instead of pushing it.
+"""inventories/sandbox.py's hosts, fetching the model from hub-mirror instead of pushing it.
 
 Each host reaches the mirror on its own controller address (HUB_E2E_PORTS: {"host": port});
 HUB_E2E_DATA (JSON) adds or overrides host data for one run (weights_dir, watchdog, ...).

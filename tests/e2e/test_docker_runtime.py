@@ -1,5 +1,5 @@
 """The docker runtime end to end, on a sandbox host of its own ("dock"): Docker runs inside the
-systemd-nspawn host, the image is the CPU build of vLLM that tools/vllm-image makes from the
+systemd-nspawn host, the image is the CPU build of vLLM that vllm-image makes from the
 wheelhouse (no registry is reachable: the deploy pushes it and `docker load`s it), and
 vllm.service runs it from templates/vllm-container.service.j2, as on a GB200 tray but without
 GPUs. The controller talks to the container through the port Docker publishes; bench.py runs
@@ -33,8 +33,8 @@ LOADED = f"vLLM container image | Image {IMAGE} present (loaded from vllm_image_
 def dock():
     if os.geteuid() != 0:
         pytest.fail("the e2e tests boot systemd-nspawn hosts and need root")
-    image = subprocess.run([sys.executable, "tools/vllm-image"], cwd=REPO, capture_output=True,
-                           text=True, timeout=1800)
+    image = subprocess.run([sys.executable, "-m", "harness.vllm_image"], cwd=REPO,
+                           capture_output=True, text=True, timeout=1800)
     assert image.returncode == 0, image.stderr[-3000:]
     sandbox_tool("down", name=NAME)
     up = sandbox_tool("up", "1", name=NAME)

@@ -1,4 +1,4 @@
-"""tools/drift-check against the deployed e2e sandbox: in sync, a hand-edited unit, a stopped
+"""drift-check against the deployed e2e sandbox: in sync, a hand-edited unit, a stopped
 service (no secret in any report), drop-ins, a file left in the weights folder, an
 unreachable host, then a normal deploy converges everything again. The check itself never
 changes a host: managed files are compared before and after."""
@@ -19,7 +19,7 @@ STRAY = "/raid/models/tiny-kimi/notes.txt"
 
 
 def drift_check(out) -> tuple[int, str, dict]:
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "drift-check"),
+    result = subprocess.run([sys.executable, "-m", "tools.drift_check",
                              "inventories/sandbox.py", "--out", str(out)],
                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900,
                             stdin=subprocess.DEVNULL)

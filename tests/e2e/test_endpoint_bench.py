@@ -1,6 +1,6 @@
 """bench.py against the deployed e2e sandbox: the sandbox workload runs on every host from the
 host's own vLLM venv, waits for /health when the service was just restarted, and brings the
-results home; tools/bench-report then compares them, charts them and flags a doctored
+results home; bench-report then compares them, charts them and flags a doctored
 baseline. The default (seed) workload cannot fit the sandbox's context and is refused before
 any request. Runs after the deploy and drift modules (name order), on the converged hosts."""
 
@@ -20,7 +20,8 @@ from tasks.bench import WORKLOADS, serve_args_digest
 from tasks.models import PROFILES
 from tasks.settings import resolve
 from tests.e2e.common import ENV, PYINFRA, api_key, service_start
-from tests.helpers import REPO, FakeHost, group_data, load_tool
+from tests.helpers import REPO, FakeHost, group_data
+from tools import bench_report
 
 WORKLOAD = WORKLOADS["sandbox"]
 
@@ -28,7 +29,7 @@ WORKLOAD = WORKLOADS["sandbox"]
 
 
 def bench_report(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "tools" / "bench-report"), *args],
+    return subprocess.run([sys.executable, "-m", "tools.bench_report", *args],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
 
 
@@ -94,7 +95,7 @@ def test_results_carry_the_metadata_that_makes_them_comparable(bench_run, sandbo
 
 
 def test_metrics_scrapes_bracket_the_run(bench_run, sandbox):
-    report = load_tool("bench-report")
+    report = bench_report
     for host in sandbox["hosts"]:
         before = report.parse_prometheus(
             (bench_run["dir"] / f"{host['name']}.metrics-before.prom").read_text())
@@ -182,7 +183,7 @@ def test_the_seed_workload_is_refused_before_any_request(sandbox):
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-3000:]
     for host in sandbox["hosts"]:
-        assert (f"{host['name']}: bench_profile = '{seed.name}': found {seed.input_len} input "
+        assert (f"{host['name']}: bench_profile: found '{seed.name}', {seed.input_len} input "
                 f"+ {seed.output_len} output = {seed.context_len} tokens per request; need at "
                 f"most the served model's max_model_len of {max_model_len}") in output, \
             output[-3000:]

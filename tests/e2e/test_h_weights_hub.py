@@ -1,4 +1,4 @@
-"""Weights from a Hub mirror with the real `hf` CLI on the e2e sandbox hosts: tools/hub-mirror
+"""Weights from a Hub mirror with the real `hf` CLI on the e2e sandbox hosts: hub-mirror
 listens on each host's controller address (never anything wider) and serves a repo of several
 shards at a pinned commit; tests/e2e/hub_deploy.py runs preflight, system and weights into
 /raid/hub-e2e (vLLM keeps serving the pushed model), then the last test runs the whole runbook
@@ -35,15 +35,16 @@ OWN_SANDBOX = ({"SANDBOX_NAME": os.environ["HUB_E2E_SANDBOX"]}
 
 
 class HostMirror:
-    """tools/hub-mirror on one sandbox host's controller address."""
+    """hub-mirror on one sandbox host's controller address."""
 
     def __init__(self, workdir: Path, address: str, folder: Path, token_file: Path):
         self.state = workdir / f"mirror-{address}.json"
         self.log = open(workdir / f"mirror-{address}.log", "wb")
         self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "tools" / "hub-mirror"), "--listen", f"{address}:0",
+            [sys.executable, "-m", "harness.hub_mirror", "--listen", f"{address}:0",
              "--repo", f"{REPO_ID}={folder}", "--state-file", str(self.state),
-             "--token-file", str(token_file)], stdout=self.log, stderr=subprocess.STDOUT)
+             "--token-file", str(token_file)], cwd=REPO, stdout=self.log,
+            stderr=subprocess.STDOUT)
         self.token = token_file.read_text().strip()
         deadline = time.monotonic() + 30
         while not self.state.exists():

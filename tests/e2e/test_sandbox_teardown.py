@@ -1,4 +1,4 @@
-"""Last e2e module: `tools/sandbox down` leaves no process, mount, veth or state behind."""
+"""Last e2e module: `sandbox down` leaves no process, mount, veth or state behind."""
 
 from pathlib import Path
 

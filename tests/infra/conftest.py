@@ -37,13 +37,15 @@ def _inventory(config) -> dict[str, dict]:
     path = config.getoption("--inventory")
     if not path:
         raise pytest.UsageError("tests/infra needs --inventory INVENTORY (or $INFRA_INVENTORY)")
-    result = subprocess.run([sys.executable, "-m", "tests.infra.inventory", path,
+    result = subprocess.run([sys.executable, "-m", "tools.inventory", path,
                              *config.getoption("--infra-data")], cwd=REPO,
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise pytest.UsageError(f"cannot load inventory {path}:\n{result.stderr[-2000:]}")
     # The drift check's and Kubernetes' control hosts serve no model: nothing here applies.
-    hosts = {name: data for name, data in json.loads(result.stdout).items()
+    # tools.inventory adds each host's groups as "_groups": not a data key, so it goes here.
+    hosts = {name: {key: value for key, value in data.items() if key != "_groups"}
+             for name, data in json.loads(result.stdout).items()
              if not {"drift_control", "k8s_control"} & set(data["_groups"])}
     limit = config.getoption("--infra-limit")
     if limit:
@@ -65,7 +67,7 @@ def host_data(request, host_name) -> dict:
 class Secret:
     """A secret the checks send but never show. pytest prints the arguments of every frame of a
     failed test (and, with -l, its locals) in the terminal and in the JUnit XML that
-    tools/drift-check keeps: this object prints as ``Secret(<redacted>)`` there, and only the
+    drift-check keeps: this object prints as ``Secret(<redacted>)`` there, and only the
     call that sends the value reads it, with ``reveal()``."""
 
     __slots__ = ("_value",)
@@ -143,6 +145,6 @@ def unit_host(host, settings):
 
 @pytest.fixture(autouse=True)
 def _record_host(request, record_property):
-    """Name the host in the JUnit XML, so tools/drift-check attributes each failure."""
+    """Name the host in the JUnit XML, so drift-check attributes each failure."""
     if "host_name" in request.fixturenames:
         record_property("host", request.getfixturevalue("host_name"))

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.facts import FreeBytes
+from tasks.facts import FreeBytes, WeightsTree
 from tasks.operations import undeclared_files
 from tasks.settings import ENV_FILE
-from tasks.weights import Target, WeightsTree
+from tasks.weights import Target
 from tests.helpers import run_fact
 
 

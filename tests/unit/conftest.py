@@ -11,9 +11,9 @@ from tests.helpers import REPO
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """The sandbox's tiny model, built once per test session by tools/make-tiny-model."""
+    """The sandbox's tiny model, built once per test session by make-tiny-model."""
     out = tmp_path_factory.mktemp("tiny-model")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make-tiny-model"), "--out", str(out)],
+    subprocess.run([sys.executable, "-m", "harness.make_tiny_model", "--out", str(out)], cwd=REPO,
                    check=True, capture_output=True)
     return out
 

@@ -25,7 +25,8 @@ from pyinfra.api.deploy import add_deploy
 from tasks.bench import (WORKLOADS, BenchSettings, bench_script, bench_serve_args, client_argv,
                          context_check_script, resolve_bench, result_check, serve_args_digest)
 from tasks.facts import CpuArchitecture
-from tasks.settings import ENV_FILE, DataError, resolve
+from tasks.data_keys import DataError
+from tasks.settings import ENV_FILE, resolve
 from tasks.vllm_service import env_file_content
 from tests.helpers import (REPO, FakeHost, fact_command, group_data, planned_commands,
                            seed_benchmarks_text)
@@ -163,7 +164,8 @@ def test_bad_bench_data_names_host_and_key(host_data, key, value, need):
     data[key] = value
     with pytest.raises(DataError) as error:
         resolve_bench("h1", data)
-    assert f"h1: {key} = {value!r}: {need}" in str(error.value)
+    (problem,) = error.value.problems
+    assert str(problem).startswith(f"h1: {key}: found {value!r}; need ") and need in problem.need
 
 
 def test_a_numeric_run_id_from_the_command_line_is_a_folder_name(host_data):
@@ -262,23 +264,24 @@ def test_control_hosts_are_not_benchmarked(host_data):
 def test_a_kubernetes_tray_is_refused_in_one_line(host_data):
     with pytest.raises(DataError) as error:
         resolve_bench("tray-01", host_data("gb200", vllm_runtime="kubernetes"))
-    (line,) = str(error.value).splitlines()[1:]
-    assert line.strip().startswith("tray-01: vllm_runtime = 'kubernetes': ")
-    assert "need the docker or venv runtime" in line
+    (problem,) = error.value.problems
+    line = str(problem)
+    assert line.startswith("tray-01: vllm_runtime: found 'kubernetes'; need the docker or venv "
+                           "runtime")
     assert "kubectl exec deploy/kimi-k26 -- vllm bench serve" in line
 
 
 def gb200_bench_dry_run(runtime: str | None) -> subprocess.CompletedProcess:
     """The README's `pyinfra inventories/gb200.py bench.py`, planned (--dry) by pyinfra's CLI
-    on the @fake hosts of GB200_FAKE=seed (no tray exists here)."""
+    on those hosts as @fake hosts (harness/gb200_fake_inventory.py: no tray exists here)."""
     env = {key: value for key, value in os.environ.items()
            if key not in ("GB200_FAKE", "GB200_FAKE_RUNTIME")}
-    env["GB200_FAKE"] = "seed"
     if runtime:
         env["GB200_FAKE_RUNTIME"] = runtime
-    return subprocess.run([str(Path(sys.executable).parent / "pyinfra"), "inventories/gb200.py",
-                           "bench.py", "--dry", "-y"], cwd=REPO, env=env, capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL, timeout=120)
+    return subprocess.run([str(Path(sys.executable).parent / "pyinfra"),
+                           "harness/gb200_fake_inventory.py", "bench.py", "--dry", "-y"],
+                          cwd=REPO, env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
 
 
 def test_the_readme_command_plans_on_the_gb200_inventory():
@@ -293,8 +296,9 @@ def test_the_gb200_inventory_on_kubernetes_is_refused_in_one_line_without_a_trac
     output = result.stdout + result.stderr
     assert result.returncode == 1
     # The first tray planned (either: hosts are planned concurrently) stops the run.
-    assert re.search(r"@fake/gb200-tray-0[12]: vllm_runtime = 'kubernetes': bench.py "
-                     r"benchmarks vllm.service from the host", output), output[-3000:]
+    assert re.search(r"@fake/gb200-tray-0[12]: vllm_runtime: found 'kubernetes'; need the "
+                     r"docker or venv runtime: bench.py benchmarks vllm.service from the host",
+                     output), output[-3000:]
     assert "Traceback" not in output
 
 
@@ -372,7 +376,7 @@ def test_the_seed_workload_is_refused_by_a_2048_token_server_naming_the_lengths(
     result = run_context_check(host_data, tmp_path, models_endpoint, "seed-8k-1k", 2048)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        "sbx1: bench_profile = 'seed-8k-1k': found 8000 input + 1024 output = 9024 tokens per "
+        "sbx1: bench_profile: found 'seed-8k-1k', 8000 input + 1024 output = 9024 tokens per "
         "request; need at most the served model's max_model_len of 2048 (GET /v1/models): "
         "pick a bench_profile that fits (tasks/bench.py), or serve a longer context"]
     # The key went as a header, read on the host from the env file.

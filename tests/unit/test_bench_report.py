@@ -1,4 +1,4 @@
-"""tools/bench-report: the seed's baseline holds the seed's numbers; doctored baselines give the
+"""bench-report (tools/bench_report.py): the seed's baseline holds the seed's numbers; doctored baselines give the
 regression exit code; the chart is a real PNG with the expected series; the speculative
 decoding A/B says OFF on the seed's own numbers and counts acceptance from /metrics scrapes."""
 
@@ -11,7 +11,8 @@ import matplotlib.image
 import pytest
 from PIL import Image
 
-from tests.helpers import REPO, load_tool, seed_benchmarks_text
+from tests.helpers import REPO, seed_benchmarks_text
+from tools import bench_report as tool
 
 BASELINE = REPO / "baselines" / "seed-kimi-k2.6-4xgb200.json"
 TOLERANCES = ["--tolerance", "0.10", "--p99-tolerance", "0.25"]
@@ -35,11 +36,6 @@ SEED_LABELS = {
     "Drafts": "spec_decode_num_drafts", "Draft tokens": "spec_decode_draft_tokens",
     "Accepted tokens": "spec_decode_accepted_tokens",
 }
-
-
-
-
-tool = load_tool("bench-report")
 
 
 def report(capsys, *args: str) -> tuple[int, str]:

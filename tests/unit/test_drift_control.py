@@ -1,5 +1,5 @@
-"""tasks/drift_control.py: the drift check's systemd units, the deploy that installs them, its
-Kubernetes CronJob and the checks on its data. No host needed."""
+"""tasks/drift_control.py: the drift check's systemd units, the deploy that installs them and
+the checks on its data. No host needed."""
 
 from __future__ import annotations
 
@@ -21,9 +21,7 @@ from pathlib import Path
 
 import jinja2
 import jinja2.meta
-import kubernetes_validate
 import pytest
-import yaml
 from pyinfra.api import Config, FileUploadCommand, Inventory, State, StringCommand
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
@@ -32,30 +30,18 @@ from pyinfra.context import ctx_host, ctx_state
 from pyinfra.operations import files
 
 from tasks import drift_control
-from tasks.drift_control import (CRONJOB_TEMPLATE, SERVICE_UNIT, TEMPLATES, TIMER_UNIT,
-                                 UNIT_DIR, read_drift_config, render_drift_cronjob,
-                                 unit_template_values)
-from tasks.settings import DataError
-from tests.helpers import REPO, group_data, load_tool
+from tasks.data_keys import DEFAULTS, DataError
+from tasks.drift_control import (SERVICE_UNIT, TEMPLATES, TIMER_UNIT, UNIT_DIR,
+                                 read_drift_config, unit_template_values)
+from tests.helpers import REPO
+from tools import drift_check
 
-# The defaults group_data/all.py declares for these keys; its own values win once it has them.
-DRIFT_DEFAULTS = {
-    "drift_repo_dir": None,
-    "drift_inventory": "inventories/gb200.py",
-    "drift_schedule": "*:0/15",
-    "drift_out_dir": "/var/lib/vllm-drift",
-    "drift_textfile": "/var/lib/prometheus/node-exporter/vllm_drift.prom",
-    "drift_user": "root",
-    "drift_report_mode": 0o600,
-}
 REPO_ON_CONTROL = "/srv/kimi-gb200"
 FAKE_HOST = "@fake/control"
-K8S_VERSIONS = ("1.34.0", "1.35.0")
 
 
 def control_data(**overrides) -> dict:
-    declared = {key: value for key, value in group_data().items() if key.startswith("drift_")}
-    return {**DRIFT_DEFAULTS, **declared, "drift_repo_dir": REPO_ON_CONTROL, **overrides}
+    return {**DEFAULTS, "drift_repo_dir": REPO_ON_CONTROL, **overrides}
 
 
 def render_units(data: dict) -> dict[str, str]:
@@ -81,7 +67,7 @@ def directives(text: str) -> dict[str, list[str]]:
 def test_service_runs_the_drift_check_from_the_checkout():
     service = directives(render_units(control_data())[SERVICE_UNIT])
     assert service["ExecStart"] == [
-        f"{REPO_ON_CONTROL}/.venv/bin/python {REPO_ON_CONTROL}/tools/drift-check "
+        f"{REPO_ON_CONTROL}/.venv/bin/drift-check "
         "inventories/gb200.py --out /var/lib/vllm-drift "
         "--textfile /var/lib/prometheus/node-exporter/vllm_drift.prom --report-mode 0600"]
     assert service["WorkingDirectory"] == [REPO_ON_CONTROL]
@@ -100,7 +86,7 @@ def test_service_follows_the_data():
         drift_user="operator", drift_out_dir="/var/tmp/drift",
         drift_textfile="/srv/textfiles/drift.prom", drift_report_mode=0o640))[SERVICE_UNIT])
     assert service["ExecStart"] == [
-        "/home/operator/kimi-gb200/.venv/bin/python /home/operator/kimi-gb200/tools/drift-check "
+        "/home/operator/kimi-gb200/.venv/bin/drift-check "
         "inventories/sandbox.py --out /var/tmp/drift --textfile /srv/textfiles/drift.prom "
         "--report-mode 0640"]
     assert service["User"] == ["operator"]
@@ -139,12 +125,12 @@ def test_templates_take_exactly_the_values_given(unit):
 def test_units_pass_systemd_analyze_verify(tmp_path):
     """`systemd-analyze verify` on both rendered units, in a temporary folder, when this machine
     has it (shutil.which). verify also requires ExecStart's program to exist, so a stand-in
-    checkout holds a .venv/bin/python. Without systemd-analyze the test checks the units' text
+    checkout holds a .venv/bin/drift-check. Without systemd-analyze the test checks the units' text
     only (every line a comment, a section or Key=Value), and warns that it did no more, rather
     than skipping."""
     repo = tmp_path / "checkout"
     (repo / ".venv" / "bin").mkdir(parents=True)
-    (repo / ".venv" / "bin" / "python").symlink_to(os.path.realpath(sys.executable))
+    (repo / ".venv" / "bin" / "drift-check").symlink_to(os.path.realpath(sys.executable))
     units = render_units(control_data(drift_repo_dir=str(repo)))
     # The timer starts the service, so only the timer is enabled and has an [Install].
     wanted_sections = {SERVICE_UNIT: ["Unit", "Service"], TIMER_UNIT: ["Unit", "Timer", "Install"]}
@@ -288,77 +274,7 @@ def test_new_schedule_reloads_systemd_and_restarts_only_the_timer():
     assert changes == 2
 
 
-# (d) The CronJob.
-
-def cronjob(**overrides) -> dict:
-    values = {"image": "kimi-gb200-tools:2026.11", "service_account": "vllm-drift",
-              "ssh_secret": "vllm-drift-ssh", "inventory_config_map": "vllm-drift-inventory",
-              **overrides}
-    documents = [doc for doc in yaml.safe_load_all(render_drift_cronjob(**values)) if doc]
-    assert len(documents) == 1, "one object per file"
-    return documents[0]
-
-
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("overrides", [{}, {"schedule": "@hourly", "namespace": "ops",
-                                            "successful_jobs_history_limit": 0}],
-                         ids=["defaults", "hourly"])
-def test_cronjob_validates_strictly(version, overrides):
-    # validate() answers with the schema version it used: proof that the wanted one exists.
-    assert kubernetes_validate.validate(cronjob(**overrides), version, strict=True) == \
-        version[:4]
-
-
-@pytest.mark.parametrize("version", K8S_VERSIONS)
-def test_strict_validation_catches_a_misplaced_field(version):
-    job = cronjob()
-    job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["concurrencyPolicy"] = "Forbid"
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(job, version, strict=True)
-
-
-def test_cronjob_runs_the_drift_check_with_referenced_secrets():
-    job = cronjob(schedule="*/30 * * * *", inventory_key="sites-a.py")
-    spec = job["spec"]
-    assert (job["apiVersion"], job["kind"]) == ("batch/v1", "CronJob")
-    assert spec["schedule"] == "*/30 * * * *"
-    assert spec["concurrencyPolicy"] == "Forbid"
-    assert (spec["successfulJobsHistoryLimit"], spec["failedJobsHistoryLimit"]) == (3, 5)
-    pod = spec["jobTemplate"]["spec"]["template"]["spec"]
-    assert pod["serviceAccountName"] == "vllm-drift"
-    assert pod["automountServiceAccountToken"] is False
-    (container,) = pod["containers"]
-    assert container["image"] == "kimi-gb200-tools:2026.11"
-    assert container["command"] == [
-        "/opt/kimi-gb200/.venv/bin/python", "/opt/kimi-gb200/tools/drift-check",
-        f"{drift_control.INVENTORY_MOUNT}/sites-a.py", "--out", drift_control.CRONJOB_OUT_DIR]
-    volumes = {volume["name"]: volume for volume in pod["volumes"]}
-    assert volumes["ssh"]["secret"] == {"secretName": "vllm-drift-ssh", "defaultMode": 0o440}
-    assert volumes["inventory"]["configMap"] == {"name": "vllm-drift-inventory"}
-    mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
-    assert mounts["ssh"] == {"name": "ssh", "mountPath": drift_control.SSH_MOUNT,
-                             "readOnly": True}
-    assert spec["jobTemplate"]["spec"]["activeDeadlineSeconds"] == \
-        drift_control.TIMEOUT_START_S
-    text = (TEMPLATES / "k8s" / CRONJOB_TEMPLATE).read_text()
-    assert text.startswith("# Managed by tasks/drift_control.py")
-
-
-@pytest.mark.parametrize("overrides, named", [
-    ({"schedule": "*:0/15"}, "schedule"),  # OnCalendar, not cron
-    ({"schedule": "*/15 * * *"}, "schedule"),
-    ({"name": "a" * 53}, "name"),
-    ({"ssh_secret": "Drift_SSH"}, "ssh_secret"),
-    ({"inventory_key": "inventories/gb200.py"}, "inventory_key"),
-    ({"failed_jobs_history_limit": -1}, "failed_jobs_history_limit"),
-    ({"image": ""}, "image"),
-])
-def test_cronjob_refuses_bad_values(overrides, named):
-    with pytest.raises(ValueError, match=rf"\n  {named}="):
-        cronjob(**overrides)
-
-
-# (e) Bad data stops the deploy before its first operation, naming host and key.
+# (d) Bad data stops the deploy before its first operation, naming host and key.
 
 @pytest.mark.parametrize("key, value", [
     ("drift_repo_dir", "work/kimi-gb200"),  # relative
@@ -385,8 +301,9 @@ def test_bad_data_raises_data_error_naming_host_and_key(key, value):
     connect_all(state)
     with pytest.raises(DataError) as raised:
         add_deploy(state, drift_control.install)
-    (problem,) = str(raised.value).splitlines()[1:]
-    assert problem.startswith(f"  {FAKE_HOST}: {key} = {value!r}: "), problem
+    (problem,) = raised.value.problems
+    assert (problem.host, problem.key) == (FAKE_HOST, key), problem
+    assert str(problem).startswith(f"{FAKE_HOST}: {key}: found "), problem
     assert state.get_op_order() == []
 
 
@@ -394,10 +311,8 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(DataError) as raised:
         read_drift_config("control", control_data(drift_repo_dir=None, drift_schedule=15,
                                                   drift_user=""))
-    lines = str(raised.value).splitlines()[1:]
-    assert [line.split(" = ")[0] for line in lines] == [
-        "  control: drift_repo_dir", "  control: drift_schedule", "  control: drift_user"]
-
+    assert sorted(problem.key for problem in raised.value.problems) == [
+        "drift_repo_dir", "drift_schedule", "drift_user"]
 
 
 def test_the_report_mode_sets_the_folder_mode_with_search_bits():
@@ -405,14 +320,12 @@ def test_the_report_mode_sets_the_folder_mode_with_search_bits():
     data = control_data(drift_report_mode=0o644)
     operations, _ = plan(data, host_answers({UNIT_DIR: "root"}, {}, timer_running=False))
     assert operations[0][1][1] == "chmod 755 /var/lib/vllm-drift"
-    tool = load_tool("drift-check")
     for mode, folder in ((0o600, 0o700), (0o640, 0o750), (0o644, 0o755), (0o000, 0o700)):
         assert read_drift_config("control", control_data(drift_report_mode=mode)
                                  ).out_dir_mode == folder
-        assert tool.folder_mode(mode) == folder  # the tool's twin, for folders it makes
 
 
-# (f) tools/drift-check: no secret in any report, reports private by default.
+# (e) drift-check: no secret in any report, reports private by default.
 
 KEY = "sk-drift-UNIT-TEST-0123456789abcdef"
 
@@ -477,7 +390,7 @@ def test_failing_endpoint_checks_leave_no_key_in_the_reports(tmp_path, controlle
     shutil.copy(Path(controller_folders["model_source_dir"]) / "config.json", model)
     (model / "notes.txt").write_text("mine\n")
     out = tmp_path / "drift"
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "drift-check"),
+    result = subprocess.run([sys.executable, "-m", "tools.drift_check",
                              str(inventory), "--out", str(out)], cwd=REPO,
                             capture_output=True, text=True, timeout=300,
                             stdin=subprocess.DEVNULL)
@@ -525,7 +438,7 @@ def test_the_infra_checks_never_print_the_key(tmp_path, controller_folders, requ
 def test_a_leaked_secret_is_scrubbed_from_every_report(tmp_path, monkeypatch):
     """Defence in depth: a secret that reached a check's output anyway (escaped for XML, in
     an attribute and in text) is replaced before anything is written."""
-    tool = load_tool("drift-check")
+    tool = drift_check
     key_file = tmp_path / "key"
     key_file.write_text('k&"<ey>-0123\n')
     monkeypatch.setenv("HF_TOKEN", "hf_token_in_the_environment")
@@ -556,10 +469,10 @@ def test_a_leaked_secret_is_scrubbed_from_every_report(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text, mode", [("600", 0o600), ("0640", 0o640), ("0o644", 0o644),
                                         ("0", 0)])
 def test_report_mode_argument_reads_octal(text, mode):
-    assert load_tool("drift-check").report_mode_argument(text) == mode
+    assert drift_check.report_mode_argument(text) == mode
 
 
 @pytest.mark.parametrize("text", ["755", "1600", "rw", "-600", "8"])
 def test_report_mode_argument_refuses_execute_bits_and_junk(text):
     with pytest.raises(argparse.ArgumentTypeError, match="without execute bits"):
-        load_tool("drift-check").report_mode_argument(text)
+        drift_check.report_mode_argument(text)

@@ -48,10 +48,19 @@ def test_case(path: Path):
 
 
 @pytest.mark.parametrize("fact", [facts.NvidiaGpus, facts.NvidiaSmiInfo, facts.FreeBytes,
-                                  facts.ListeningTcpPorts, facts.SystemdDropIns])
+                                  facts.ListeningTcpPorts, facts.SystemdDropIns,
+                                  facts.WeightsTree, facts.NvidiaKernelModuleVersion,
+                                  facts.CdiSpecDriverVersion])
 def test_empty_output_is_the_default(fact):
     # pyinfra skips process() on empty stdout and hands out default(): both must agree.
     assert fact().process([]) == fact.default()
+
+
+def test_find_mtimes_are_read_exactly():
+    # A float would read 1764413012.1234567890 as ...123456768: a verified file would then
+    # look changed, and the next deploy would fetch it again.
+    assert facts.mtime_ns("1764413012.1234567890") == 1764413012123456789
+    assert facts.mtime_ns("1764413012") == 1764413012 * 10**9
 
 
 @pytest.fixture(scope="module")

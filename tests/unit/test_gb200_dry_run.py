@@ -1,9 +1,10 @@
 """The whole GB200 plan, both runtimes, against @fake hosts that answer as the seed's tray.
 
-tools/gb200-dry-run runs `pyinfra inventories/gb200.py deploy.py --dry` in its own process
-(pyinfra's CLI patches gevent: never loaded here) with GB200_FAKE=seed, the Hub served by
-tools/hub-mirror on 127.0.0.1 (a Kimi-K2.6-shaped repo of sparse files), and reads back both
-pyinfra's JSON plan (`hosts_with_change` per operation) and every planned command.
+gb200-dry-run (harness/gb200_dry_run.py) runs `pyinfra harness/gb200_fake_inventory.py
+deploy.py --dry` in its own process (pyinfra's CLI patches gevent: never loaded here): the hosts
+of inventories/gb200.py as @fake hosts, the Hub served by hub-mirror on 127.0.0.1 (a
+Kimi-K2.6-shaped repo of sparse files); it reads back both pyinfra's JSON plan
+(`hosts_with_change` per operation) and every planned command.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def dry_run(runtime: str, tmp_path: Path) -> dict:
     env = {key: value for key, value in os.environ.items()
            if key not in ("HF_TOKEN", "GB200_FAKE", "GB200_FAKE_RUNTIME")}
     result = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "gb200-dry-run"), "--runtime", runtime, "--json",
+        [sys.executable, "-m", "harness.gb200_dry_run", "--runtime", runtime, "--json",
          "--commands", str(commands_file)],
         cwd=REPO, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -66,12 +67,13 @@ def hosts_changed(run: dict, prefix: str) -> set[str]:
 
 # ---- the fake hosts ------------------------------------------------------------------------
 
-def load_inventory(monkeypatch, **env) -> dict:
+def load_inventory(monkeypatch, inventory: str = "inventories/gb200.py", **env) -> dict:
+    """An inventory file's groups, the file executed by path as pyinfra executes it."""
     for key in ("GB200_FAKE", "GB200_FAKE_RUNTIME"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    values = runpy.run_path(str(REPO / "inventories" / "gb200.py"))
+    values = runpy.run_path(str(REPO / inventory))
     return {key: value for key, value in values.items()
             if not key.startswith("_") and isinstance(value, (list, tuple))}
 
@@ -86,7 +88,8 @@ def test_production_inventory_declares_real_hosts_and_no_k8s_control_for_docker(
 
 
 def test_fake_inventory_answers_the_seed_tray_facts(monkeypatch):
-    groups = load_inventory(monkeypatch, GB200_FAKE="seed", GB200_FAKE_RUNTIME="kubernetes")
+    groups = load_inventory(monkeypatch, "harness/gb200_fake_inventory.py",
+                            GB200_FAKE_RUNTIME="kubernetes")
     assert [name for name, _ in groups["gb200"]] == TRAYS
     assert [name for name, _ in groups["k8s_control"]] == [K8S]
     (_, tray), (_, control) = groups["gb200"][0], groups["k8s_control"][0]
@@ -203,8 +206,8 @@ def test_kubernetes_control_host_installs_the_objects_and_applies_them(kubernete
 
 REFUSED = "gb200-dry-run: the preflight refuses the deploy (a real run stops before any change):"
 BAD_DATA = [
-    ("model_profile=kimi-k3", "model_profile = 'kimi-k3': one of ['kimi-k2.6', "),
-    ("model_draft_repo=", "model_draft_repo = '': a Hub repo id like owner/name"),
+    ("model_profile=kimi-k3", "model_profile: found 'kimi-k3'; need one of ['kimi-k2.6', "),
+    ("model_draft_repo=", "model_draft_repo: found ''; need a Hub repo id like owner/name"),
     ("vllm_runtime=kubernetes", "vllm_runtime: found 'kubernetes' and no host in group "
                                 "k8s_control; need a k8s_control host"),
     ("vllm_tensor_parallel_size=1", "vllm_tensor_parallel_size: found 1 x 199 GB x 0.90 = 179 "
@@ -218,8 +221,8 @@ def test_bad_data_fails_with_the_preflights_lines_and_no_traceback(data, says):
     control host and tensor parallel 1 on a tray (the override on) once planned as if fine."""
     env = {key: value for key, value in os.environ.items()
            if key not in ("HF_TOKEN", "GB200_FAKE", "GB200_FAKE_RUNTIME")}
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "gb200-dry-run"), "--data",
-                             data], cwd=REPO, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "harness.gb200_dry_run", "--data", data],
+                            cwd=REPO, env=env, capture_output=True, text=True,
                             stdin=subprocess.DEVNULL, timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr

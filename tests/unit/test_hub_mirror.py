@@ -1,4 +1,4 @@
-"""tools/hub-mirror: the real `hf` CLI downloads from it offline, byte for byte; a re-run fetches
+"""hub-mirror (harness/hub_mirror.py): the real `hf` CLI downloads from it offline, byte for byte; a re-run fetches
 nothing; a broken or stalled transfer still ends with the right bytes; a wrong repo, revision or
 missing token fails with a message that names the problem."""
 
@@ -20,7 +20,8 @@ import pytest
 from tests.helpers import REPO
 
 HF = REPO / ".venv" / "bin" / "hf"
-MIRROR = REPO / "tools" / "hub-mirror"
+# Run from the checkout, as `python -m` finds the package there with or without the venv.
+MIRROR = [sys.executable, "-m", "harness.hub_mirror"]
 MODEL_REPO = "test-org/tiny-kimi"
 SPARSE_REPO = "test-org/sparse"
 SHARD = "model-00001-of-00002.safetensors"
@@ -57,14 +58,14 @@ def git_blob_id(content: bytes) -> str:
 
 
 class Mirror:
-    """One tools/hub-mirror process on loopback, found through the state file it writes."""
+    """One hub-mirror process on loopback, found through the state file it writes."""
 
     def __init__(self, workdir: Path, repos: dict[str, Path], token: str | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
         self.state_file = workdir / "mirror.json"
         self.log_file = workdir / "mirror.log"
         self.token = token
-        command = [sys.executable, str(MIRROR), "--listen", "127.0.0.1:0",
+        command = [*MIRROR, "--listen", "127.0.0.1:0",
                    "--state-file", str(self.state_file)]
         for repo_id, folder in repos.items():
             command += ["--repo", f"{repo_id}={folder}"]
@@ -73,7 +74,8 @@ class Mirror:
             token_file.write_text(token + "\n")
             command += ["--token-file", str(token_file)]
         with open(self.log_file, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=log,
+                                            stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 30
             while not self.state_file.exists():
@@ -388,9 +390,8 @@ def test_mirror_answers_like_the_hub(mirror, tiny_model):
 
 
 def test_print_revisions_gives_the_served_commit_without_serving(tiny_model):
-    result = subprocess.run([sys.executable, str(MIRROR), "--print-revisions",
-                             "--repo", f"{MODEL_REPO}={tiny_model}"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run([*MIRROR, "--print-revisions", "--repo", f"{MODEL_REPO}={tiny_model}"],
+                            cwd=REPO, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{MODEL_REPO} {expected_commit(tiny_model)}\n"
 
@@ -400,11 +401,12 @@ def test_hash_cache_is_reused_until_a_file_changes(tiny_model, tmp_path):
     model.mkdir()
     for path in tiny_model.iterdir():
         (model / path.name).write_bytes(path.read_bytes())
-    command = [sys.executable, str(MIRROR), "--print-revisions", "--repo", f"{MODEL_REPO}={model}",
+    command = [*MIRROR, "--print-revisions", "--repo", f"{MODEL_REPO}={model}",
                "--hash-cache", str(tmp_path / "hashes.json")]
 
     def run() -> tuple[str, str]:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=True)
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=30,
+                                check=True)
         return result.stdout.split()[1], result.stderr
 
     first, first_log = run()

@@ -539,7 +539,7 @@ def test_claim_volumes_may_run_anywhere_or_pinned():
     ({"node_names": ()}, r"node_names=\(\): the nodes holding the weights"),
     ({"node_names": ["Tray_01"]}, r"node_names \['Tray_01'\]: kubernetes.io/hostname"),
     ({"node_names": ["t" * 64]}, "at most 63 characters"),
-    ({"node_names": ["tray-01.", "tray-02"]}, "DNS-1123"),
+    ({"node_names": ["tray-01.", "tray-02"]}, "RFC 1123"),
     ({"node_names": ["tray-01", "tray-01"]}, "each node once"),
     ({"checkpoint_size_bytes": -1}, "checkpoint_size_bytes=-1"),
     ({"load_bytes_per_s": 0}, "load_bytes_per_s=0: a finite rate"),
@@ -566,9 +566,7 @@ def test_values_that_cannot_work_are_refused(overrides, message):
 # The templates themselves.
 
 def test_each_template_names_its_task_and_holds_one_object():
-    # The drift check's CronJob lives beside them but belongs to tasks/drift_control.py.
-    templates = sorted(path.name for path in TEMPLATE_DIR.glob("*.j2")
-                       if path.name != "drift-check-cronjob.yaml.j2")
+    templates = sorted(path.name for path in TEMPLATE_DIR.glob("*.j2"))
     assert templates == sorted(name + ".j2" for name in MANIFESTS)
     for name, text in render_manifests(make_values()).items():
         assert text.startswith("# Managed by tasks/vllm_kubernetes.py"), name

@@ -41,10 +41,12 @@ def data(controller_folders):
     return {**group_data("gb200"), **controller_folders, "preflight_accept_low_gpu_memory": False}
 
 
-def check(data, facts, **overrides):
+def check(data, facts, _use_profile_size=False, **overrides):
+    """The preflight's problems for this data and these facts; _use_profile_size measures the
+    weights at the profile's size rather than the stand-in folder's."""
     data.update(overrides)
     settings = resolve(FakeHost("tray-01", data))
-    if data.get("_use_profile_size"):
+    if _use_profile_size:
         settings = dataclasses.replace(settings, weights_bytes=settings.profile.size_bytes)
     return host_problems(settings, facts)
 
@@ -312,14 +314,14 @@ def test_a_wheelhouse_for_another_python_is_refused(data, tmp_path):
 
 def test_the_hf_wheelhouse_is_held_to_the_hosts_platform_too():
     from tasks.preflight import wheelhouse_problems
-    found = wheelhouse_problems("tray-01", "hf_cli_wheelhouse_dir", "tools/hf-wheelhouse",
+    found = wheelhouse_problems("tray-01", "hf_cli_wheelhouse_dir", "hf-wheelhouse",
                                 {"arch": "x86_64", "python": "3.11"},
                                 dataclasses.replace(GB200_TRAY, python="3.12"))
     assert [line.split(": found ")[0] for line in found] == [
         "tray-01: hf_cli_wheelhouse_dir", "tray-01: hf_cli_wheelhouse_dir"]
-    assert "tools/hf-wheelhouse --arch aarch64" in found[0]
-    assert "tools/hf-wheelhouse --python-version 3.12" in found[1]
-    assert wheelhouse_problems("tray-01", "hf_cli_wheelhouse_dir", "tools/hf-wheelhouse",
+    assert "hf-wheelhouse --arch aarch64" in found[0]
+    assert "hf-wheelhouse --python-version 3.12" in found[1]
+    assert wheelhouse_problems("tray-01", "hf_cli_wheelhouse_dir", "hf-wheelhouse",
                                {"arch": "aarch64", "python": "3.12"},
                                dataclasses.replace(GB200_TRAY, python="3.12")) == []
 

@@ -1,4 +1,4 @@
-"""tools/sandbox's liveness checks, on real child processes (no nspawn needed).
+"""The sandbox's (harness/sandbox.py) liveness checks, on real child processes (no nspawn needed).
 
 A fresh machine's `make demo` failed at `sandbox up` with "veth ve-sbx1 never appeared" while
 nspawn was booting: the tool judged its own child by /proc/PID/cmdline, which can read empty
@@ -11,9 +11,7 @@ import sys
 
 import pytest
 
-from tests.helpers import load_tool
-
-sandbox = load_tool("sandbox")
+from harness import sandbox
 
 
 @pytest.fixture

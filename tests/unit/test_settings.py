@@ -3,7 +3,8 @@ host, the key, what was found and what is needed."""
 
 import pytest
 
-from tasks.settings import DataError, resolve
+from tasks.data_keys import DataError
+from tasks.settings import resolve
 from tests.helpers import FakeHost, group_data
 
 
@@ -45,7 +46,7 @@ def test_relative_controller_paths_are_relative_to_the_repository(sandbox_data):
     sandbox_data["vllm_api_key_file"] = "no/such/key"
     with pytest.raises(DataError) as error:
         resolve(FakeHost("h", sandbox_data))
-    assert "vllm_api_key_file = 'no/such/key'" in str(error.value)
+    assert "h: vllm_api_key_file: found 'no/such/key'; need" in str(error.value)
 
 
 BAD_INPUTS = [
@@ -96,7 +97,7 @@ BAD_INPUTS = [
     ("nvidia_gpu_model", 200, "the name nvidia-smi reports"),
     ("vllm_wheelhouse_dir", None, "wheelhouse"),
     ("vllm_wheelhouse_dir", "/nonexistent/wheelhouse", "requirements.lock"),
-    ("host_packages", "curl", "list of package names"),
+    ("host_packages", "curl", "list of Debian package names"),
 ]
 
 
@@ -105,9 +106,9 @@ def test_bad_input_is_refused_naming_host_and_key(sandbox_data, key, value, need
     sandbox_data[key] = value
     with pytest.raises(DataError) as error:
         resolve(FakeHost("tray-07", sandbox_data))
-    lines = [line for line in str(error.value).splitlines() if line.strip().startswith("tray-07:")]
-    assert any(f"tray-07: {key} = {value!r}" in line and need in line for line in lines), \
-        str(error.value)
+    lines = [str(problem) for problem in error.value.problems]
+    assert any(line.startswith(f"tray-07: {key}: found ") and need in line.split("; need ")[1]
+               for line in lines), str(error.value)
 
 
 def test_every_problem_is_reported_together(sandbox_data):
@@ -116,7 +117,7 @@ def test_every_problem_is_reported_together(sandbox_data):
         resolve(FakeHost("h", sandbox_data))
     message = str(error.value)
     for key in ("vllm_port", "vllm_gpu_memory_utilization", "model_profile"):
-        assert f"h: {key} = " in message
+        assert f"h: {key}: found " in message
 
 
 def test_api_key_never_appears_in_the_rendered_command(sandbox_data):
@@ -139,8 +140,8 @@ def test_the_venv_runtime_needs_a_wheelhouse():
     data = {**group_data("gb200"), "vllm_runtime": "venv"}
     with pytest.raises(DataError) as error:
         resolve(FakeHost("gb200-tray-01", data))
-    problems = [line for line in str(error.value).splitlines()[1:]]
-    assert [p.split(" = ")[0].strip() for p in problems] == ["gb200-tray-01: vllm_wheelhouse_dir"]
+    assert [(p.host, p.key) for p in error.value.problems] == [("gb200-tray-01",
+                                                                "vllm_wheelhouse_dir")]
 
 
 def test_the_infra_keys_defaults_and_edges_resolve(sandbox_data):

@@ -24,7 +24,8 @@ from pyinfra.facts.files import Directory, File, Sha1File, Sha256File
 from tasks import vllm_container, vllm_service
 from tasks.facts import CpuArchitecture, DockerImage, SystemdDropIns, SystemdVersion
 from tasks.models import systemd_exec_line
-from tasks.settings import ENV_FILE, DataError, image_archive_info, resolve
+from tasks.data_keys import DataError
+from tasks.settings import ENV_FILE, image_archive_info, resolve
 from tests.helpers import FakeHost, fact_command, group_data, planned_commands
 
 SEED_IMAGE = "vllm/vllm-openai:v0.19.1-cu130"
@@ -71,14 +72,14 @@ def test_a_file_that_is_no_archive_is_refused_naming_host_and_key(tmp_path, cont
     bogus.write_bytes(content)
     with pytest.raises(DataError) as error:
         resolve(FakeHost("tray-01", docker_data(vllm_image_tarball=str(bogus))))
-    assert f"tray-01: vllm_image_tarball = '{bogus}'" in str(error.value)
+    assert f"tray-01: vllm_image_tarball: found '{bogus}'; need" in str(error.value)
 
 
 def test_an_archive_without_the_pinned_tag_is_refused(tmp_path):
     archive = write_archive(tmp_path / "img.tar", "vllm/vllm-openai:v0.18.0-cu130", "arm64")
     with pytest.raises(DataError) as error:
         resolve(FakeHost("tray-01", docker_data(vllm_image_tarball=str(archive))))
-    assert "tray-01: vllm_image = " in str(error.value)
+    assert "tray-01: vllm_image: found " in str(error.value)
     assert "v0.18.0-cu130" in str(error.value)
 
 
@@ -86,7 +87,7 @@ BAD_IMAGES = [
     ({"aarch64": "vllm/vllm-openai"}, "pinned by tag"),
     ({"aarch64": "vllm/vllm-openai:latest"}, "not latest"),
     ({"aarch64": "vllm/vllm-openai:v1@sha256:abc"}, "pinned by tag"),
-    ({"sparc64": SEED_IMAGE}, "CPU architectures"),
+    ({"sparc64": SEED_IMAGE}, "CPU architecture (x86_64, aarch64)"),
     ("vllm/vllm-openai:v0.19.1-cu130", "a mapping of CPU architecture"),
 ]
 
@@ -95,7 +96,7 @@ BAD_IMAGES = [
 def test_unpinned_or_misplaced_images_are_refused(images, need):
     with pytest.raises(DataError) as error:
         resolve(FakeHost("tray-01", docker_data(vllm_image=images)))
-    assert "tray-01: vllm_image = " in str(error.value) and need in str(error.value)
+    assert "tray-01: vllm_image: found " in str(error.value) and need in str(error.value)
 
 
 def test_a_digest_pinned_image_is_accepted():
@@ -107,7 +108,7 @@ def test_a_digest_pinned_image_is_accepted():
 def test_an_unknown_gpu_mode_is_refused():
     with pytest.raises(DataError) as error:
         resolve(FakeHost("tray-01", docker_data(vllm_container_gpus="all")))
-    assert "tray-01: vllm_container_gpus = 'all'" in str(error.value)
+    assert "tray-01: vllm_container_gpus: found 'all'; need" in str(error.value)
 
 
 # ---- the docker run line ------------------------------------------------------------------

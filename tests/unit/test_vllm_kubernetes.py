@@ -29,7 +29,8 @@ from tasks import vllm_kubernetes
 from tasks.facts import KubernetesObjectsDiffer
 from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, rollout_deadline_s,
                                  startup_probe_window_s)
-from tasks.settings import OFFLINE_ENVIRONMENT, DataError, resolve
+from tasks.data_keys import DataError
+from tasks.settings import OFFLINE_ENVIRONMENT, resolve
 from tasks.vllm_kubernetes import node_names, read_kubernetes_settings, rollout_script
 from tests.helpers import FakeHost, fact_command, group_data, planned_commands
 
@@ -345,10 +346,11 @@ def test_image_digest_is_split_off_the_pinned_reference(secrets):
 def test_nodes_that_disagree_are_named_with_what_differs(secrets):
     with pytest.raises(DataError) as raised:
         prepared(secrets, {}, ({}, {"vllm_extra_args": ["--max-model-len", "65536"]}))
-    message = str(raised.value)
-    assert f"{NODES[0]} and {NODES[1]} render different Kubernetes objects" in message
-    assert "serve_args (from model_*" in message
-    assert "['--max-model-len', '65536'] only on the second" in message
+    (problem,) = raised.value.problems
+    assert problem.host == NODES[1] and problem.key.startswith("model_*, vllm_host")
+    assert str(problem).startswith(f"{NODES[1]}: model_*, vllm_host")
+    assert "found serve_args: [] only on the first, ['--max-model-len', '65536'] only on the " \
+        "second; need the same as on " + NODES[0] in str(problem)
 
 
 def test_a_differing_secret_is_named_but_not_shown(secrets, tmp_path):
@@ -357,7 +359,7 @@ def test_a_differing_secret_is_named_but_not_shown(secrets, tmp_path):
     with pytest.raises(DataError) as raised:
         prepared(secrets, {}, ({}, {"vllm_api_key_file": str(other)}))
     message = str(raised.value)
-    assert "api_key (from vllm_api_key_file): the values differ (secret: not shown)" in message
+    assert "vllm_api_key_file: found api_key: the values differ (secret: not shown)" in message
     assert API_KEY not in message and "sk-test-other-node-77" not in message
 
 
@@ -368,7 +370,8 @@ def test_a_control_host_beside_nodes_that_serve_themselves_plans_nothing(secrets
 
 
 def test_a_node_of_another_runtime_is_refused(secrets):
-    with pytest.raises(DataError, match=rf"{NODES[1]}: vllm_runtime = 'docker': kubernetes"):
+    with pytest.raises(DataError, match=rf"{NODES[1]}: vllm_runtime: found 'docker'; need "
+                                        "kubernetes"):
         prepared(secrets, {}, ({}, {"vllm_runtime": "docker"}))
 
 
@@ -394,16 +397,16 @@ def test_a_node_of_another_runtime_is_refused(secrets):
 def test_bad_data_raises_data_error_naming_host_and_key(secrets, key, value):
     with pytest.raises(DataError) as raised:
         prepared(secrets, {}, control={key: value})
-    (problem,) = str(raised.value).splitlines()[1:]
-    assert problem.startswith(f"  {CONTROL}: {key} = {value!r}: "), problem
+    (problem,) = raised.value.problems
+    assert str(problem).startswith(f"{CONTROL}: {key}: found {value!r}; need "), problem
 
 
 def test_a_node_port_out_of_range_is_refused_with_cluster_ip_too(secrets):
     with pytest.raises(DataError) as raised:
         prepared(secrets, {}, control={"k8s_service_type": "ClusterIP", "k8s_node_port": -1})
-    (problem,) = str(raised.value).splitlines()[1:]
-    assert problem == (f"  {CONTROL}: k8s_node_port = -1: a port in the NodePort range "
-                       "30000-32767")
+    (problem,) = raised.value.problems
+    assert str(problem) == (f"{CONTROL}: k8s_node_port: found -1; need a port in the NodePort "
+                            "range 30000-32767")
 
 
 def test_bad_data_adds_no_operation(secrets):
@@ -421,14 +424,14 @@ def test_every_problem_is_reported_at_once():
         read_kubernetes_settings("bastion", {**group_data(), "k8s_volume_type":
                                              "persistentVolumeClaim", "k8s_node_port": 80,
                                              "k8s_kubeconfig": "relative"})
-    lines = str(raised.value).splitlines()[1:]
-    assert [line.split(" = ")[0] for line in lines] == [
-        "  bastion: k8s_model_claim", "  bastion: k8s_node_port", "  bastion: k8s_kubeconfig"]
+    assert sorted((p.host, p.key) for p in raised.value.problems) == [
+        ("bastion", "k8s_kubeconfig"), ("bastion", "k8s_model_claim"),
+        ("bastion", "k8s_node_port")]
 
 
 def test_an_empty_node_group_names_the_key(secrets):
-    with pytest.raises(DataError, match=rf"{CONTROL}: k8s_node_group = 'gb200': an inventory "
-                                        "group holding the GPU nodes"):
+    with pytest.raises(DataError, match=rf"{CONTROL}: k8s_node_group: found 'gb200'; need an "
+                                        "inventory group holding the GPU nodes"):
         prepared(secrets, {}, node_group=())
 
 
@@ -436,9 +439,9 @@ def test_values_the_objects_cannot_hold_name_the_control_host(secrets):
     clash = {"vllm_environment": {"HF_TOKEN": "plain"}}
     with pytest.raises(DataError) as raised:
         prepared(secrets, {}, (clash, clash))
-    (problem,) = str(raised.value).splitlines()[1:]
-    assert problem.startswith(f"  {CONTROL}: the Kubernetes objects from {NODES[0]}'s data: "
-                              "environment holds ['HF_TOKEN']"), problem
+    (problem,) = raised.value.problems
+    assert str(problem).startswith(f"{CONTROL}: the Kubernetes objects from {NODES[0]}'s "
+                                   "data: found environment holds ['HF_TOKEN']"), problem
 
 
 # (g) Secrets reach the control host only inside the 0600 file; the Hub token not at all.
@@ -495,8 +498,8 @@ def test_a_node_outside_the_group_is_not_allowed(secrets):
     assert pinned_nodes(uploads(state, host)[f"{DIR}/deployment.yaml"]) == ["tray-01"]
 
 
-NEED_NODE_NAME = ("the node's kubernetes.io/hostname label, a DNS-1123 subdomain of at most "
-                  "63 characters")
+NEED_NODE_NAME = ("None or the node's kubernetes.io/hostname label, an RFC 1123 subdomain of "
+                  "at most 63 characters")
 
 
 @pytest.mark.parametrize("name, given, need", [
@@ -512,8 +515,8 @@ def test_a_node_name_no_node_can_carry_names_the_host_and_key(name, given, need)
     """FakeHost stands in for the inventory's host: node_names reads only names and data."""
     with pytest.raises(DataError) as raised:
         node_names([FakeHost(name, {"k8s_node_name": given})])
-    (problem,) = str(raised.value).splitlines()[1:]
-    assert problem == f"  {name}: k8s_node_name = {given!r}: {need}"
+    (problem,) = raised.value.problems
+    assert str(problem) == f"{name}: k8s_node_name: found {given!r}; need {need}"
 
 
 def test_node_names_default_to_the_inventory_names():
@@ -525,9 +528,9 @@ def test_node_names_default_to_the_inventory_names():
 def test_two_hosts_on_one_node_are_refused(secrets):
     with pytest.raises(DataError) as raised:
         prepared(secrets, {}, ({}, {"k8s_node_name": "tray-01"}))
-    (problem,) = str(raised.value).splitlines()[1:]
-    assert problem == (f"  {NODES[1]}: k8s_node_name = 'tray-01': a node of its own "
-                       f"({NODES[0]} is node 'tray-01' too)")
+    (problem,) = raised.value.problems
+    assert str(problem) == (f"{NODES[1]}: k8s_node_name: found 'tray-01'; need a node of its "
+                            f"own ({NODES[0]} is node 'tray-01' too)")
 
 
 def test_the_pod_runs_offline_with_the_nodes_environment_on_top(secrets):

@@ -1,9 +1,11 @@
-"""tasks/weights.py and files/weights-fetch.py: the Hub listing from the controller, the
-completeness rule, the space check, and the host-side fetch run here against tools/hub-mirror
-on loopback with the real `hf` CLI (the same script the sandbox hosts run under systemd)."""
+"""tasks/weights*.py and files/weights-fetch.py: the Hub listing from the controller
+(weights_hub), the completeness rule and the space check (weights_host), the job's schema
+(weights_job), and the host-side fetch run here against tools/hub-mirror on loopback with the
+real `hf` CLI (the same script the sandbox hosts run under systemd)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -19,7 +21,7 @@ from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
 from pyinfra.facts.files import File
 
-from tasks import weights
+from tasks import facts, operations, weights, weights_host, weights_hub, weights_job
 from tasks.facts import TreeDigests
 from tasks.settings import DataError
 from tests.helpers import REPO, fact_command, group_data, planned_commands
@@ -57,15 +59,15 @@ def mirror(module_mirror):
     return module_mirror.reset()
 
 
-def hub_settings(**overrides) -> weights.HubSettings:
+def hub_settings(**overrides) -> weights_hub.HubSettings:
     values = dict(endpoint=None, token=None, include=(), exclude=(), max_workers=4, xet=True,
                   stall_timeout_s=30, attempts=3, verify_full=False, draft_revision="main")
     values.update(overrides)
-    return weights.HubSettings(**values)
+    return weights_hub.HubSettings(**values)
 
 
 def job(mirror, tmp_path, repo=REPO_ID, **overrides) -> Path:
-    listing = weights.hub_listing(repo, "main", mirror.url, mirror.token)
+    listing = weights_hub.hub_listing(repo, "main", mirror.url, mirror.token)
     target = weights.Target("model", repo, "main", str(tmp_path / "out"))
     token_file = tmp_path / "token"
     token_file.write_text(mirror.token)
@@ -73,9 +75,10 @@ def job(mirror, tmp_path, repo=REPO_ID, **overrides) -> Path:
     body = weights.job_for(target, listing, hub_settings(endpoint=mirror.url,
                                                          token=mirror.token),
                            str(HF.parent / "python3"))
-    body.update(state_dir=str(tmp_path / "state"), token_file=str(token_file), **overrides)
-    path = tmp_path / "job.json"
-    path.write_text(json.dumps(body))
+    body = dataclasses.replace(body, state_dir=str(tmp_path / "state"),
+                               token_file=str(token_file), **overrides)
+    path = tmp_path / weights_job.JOB_FILE
+    path.write_bytes(body.to_json())
     return path
 
 
@@ -86,7 +89,7 @@ def fetch(job_path: Path, *args, timeout=120) -> subprocess.CompletedProcess:
 
 
 def status(tmp_path) -> dict:
-    return json.loads((tmp_path / "state" / "status.json").read_text())
+    return json.loads((tmp_path / "state" / weights_job.STATUS_FILE).read_text())
 
 
 def tree_of(folder: Path) -> dict:
@@ -94,11 +97,11 @@ def tree_of(folder: Path) -> dict:
     present = {}
     for path in folder.rglob("*"):
         relative = path.relative_to(folder).as_posix()
-        if path.is_file() and not relative.startswith(".cache/"):
+        if path.is_file() and not relative.startswith(f"{weights_job.RECORDS_DIR}/"):
             stat = path.stat()
             present[relative] = [stat.st_size, stat.st_mtime_ns]
     try:
-        manifest = json.loads((folder / weights.MANIFEST).read_text())
+        manifest = json.loads((folder / weights_job.MANIFEST).read_text())
     except OSError:
         manifest = None
     return {"manifest": manifest, "files": present, "incomplete_bytes": 0, "unit_active": False,
@@ -108,7 +111,7 @@ def tree_of(folder: Path) -> dict:
 # ---- data keys -----------------------------------------------------------------------------
 
 def test_defaults_pass_and_read_the_token_from_the_environment():
-    hub = weights.read_hub_settings("h1", group_data(), environ={"HF_TOKEN": " hf_abc \n"})
+    hub = weights_hub.read_hub_settings("h1", group_data(), environ={"HF_TOKEN": " hf_abc \n"})
     assert hub.token == "hf_abc" and hub.endpoint is None and hub.xet and hub.attempts == 4
 
 
@@ -119,8 +122,8 @@ def test_defaults_pass_and_read_the_token_from_the_environment():
     ("weights_hf_token_file", "/nonexistent/token")])
 def test_bad_values_name_host_and_key(key, value):
     with pytest.raises(DataError) as error:
-        weights.read_hub_settings("h1", {**group_data(), key: value}, environ={})
-    assert f"h1: {key} = {value!r}" in str(error.value)
+        weights_hub.read_hub_settings("h1", {**group_data(), key: value}, environ={})
+    assert f"h1: {key}: found {value!r}; need " in str(error.value)
 
 
 @pytest.mark.parametrize("key, low, high, need", [
@@ -129,31 +132,31 @@ def test_bad_values_name_host_and_key(key, value):
     ("weights_download_attempts", 1, 20, "an integer 1..20")])
 def test_numeric_keys_have_a_range_that_the_error_states(key, low, high, need):
     for good in (low, high):
-        weights.read_hub_settings("h1", {**group_data(), key: good}, environ={})
+        weights_hub.read_hub_settings("h1", {**group_data(), key: good}, environ={})
     for bad in (low - 1, high + 1, float(low), str(low)):
         with pytest.raises(DataError) as error:
-            weights.read_hub_settings("h1", {**group_data(), key: bad}, environ={})
-        assert f"h1: {key} = {bad!r}: {need}" in str(error.value)
+            weights_hub.read_hub_settings("h1", {**group_data(), key: bad}, environ={})
+        assert f"h1: {key}: found {bad!r}; need {need}" in str(error.value)
 
 
 def test_a_token_file_inside_the_repository_is_refused():
     with pytest.raises(DataError, match="outside this repository"):
-        weights.read_hub_settings("h1", {**group_data(), "weights_hf_token_file": "README.md"},
-                                  environ={})
+        weights_hub.read_hub_settings("h1", {**group_data(),
+                                             "weights_hf_token_file": "README.md"}, environ={})
 
 
 # ---- the listing and the rules -------------------------------------------------------------
 
 def test_listing_has_the_commit_sizes_and_checksums(mirror, tiny_model):
-    listing = weights.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
+    listing = weights_hub.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
     assert set(listing.files) == {p.name for p in tiny_model.iterdir()}
     shard = listing.files[SHARD]
     assert shard["sha256"] == hashlib.sha256((tiny_model / SHARD).read_bytes()).hexdigest()
     config = (tiny_model / "config.json").read_bytes()
     assert listing.files["config.json"]["git_sha1"] == hashlib.sha1(
         b"blob %d\0" % len(config) + config).hexdigest()
-    filtered = weights.hub_listing(REPO_ID, "main", mirror.url, mirror.token,
-                                   include=("*.json",), exclude=("tokenizer*",))
+    filtered = weights_hub.hub_listing(REPO_ID, "main", mirror.url, mirror.token,
+                                       include=("*.json",), exclude=("tokenizer*",))
     assert set(filtered.files) == {"config.json", "generation_config.json",
                                    "model.safetensors.index.json"}
 
@@ -164,46 +167,79 @@ def test_listing_has_the_commit_sizes_and_checksums(mirror, tiny_model):
     (REPO_ID, "main", None, f"repo {REPO_ID} not found"),
 ])
 def test_lookup_errors_are_one_clear_line(mirror, repo, revision, token, message):
-    with pytest.raises(weights.HubLookupError) as error:
-        weights.hub_listing(repo, revision, mirror.url, mirror.token if token else None)
+    with pytest.raises(weights_hub.HubLookupError) as error:
+        weights_hub.hub_listing(repo, revision, mirror.url, mirror.token if token else None)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_unreachable_endpoint_is_one_clear_line():
-    with pytest.raises(weights.HubLookupError, match="cannot reach http://127.0.0.1:9"):
-        weights.hub_listing(REPO_ID, "main", "http://127.0.0.1:9", None)
+    with pytest.raises(weights_hub.HubLookupError, match="cannot reach http://127.0.0.1:9"):
+        weights_hub.hub_listing(REPO_ID, "main", "http://127.0.0.1:9", None)
 
 
 def test_space_problem_names_host_path_needed_and_free():
-    listing = weights.Listing("o/m", "main", "a" * 40, {
+    listing = weights_hub.Listing("o/m", "main", "a" * 40, {
         "a.safetensors": {"size": 6 * 10**9, "sha256": "x", "git_sha1": "y"},
         "b.safetensors": {"size": 4 * 10**9, "sha256": "z", "git_sha1": "w"}})
     tree = {"manifest": None, "files": {"a.safetensors": [6 * 10**9, 1]}, "incomplete_bytes": 10**9}
     free = {"mount": "/raid", "free_bytes": 2 * 10**9}
-    assert weights.bytes_to_fetch(listing, tree) == 4 * 10**9
-    problem = weights.space_problem("h1", "/raid/models/m", listing, tree, free)
+    assert weights_host.bytes_to_fetch(listing, tree) == 4 * 10**9
+    problem = weights_host.space_problem("h1", "/raid/models/m", listing, tree, free)
     assert problem == ("h1: weights_dir: /raid/models/m (filesystem /raid) needs 4.00 GB more "
                        "for o/m@aaaaaaaaaaaa, 3.00 GB free (4000000000 > 3000000000 bytes)")
-    assert weights.space_problem("h1", "/raid/models/m", listing, tree,
-                                 {**free, "free_bytes": 3 * 10**9}) is None
+    assert weights_host.space_problem("h1", "/raid/models/m", listing, tree,
+                                      {**free, "free_bytes": 3 * 10**9}) is None
 
 
-def test_mtime_is_parsed_exactly():
-    assert weights.mtime_ns("1764413012.1234567890") == 1764413012123456789
-    assert weights.mtime_ns("1764413012") == 1764413012 * 10**9
+# ---- the job: one schema, and the script knows only what the job says --------------------
+
+def test_the_weights_folder_records_are_the_ones_the_deploy_never_counts():
+    assert operations.DOWNLOADER_RECORDS == f"{weights_job.RECORDS_DIR}/"
+    for name in (weights_job.MANIFEST, weights_job.CLIENT_RECORDS_DIR):
+        assert operations.undeclared_files([name + "/x"], declared=()) == []
 
 
-def test_weights_tree_fact_parses_its_sections():
-    fact = weights.WeightsTree()
-    out = fact.process([
-        "::weights-tree::manifest", '{"commit": "c", "complete": true, "files": {}}',
-        "::weights-tree::files", "a.bin\t12\t1764413012.5000000000", "sub/b.json\t3\t1.0",
-        "::weights-tree::incomplete", "100", "23",
-        "::weights-tree::unit", "inactive",
-        "::weights-tree::job", "ab12  /var/lib/weights-fetch/m/job.json"])
-    assert out == {"manifest": {"commit": "c", "complete": True, "files": {}},
-                   "files": {"a.bin": [12, 1764413012500000000], "sub/b.json": [3, 10**9]},
-                   "incomplete_bytes": 123, "unit_active": False, "job_sha256": "ab12"}
+def test_the_script_declares_no_path_of_its_own():
+    script = weights.FETCH_SCRIPT.read_text()
+    names = dataclasses.asdict(weights_job.Paths()).values()
+    assert [name for name in names if f'"{name}"' in script or f"'{name}'" in script] == []
+    assert "paths" in json.loads(weights.job_for(
+        weights.Target("model", "o/m", "main", "/raid/m"),
+        weights_hub.Listing("o/m", "main", "c" * 40, {}), hub_settings(), "/hf/bin/python3",
+    ).to_json())
+
+
+def test_the_script_reads_and_writes_only_where_the_job_says(tmp_path):
+    """Every name in the job's paths moved: the script follows them, and a file under the
+    moved records folder is a record, not an extra file."""
+    out, state = tmp_path / "out", tmp_path / "state"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    paths = weights_job.Paths(manifest="records/m.json", records_dir="records",
+                              client_records_dir="records/client", incomplete_glob="*.part",
+                              status_file="report.json", lock_file="busy", hf_home="home",
+                              no_token_file="none")
+    job = weights_job.Job(
+        repo="o/m", commit="c" * 40, local_dir=str(out), state_dir=str(state),
+        unit="weights-fetch-m.service", endpoint=None, include=[], exclude=[], max_workers=1,
+        xet=False, stall_timeout_s=30, attempts=1, token_file=None, hf="/nonexistent/hf",
+        files={"config.json": {"size": 2, "sha256": None,
+                               "git_sha1": hashlib.sha1(b"blob 2\0{}").hexdigest()},
+               "model.safetensors": {"size": 5, "sha256": "0" * 64, "git_sha1": "1" * 40}},
+        paths=dataclasses.asdict(paths))
+    (out / "records" / "client").mkdir(parents=True)
+    (out / "records" / "client" / "model.safetensors.part").write_bytes(b"xx")
+    job_path = tmp_path / "job.json"
+    job_path.write_bytes(job.to_json())
+    result = fetch(job_path, "--verify")
+    assert result.returncode == 1, result.stderr
+    report = json.loads((state / "report.json").read_text())
+    assert (report["missing"], report["corrupt"], report["extra"]) == (
+        ["model.safetensors"], [], [])
+    manifest = json.loads((out / "records" / "m.json").read_text())
+    assert set(manifest["files"]) == {"config.json"} and not manifest["complete"]
+    assert (state / "busy").exists()
+    assert not (out / ".cache").exists() and not (state / "status.json").exists()
 
 
 # ---- the host-side fetch, with the real client --------------------------------------------
@@ -215,9 +251,9 @@ def test_fresh_fetch_verifies_writes_a_manifest_and_a_rerun_is_complete(mirror, 
     out = tmp_path / "out"
     assert {k: v for k, v in digests(out).items()} == digests(tiny_model)
     assert status(tmp_path)["state"] == "done"
-    listing = weights.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
+    listing = weights_hub.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
     started = time.monotonic()
-    assert weights.is_complete(listing, tree_of(out))
+    assert weights_host.is_complete(listing, tree_of(out))
     assert time.monotonic() - started < 1
     # The token travelled in a file: never in the client's argv or the logs.
     assert mirror.token not in result.stderr + result.stdout
@@ -230,14 +266,14 @@ def test_a_corrupt_shard_is_detected_and_fetched_again(mirror, tiny_model, tmp_p
     with open(shard, "r+b") as handle:
         handle.seek(100)
         handle.write(b"\xff" * 16)
-    listing = weights.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
-    assert not weights.is_complete(listing, tree_of(out))
+    listing = weights_hub.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
+    assert not weights_host.is_complete(listing, tree_of(out))
     mirror.call("POST", "/_mirror/stats/reset")
     result = fetch(job(mirror, tmp_path))
     assert result.returncode == 0, result.stderr
     assert digests(out) == digests(tiny_model)
     assert set(mirror.stats()["bytes_sent"]) == {f"{REPO_ID}/{SHARD}"}
-    assert weights.is_complete(listing, tree_of(out))
+    assert weights_host.is_complete(listing, tree_of(out))
 
 
 def test_a_folder_the_push_path_filled_is_complete_after_one_hub_fetch(mirror, tiny_model,
@@ -253,8 +289,8 @@ def test_a_folder_the_push_path_filled_is_complete_after_one_hub_fetch(mirror, t
         (out / source.name).write_bytes(source.read_bytes())
         os.utime(out / source.name, ns=(10**18, 10**18))  # as pushed, long ago
     assert fetch(job(mirror, tmp_path)).returncode == 0
-    listing = weights.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
-    assert weights.is_complete(listing, tree_of(out))
+    listing = weights_hub.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
+    assert weights_host.is_complete(listing, tree_of(out))
     mirror.call("POST", "/_mirror/stats/reset")
     assert fetch(job(mirror, tmp_path)).returncode == 0
     assert mirror.stats()["bytes_sent"] == {}
@@ -377,8 +413,8 @@ MODEL_DIR = "/raid/models/tiny-kimi"
 
 def token_answer(present: bool) -> dict:
     line = ("user=root group=root mode=-rw------- atime=1 mtime=1 ctime=1 size=9 "
-            f"'{weights.TOKEN_FILE}'")
-    return {fact_command(File, path=weights.TOKEN_FILE): [line] if present else []}
+            f"'{weights_job.TOKEN_FILE}'")
+    return {fact_command(File, path=weights_job.TOKEN_FILE): [line] if present else []}
 
 
 def pushed_tree(source: Path, *extra: str) -> dict:
@@ -386,7 +422,7 @@ def pushed_tree(source: Path, *extra: str) -> dict:
     ``source`` and ``extra`` files, and the records a Hub fetch once left under .cache/."""
     lines = [f"{hashlib.sha256(path.read_bytes()).hexdigest()}  ./{path.name}"
              for path in sorted(source.iterdir())]
-    lines += [f"{'0' * 64}  ./{name}" for name in (*extra, weights.MANIFEST)]
+    lines += [f"{'0' * 64}  ./{name}" for name in (*extra, weights_job.MANIFEST)]
     return {fact_command(TreeDigests, path=MODEL_DIR): lines}
 
 
@@ -398,7 +434,7 @@ def test_the_push_path_removes_a_hub_token_left_by_the_hub_path(controller_folde
     data = push_data(controller_folders)
     source = Path(data["model_source_dir"])
     plan, restart = plan_place(data, {**token_answer(True), **pushed_tree(source)})
-    assert plan == {f"Remove Hub token {weights.TOKEN_FILE}": [f"rm -f {weights.TOKEN_FILE}"]}
+    assert plan == {f"Remove Hub token {weights_job.TOKEN_FILE}": [f"rm -f {weights_job.TOKEN_FILE}"]}
     assert not restart  # vLLM never reads the token
     assert plan_place(data, {**token_answer(False), **pushed_tree(source)}) == ({}, False)
 
@@ -412,7 +448,7 @@ def test_the_push_path_removes_undeclared_files_and_restarts(controller_folders)
     assert restart
 
 
-def hub_tree(listing: weights.Listing, *extra: str) -> list[str]:
+def hub_tree(listing: weights_hub.Listing, *extra: str) -> list[str]:
     """The WeightsTree answer of a complete, verified fetch of ``listing``, and ``extra``."""
     manifest = {"repo": listing.repo, "commit": listing.commit, "complete": True,
                 "files": {path: {"size": want["size"], "mtime_ns": 10**9,
@@ -433,9 +469,9 @@ def test_the_hub_path_removes_undeclared_files_from_a_complete_tree(mirror, tmp_
     data = {**group_data(), "model_profile": "sandbox-tiny", "weights_dir": "/raid/models",
             "weights_hf_endpoint": mirror.url, "hf_cli_wheelhouse_dir": str(wheelhouse),
             "vllm_wheelhouse_dir": str(wheelhouse)}
-    listing = weights.hub_listing(SANDBOX_REPO, "main", mirror.url, mirror.token)
+    listing = weights_hub.hub_listing(SANDBOX_REPO, "main", mirror.url, mirror.token)
     target = weights.Target("model", SANDBOX_REPO, "main", MODEL_DIR)
-    tree = fact_command(weights.WeightsTree, path=MODEL_DIR, state_dir=target.state_dir,
+    tree = fact_command(facts.WeightsTree, path=MODEL_DIR, state_dir=target.state_dir,
                         unit=target.unit)
     plan, restart = plan_place(data, {tree: hub_tree(listing, "notes.txt", "sub/stray.bin")})
     assert plan[f"Remove undeclared files from {MODEL_DIR}"] == [
