@@ -28,6 +28,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 SEED_GB200_TRAY = (
     ("CpuArchitecture", "aarch64", False),
     ("NvidiaGpus", "gb200-4gpu-synthesized", False),
+    ("NvidiaPciGpus", "gb200-4gpu-synthesized", False),
     ("NvidiaSmiInfo", "gb200-4gpu-synthesized", False),
     ("FreeBytes", "weights-dir-on-raid", True),
     ("SystemdVersion", "ubuntu2404", False),

@@ -289,6 +289,31 @@ class CdiSpecDriverVersion(FactBase):
         return output[0].strip().removeprefix("libcuda.so.").rstrip(".") if output else None
 
 
+class NvidiaPciGpus(FactBase):
+    """The PCI addresses of the host's NVIDIA GPUs (vendor 0x10de, a display-class device),
+    read from sysfs: whether the host has GPUs at all, driver or no driver. What the host is,
+    not what the model needs: the NVIDIA layer (toolkit, CDI, persistence) and the GPU checks
+    follow it; NVSwitches (a bridge class) are not GPUs.
+
+    .. code:: python
+
+        ["0008:01:00.0", "0009:01:00.0", "0018:01:00.0", "0019:01:00.0"]
+    """
+
+    def command(self) -> str:
+        return ('for device in /sys/bus/pci/devices/*; do '
+                '[ "$(cat "$device/vendor" 2>/dev/null)" = 0x10de ] || continue; '
+                'case "$(cat "$device/class" 2>/dev/null)" in 0x03*) echo "${device##*/}";; '
+                'esac; done; true')
+
+    def process(self, output: list[str]) -> list[str]:
+        return sorted(line.strip() for line in output if line.strip())
+
+    @staticmethod
+    def default() -> list[str]:
+        return []
+
+
 class CpuArchitecture(FactBase):
     """The machine hardware name from ``uname -m``: which wheels and images the host can run.
 

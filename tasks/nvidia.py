@@ -19,10 +19,9 @@ from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, server, systemd
 
 from tasks import data_keys
-from tasks.facts import CdiSpecDriverVersion, NvidiaGpus, NvidiaKernelModuleVersion
+from tasks.facts import (CdiSpecDriverVersion, NvidiaGpus, NvidiaKernelModuleVersion,
+                         NvidiaPciGpus)
 from tasks.operations import failing_command
-from tasks.preflight import needs_gpus
-from tasks.settings import resolve
 
 DAEMON_JSON = "/etc/docker/daemon.json"
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
@@ -253,15 +252,34 @@ def prepare() -> None:
     and a driver of at least the minimum branch (installed only on request, rebooting only on
     request).
 
-    A host whose model profile needs no GPU (CPU builds of vLLM: the sandbox) gets Docker and
-    its daemon.json only.
+    Whether the host has GPUs is the host's own answer (tasks.facts.NvidiaPciGpus: NVIDIA
+    devices on its PCI bus, driver or no driver); a host without (CPU builds of vLLM: the
+    sandbox) gets Docker and its daemon.json only.
 
     Data keys: docker_package, docker_daemon_settings, nvidia_container_toolkit_package,
     nvidia_driver_min_branch, nvidia_driver_install, nvidia_driver_package,
     nvidia_driver_allow_reboot.
     """
     settings = read_settings(host.name, host.data)
-    gpus = needs_gpus(resolve(host))
+    gpus = bool(host.get_fact(NvidiaPciGpus))
+    install_driver = _packages_installed(settings, gpus)
+    if install_driver:
+        _driver_installed(settings)
+    daemon = files.put(name=f"Install Docker daemon settings {DAEMON_JSON}",
+                       src=io.StringIO(daemon_json(settings.docker_daemon_settings, gpus)),
+                       dest=DAEMON_JSON, user="root", group="root", mode="644")
+    systemd.service(name="Enable and start docker.service, restart it if daemon.json changed",
+                    service="docker.service", running=True, enabled=True,
+                    restarted=daemon.will_change)
+    if gpus:
+        cdi_spec_generated(name=f"Generate CDI spec {CDI_SPEC} for the loaded driver",
+                           path=CDI_SPEC)
+        persistence_mode_on(name="Turn on persistence mode on every GPU")
+
+
+def _packages_installed(settings: NvidiaHostSettings, gpus: bool) -> bool:
+    """Docker, and on a GPU host the toolkit and (when asked and needed) the driver, from the
+    apt sources the operator configured; True when the driver is to be installed."""
     sources = {settings.docker_package: PACKAGE_SOURCES["docker"]}
     install_driver = False
     if gpus:
@@ -283,31 +301,23 @@ def prepare() -> None:
                      packages=[settings.docker_package, settings.toolkit_package])
     else:
         apt.packages(name="Install Docker", packages=[settings.docker_package])
+    return install_driver
 
-    if install_driver:
-        package = settings.driver_package
-        driver = apt.packages(name=f"Install NVIDIA driver {package}", packages=[package])
-        if not driver.will_change:
-            logger.warning(f"{host.name}: {package} is installed but is not the driver loaded "
-                           "now: reboot the host (nvidia_driver_allow_reboot reboots only in "
-                           "the run that installs the driver)")
-        elif not settings.driver_allow_reboot:
-            logger.warning(f"{host.name}: {package} loads at the next reboot "
-                           "(nvidia_driver_allow_reboot is False)")
-        else:
-            # Checked again when the reboot is due: the package may bring the very version
-            # that is loaded already, and then a reboot gains nothing.
-            server.reboot(name="Reboot into the NVIDIA driver just installed",
-                          delay=REBOOT_DELAY_S, reboot_timeout=REBOOT_TIMEOUT_S,
-                          _if=[driver.did_change, lambda: loaded_driver_is_stale(package)])
 
-    daemon = files.put(name=f"Install Docker daemon settings {DAEMON_JSON}",
-                       src=io.StringIO(daemon_json(settings.docker_daemon_settings, gpus)),
-                       dest=DAEMON_JSON, user="root", group="root", mode="644")
-    systemd.service(name="Enable and start docker.service, restart it if daemon.json changed",
-                    service="docker.service", running=True, enabled=True,
-                    restarted=daemon.will_change)
-    if gpus:
-        cdi_spec_generated(name=f"Generate CDI spec {CDI_SPEC} for the loaded driver",
-                           path=CDI_SPEC)
-        persistence_mode_on(name="Turn on persistence mode on every GPU")
+def _driver_installed(settings: NvidiaHostSettings) -> None:
+    """The driver package installed; a reboot into it only when data allows one."""
+    package = settings.driver_package
+    driver = apt.packages(name=f"Install NVIDIA driver {package}", packages=[package])
+    if not driver.will_change:
+        logger.warning(f"{host.name}: {package} is installed but is not the driver loaded "
+                       "now: reboot the host (nvidia_driver_allow_reboot reboots only in "
+                       "the run that installs the driver)")
+    elif not settings.driver_allow_reboot:
+        logger.warning(f"{host.name}: {package} loads at the next reboot "
+                       "(nvidia_driver_allow_reboot is False)")
+    else:
+        # Checked again when the reboot is due: the package may bring the very version
+        # that is loaded already, and then a reboot gains nothing.
+        server.reboot(name="Reboot into the NVIDIA driver just installed",
+                      delay=REBOOT_DELAY_S, reboot_timeout=REBOOT_TIMEOUT_S,
+                      _if=[driver.did_change, lambda: loaded_driver_is_stale(package)])

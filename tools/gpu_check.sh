@@ -45,7 +45,8 @@ expect() {  # expect NAME "text that must appear" -- command...
   fi
 }
 
-"$python" -m pyinfra --json @local fact tasks.facts.NvidiaGpus tasks.facts.NvidiaSmiInfo \
+"$python" -m pyinfra --json @local fact tasks.facts.NvidiaGpus tasks.facts.NvidiaPciGpus \
+  tasks.facts.NvidiaSmiInfo \
   tasks.facts.CpuArchitecture tasks.facts.FreeBytes path=/raid/models \
   tasks.facts.ListeningTcpPorts >"$out/facts.json" 2>"$out/facts.log" \
   && echo "ok    facts.json" || { echo "FAIL  facts.json"; status=1; }

@@ -17,7 +17,8 @@ def test_infra_suite_passes_on_every_host_in_parallel(sandbox, tmp_path):
          "-n", "2", "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}"],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]
-    assert "profile sandbox-tiny runs without GPUs: no GPU to check" in result.stdout
+    assert ("no NVIDIA GPU on the PCI bus, and profile sandbox-tiny runs without: no GPU to "
+            "check") in result.stdout
     names = {case.get("name") for case in ElementTree.parse(junit).iter("testcase")}
     for host in sandbox["hosts"]:
         assert f"test_service_is_active_and_enabled[{host['name']}]" in names

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tasks.facts import NvidiaGpus
+from tasks.facts import NvidiaGpus, NvidiaPciGpus
 from tasks.preflight import needs_gpus
 from tests.helpers import run_fact
 
@@ -70,8 +70,9 @@ if __name__ == "__main__":
 
 
 def test_all_reduce_bus_bandwidth_meets_the_threshold(host, host_data, settings):
-    if not needs_gpus(settings):
-        pytest.skip(f"profile {settings.profile.name} runs without GPUs: no interconnect")
+    if not needs_gpus(settings) and not run_fact(host, NvidiaPciGpus):
+        pytest.skip(f"no NVIDIA GPU on the PCI bus, and profile {settings.profile.name} runs "
+                    "without: no interconnect")
     gpus = run_fact(host, NvidiaGpus)
     if len(gpus) < 2:
         pytest.skip(f"{len(gpus)} GPU visible: an all-reduce needs at least 2")

@@ -1,10 +1,11 @@
 """GPUs as the host's data expects them: enough for tensor parallel, the right model, enough
-memory, a recent driver branch, no MIG, and the NVLink fabric up on NVL trays. Hosts whose
-profile needs no GPU (the sandbox) skip these, and the report says so."""
+memory, a recent driver branch, no MIG, and the NVLink fabric up on NVL trays. A host with
+no NVIDIA device on its PCI bus whose profile needs none (the sandbox) skips these, and the
+report says so; a GPU host checks its GPUs whatever the model."""
 
 import pytest
 
-from tasks.facts import NvidiaGpus, NvidiaSmiInfo
+from tasks.facts import NvidiaGpus, NvidiaPciGpus, NvidiaSmiInfo
 from tasks.preflight import NVL_GPU_MARKERS, gpu_memory_problem, needs_gpus
 from tasks.vllm_container import CONTAINER_NAME
 from tests.helpers import run_fact
@@ -12,8 +13,9 @@ from tests.helpers import run_fact
 
 @pytest.fixture(scope="session")
 def gpus(host, settings):
-    if not needs_gpus(settings):
-        pytest.skip(f"profile {settings.profile.name} runs without GPUs: no GPU to check")
+    if not needs_gpus(settings) and not run_fact(host, NvidiaPciGpus):
+        pytest.skip(f"no NVIDIA GPU on the PCI bus, and profile {settings.profile.name} runs "
+                    "without: no GPU to check")
     return run_fact(host, NvidiaGpus)
 
 

@@ -47,7 +47,7 @@ def test_case(path: Path):
     assert fact.process(case_output(case)) == case["fact"]
 
 
-@pytest.mark.parametrize("fact", [facts.NvidiaGpus, facts.NvidiaSmiInfo, facts.FreeBytes,
+@pytest.mark.parametrize("fact", [facts.NvidiaGpus, facts.NvidiaPciGpus, facts.NvidiaSmiInfo, facts.FreeBytes,
                                   facts.ListeningTcpPorts, facts.SystemdDropIns,
                                   facts.WeightsTree, facts.NvidiaKernelModuleVersion,
                                   facts.CdiSpecDriverVersion])
@@ -76,6 +76,8 @@ def local_host():
 def test_facts_on_this_machine(local_host):
     # This controller has no GPU and no nvidia-smi: a GPU-less host must read as empty, not fail.
     assert local_host.get_fact(facts.NvidiaGpus) == []
+    # A VM with an Intel bridge and virtio devices: no NVIDIA display-class device.
+    assert local_host.get_fact(facts.NvidiaPciGpus) == []
     assert local_host.get_fact(facts.NvidiaSmiInfo) == {}
     assert local_host.get_fact(facts.CpuArchitecture) == platform.machine()
 

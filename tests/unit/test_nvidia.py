@@ -29,7 +29,8 @@ from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 
 from tasks import nvidia
-from tasks.facts import CdiSpecDriverVersion, NvidiaGpus, NvidiaKernelModuleVersion
+from tasks.facts import (CdiSpecDriverVersion, NvidiaGpus, NvidiaKernelModuleVersion,
+                         NvidiaPciGpus)
 from tasks.nvidia import CDI_SPEC, DAEMON_JSON, daemon_json, driver_problems
 from tasks.data_keys import DEFAULTS, DataError
 from tests.helpers import fact_command, group_data, planned_commands
@@ -71,6 +72,8 @@ DATA = {name: DEFAULTS[name] for name in (
     "nvidia_driver_min_branch", "nvidia_driver_install", "nvidia_driver_package",
     "nvidia_driver_allow_reboot")}
 INSTALL_AND_REBOOT = {"nvidia_driver_install": True, "nvidia_driver_allow_reboot": True}
+
+TRAY_PCI = ["0008:01:00.0", "0009:01:00.0", "0018:01:00.0", "0019:01:00.0"]
 
 # A GB200 tray this task has converged (package versions are made up, shaped like Ubuntu's).
 CONVERGED = {
@@ -205,6 +208,8 @@ def fake_responses(spec: dict) -> dict[str, list[str]]:
         answers[fact_command(fact, **arguments)] = output
 
     answer(NvidiaGpus, spec["gpus"])
+    # The GPUs on the PCI bus, driver or no driver: a tray's four unless the spec says.
+    answer(NvidiaPciGpus, spec.get("pci", TRAY_PCI))
     answer(NvidiaKernelModuleVersion, [spec["module"]] if spec["module"] else [])
     answer(CdiSpecDriverVersion,
            [f"libcuda.so.{spec['cdi_driver']}"] if spec["cdi_driver"] else [], path=CDI_SPEC)
@@ -287,12 +292,7 @@ def test_daemon_json_adds_the_nvidia_runtime_as_nvidia_ctk_writes_it():
 
 def test_daemon_json_the_task_uploads_is_the_one_rendered_from_data():
     state, host = prepared(BARE, {"docker_daemon_settings": {"data-root": "/raid/docker"}})
-    with ctx_state.use(state), ctx_host.use(host):
-        for op_hash in state.get_op_order():
-            for command in state.get_op_data_for_host(host, op_hash).command_generator():
-                if isinstance(command, FileUploadCommand) and command.dest == DAEMON_JSON:
-                    command.src.seek(0)
-                    uploaded = json.loads(command.src.read())
+    uploaded = uploaded_daemon_json(state, host)
     assert uploaded["data-root"] == "/raid/docker"
     assert uploaded["runtimes"]["nvidia"]["path"] == "nvidia-container-runtime"
     assert "log-opts" not in uploaded
@@ -433,3 +433,27 @@ def test_the_candidate_check_passes_when_apt_offers_everything(tmp_path):
     result = subprocess.run(script, shell=True, capture_output=True, text=True,
                             env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
     assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_a_host_without_gpus_gets_docker_only_whatever_the_model():
+    """GPU presence is the host's own answer (NvidiaPciGpus), not the model profile's: a bare
+    host with no NVIDIA device on its PCI bus and data naming Kimi-K2.6 gets Docker and a
+    daemon.json without the nvidia runtime, and nothing of the NVIDIA layer."""
+    cpu_box = {**BARE, "gpus": [], "pci": [], "module": None, "cdi_driver": None}
+    state, host = prepared(cpu_box, {"model_profile": "kimi-k2.6", "docker_daemon_settings": {}})
+    changes = plan(state, host)
+    assert "Install Docker" in changes
+    assert not {NAMES[key] for key in ("driver check", "packages", "cdi", "persistence")} \
+        & set(changes)
+    assert uploaded_daemon_json(state, host) == {}  # the defaults: no "runtimes" entry
+
+
+def uploaded_daemon_json(state, host) -> dict:
+    """The daemon.json nvidia.prepare would upload to ``host``, parsed."""
+    with ctx_state.use(state), ctx_host.use(host):
+        for op_hash in state.get_op_order():
+            for command in state.get_op_data_for_host(host, op_hash).command_generator():
+                if isinstance(command, FileUploadCommand) and command.dest == DAEMON_JSON:
+                    command.src.seek(0)
+                    return json.loads(command.src.read())
+    raise AssertionError(f"no upload of {DAEMON_JSON}")
