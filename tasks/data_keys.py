@@ -239,8 +239,8 @@ KEYS: tuple[Key, ...] = (
         ("nvidia_allreduce_bytes", 2**30, "bytes, 2**20..2**35 (1 MiB..32 GiB per GPU)",
          integer(2**20, 2**35),
          "Bytes all-reduced per step in that test (1 GiB, as nccl-tests' large sizes)."),
-        ("nvidia_allreduce_python", None, "None or an absolute path to a python on the host",
-         optional(absolute_path),
+        ("nvidia_allreduce_python", None, "None or a python on the host: a command on its PATH "
+         "or an absolute path", optional(text),
          "Python with torch and NCCL on the host for that test; None uses the vLLM venv's."),
         ("weights_min_free_bytes", 100 * 10**9, "bytes, 0..1e15 (1 PB)", number(0, 1e15),
          "Free space the infra checks require on the weights filesystem once the weights are "

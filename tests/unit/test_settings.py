@@ -151,5 +151,8 @@ def test_the_infra_keys_defaults_and_edges_resolve(sandbox_data):
                        ("nvidia_allreduce_min_busbw_gbps", {}),
                        ("nvidia_allreduce_min_busbw_gbps", {"NVIDIA H200": 300.5}),
                        ("nvidia_allreduce_bytes", 2**20), ("nvidia_gpu_model", None),
-                       ("vllm_load_bytes_per_s", 1e6), ("vllm_health_timeout_s", 86400)):
+                       ("vllm_load_bytes_per_s", 1e6), ("vllm_health_timeout_s", 86400),
+                       # gpu-check names the interpreter on PATH (a real H200 run found it).
+                       ("nvidia_allreduce_python", "python3"),
+                       ("nvidia_allreduce_python", "/opt/torch/bin/python")):
         assert resolve(FakeHost("tray-07", {**sandbox_data, key: value})).host_name == "tray-07"
