@@ -29,7 +29,7 @@ elif "k8s_control" not in host.groups and preflight.check():
     #    toolkit on GPU hosts), or a venv built from a wheelhouse.
     if host.data.vllm_runtime == "docker":
         nvidia.prepare()
-        runtime = vllm_container.image_present()
+        runtime = vllm_container.install()
     elif host.data.vllm_runtime == "venv":
         runtime = vllm_venv.install()
     # 5. vllm.service with the rendered command line; restart only if something above changed.

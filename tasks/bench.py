@@ -30,8 +30,8 @@ from pyinfra.operations import files, python, server
 from tasks import data_keys
 from tasks.data_keys import DataError, problem
 from tasks.facts import CpuArchitecture
-from tasks.operations import http_health_waited
-from tasks.settings import ENV_FILE, OFFLINE_ENVIRONMENT, REPO, UNIT_NAME, Settings, resolve
+from tasks.operations import service_healthy
+from tasks.settings import ENV_FILE, OFFLINE_ENVIRONMENT, REPO, UNIT_NAME, Settings, read_settings
 from tasks.vllm_container import DOCKER, GPU_ARGS, image_reference
 
 
@@ -90,7 +90,7 @@ class BenchSettings:
     host_dir: str  # host: this run's folder
 
 
-def resolve_bench(host_name: str, data) -> BenchSettings:
+def read_bench_settings(host_name: str, data) -> BenchSettings:
     """The bench_* keys, checked (tasks/data_keys.py), and the runtime's rule: a pod serves
     on the kubernetes runtime, not vllm.service. DataError holds every problem."""
     values = data_keys.read(host_name, data)
@@ -322,12 +322,12 @@ def run() -> None:
     locate the endpoint and the client (vllm_runtime, vllm_port, vllm_venv_dir, vllm_image,
     vllm_api_key_file, model_*).
     """
-    settings = resolve(host)
-    bench = resolve_bench(host.name, host.data)
+    settings = read_settings(host)
+    bench = read_bench_settings(host.name, host.data)
     image = (image_reference(settings, host.get_fact(CpuArchitecture))
              if settings.runtime == "docker" else None)
     # Never measure a server that is still (re)starting: wait as long as a deploy would.
-    http_health_waited(name="Wait for vLLM /health before benchmarking", url=settings.health_url,
+    service_healthy(name="Wait for vLLM /health before benchmarking", url=settings.health_url,
                        timeout_s=settings.health_timeout_s, unit=UNIT_NAME)
     server.shell(name=f"Check that workload {bench.workload.name} fits the served context",
                  commands=[f"sh -c {shlex.quote(context_check_script(settings, bench))}"])

@@ -33,7 +33,7 @@ RANDOMIZED_DELAY_S = 120
 
 
 @dataclass(frozen=True)
-class DriftConfig:
+class DriftSettings:
     """A host's drift_* data, checked."""
 
     host_name: str
@@ -55,7 +55,7 @@ class DriftConfig:
         return folder_mode(self.report_mode)
 
 
-def read_drift_config(host_name: str, data) -> DriftConfig:
+def read_drift_settings(host_name: str, data) -> DriftSettings:
     """The drift_* keys of one host's data, checked (tasks/data_keys.py), with the one rule
     they add: a control host names its checkout. DataError holds every problem."""
     problems = data_keys.check(host_name, data)
@@ -65,7 +65,7 @@ def read_drift_config(host_name: str, data) -> DriftConfig:
     if problems:
         raise DataError(problems)
     values = data_keys.read(host_name, data)
-    return DriftConfig(host_name=host_name,
+    return DriftSettings(host_name=host_name,
                        repo_dir=values["drift_repo_dir"].rstrip("/") or "/",
                        inventory=values["drift_inventory"],
                        schedule=values["drift_schedule"].strip(),
@@ -74,7 +74,7 @@ def read_drift_config(host_name: str, data) -> DriftConfig:
                        report_mode=values["drift_report_mode"])
 
 
-def unit_template_values(config: DriftConfig) -> dict[str, dict]:
+def unit_template_values(config: DriftSettings) -> dict[str, dict]:
     """Unit name -> the explicit values its template (templates/<unit>.j2) receives. None is
     named like an argument of files.template (user, group, mode, ...) or like the host, state
     and inventory objects it hands every template, which a value would clash with or hide."""
@@ -98,7 +98,7 @@ def install() -> None:
     Data keys: drift_repo_dir, drift_inventory, drift_schedule, drift_out_dir,
     drift_textfile, drift_user, drift_report_mode.
     """
-    config = read_drift_config(host.name, host.data)
+    config = read_drift_settings(host.name, host.data)
     values = unit_template_values(config)
     files.directory(name=f"Create drift report folder {config.out_dir}", path=config.out_dir,
                     user=config.user, mode=f"{config.out_dir_mode:o}")

@@ -10,13 +10,13 @@ from pyinfra.operations import files
 
 from tasks import data_keys
 from tasks.data_keys import DataError, problem
-from tasks.operations import wheelhouse_venv
+from tasks.operations import wheelhouse_venv_installed
 from tasks.settings import controller_path
 
 BIN_LINK = "/usr/local/bin/hf"
 
 
-def read(host_name: str, data) -> tuple[str, str, str]:
+def read_hf_cli_settings(host_name: str, data) -> tuple[str, str, str]:
     """(version, venv_dir, wheelhouse_dir) after checking the host's data (tasks/data_keys.py)
     and that the wheelhouse holds that version; DataError holds every problem."""
     values = data_keys.read(host_name, data)
@@ -41,10 +41,10 @@ def install() -> str:
 
     Data keys: hf_cli_version, hf_cli_venv_dir, hf_cli_wheelhouse_dir.
     """
-    version, venv_dir, wheelhouse = read(host.name, host.data)
+    version, venv_dir, wheelhouse = read_hf_cli_settings(host.name, host.data)
     files.directory(name="Create hf CLI folder", path=str(Path(venv_dir).parent),
                     user="root", group="root", mode="755")
-    wheelhouse_venv(name=f"Install hf CLI (huggingface_hub {version}) into a venv",
+    wheelhouse_venv_installed(name=f"Install hf CLI (huggingface_hub {version}) into a venv",
                     wheelhouse_dir=wheelhouse, venv_link=venv_dir)
     files.link(name=f"Link {BIN_LINK} to the hf CLI", path=BIN_LINK, target=f"{venv_dir}/bin/hf")
     return f"{venv_dir}/bin/python3"

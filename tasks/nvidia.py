@@ -49,7 +49,7 @@ PACKAGE_SOURCES = {
 }
 
 @dataclass(frozen=True)
-class NvidiaHostSettings:
+class NvidiaSettings:
     docker_package: str
     docker_daemon_settings: dict
     toolkit_package: str
@@ -59,7 +59,7 @@ class NvidiaHostSettings:
     driver_allow_reboot: bool
 
 
-def read_settings(host_name: str, data) -> NvidiaHostSettings:
+def read_nvidia_settings(host_name: str, data) -> NvidiaSettings:
     """This task's data keys, checked (tasks/data_keys.py); DataError holds every problem."""
     values = data_keys.read(host_name, data)
     docker_package, daemon = values["docker_package"], values["docker_daemon_settings"]
@@ -67,7 +67,7 @@ def read_settings(host_name: str, data) -> NvidiaHostSettings:
     branch, install = values["nvidia_driver_min_branch"], values["nvidia_driver_install"]
     driver_package = values["nvidia_driver_package"]
     allow_reboot = values["nvidia_driver_allow_reboot"]
-    return NvidiaHostSettings(
+    return NvidiaSettings(
         docker_package=docker_package, docker_daemon_settings=daemon, toolkit_package=toolkit,
         driver_min_branch=branch, driver_install=install, driver_package=driver_package,
         driver_allow_reboot=allow_reboot)
@@ -260,7 +260,7 @@ def prepare() -> None:
     nvidia_driver_min_branch, nvidia_driver_install, nvidia_driver_package,
     nvidia_driver_allow_reboot.
     """
-    settings = read_settings(host.name, host.data)
+    settings = read_nvidia_settings(host.name, host.data)
     gpus = bool(host.get_fact(NvidiaPciGpus))
     install_driver = _packages_installed(settings, gpus)
     if install_driver:
@@ -277,7 +277,7 @@ def prepare() -> None:
         persistence_mode_on(name="Turn on persistence mode on every GPU")
 
 
-def _packages_installed(settings: NvidiaHostSettings, gpus: bool) -> bool:
+def _packages_installed(settings: NvidiaSettings, gpus: bool) -> bool:
     """Docker, and on a GPU host the toolkit and (when asked and needed) the driver, from the
     apt sources the operator configured; True when the driver is to be installed."""
     sources = {settings.docker_package: PACKAGE_SOURCES["docker"]}
@@ -304,7 +304,7 @@ def _packages_installed(settings: NvidiaHostSettings, gpus: bool) -> bool:
     return install_driver
 
 
-def _driver_installed(settings: NvidiaHostSettings) -> None:
+def _driver_installed(settings: NvidiaSettings) -> None:
     """The driver package installed; a reboot into it only when data allows one."""
     package = settings.driver_package
     driver = apt.packages(name=f"Install NVIDIA driver {package}", packages=[package])

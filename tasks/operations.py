@@ -100,7 +100,7 @@ def wheelhouse_lock_digest(wheelhouse_dir: str) -> str:
 
 
 @operation()
-def wheelhouse_venv(wheelhouse_dir: str, venv_link: str, python: str = "python3"):
+def wheelhouse_venv_installed(wheelhouse_dir: str, venv_link: str, python: str = "python3"):
     """
     Make ``venv_link`` point at a venv holding exactly the wheels of a controller wheelhouse.
 
@@ -153,7 +153,7 @@ def wheelhouse_venv(wheelhouse_dir: str, venv_link: str, python: str = "python3"
 
 
 @operation(is_idempotent=False)
-def http_health_waited(url: str, timeout_s: int, unit: str, when: bool = True):
+def service_healthy(url: str, timeout_s: int, unit: str, when: bool = True):
     """
     Wait on the host until ``url`` answers 2xx; on timeout fail with the unit's last log lines.
 
@@ -180,7 +180,7 @@ def http_health_waited(url: str, timeout_s: int, unit: str, when: bool = True):
 
 
 @operation()
-def secret_file(dest: str, content: str):
+def secret_file_present(dest: str, content: str):
     """
     Make ``dest`` a root-owned 0600 file holding ``content``, without ever showing it.
 
@@ -208,7 +208,7 @@ def secret_file(dest: str, content: str):
 
 
 # The checksum fact of each digest: content_differs asks the one the operation writing the
-# file already asked (secret_file: Sha256File; pyinfra's files.put: Sha1File), so that no
+# file already asked (secret_file_present: Sha256File; pyinfra's files.put: Sha1File), so that no
 # extra command goes to the host.
 _DIGESTS = {Sha256File: hashlib.sha256, Sha1File: hashlib.sha1}
 
@@ -218,7 +218,7 @@ def content_differs(dest: str, content: str, fact=Sha256File) -> bool:
     restart decision reads: an operation's will_change also counts a mode or owner fix, which
     changes nothing a service reads.
 
-    + fact: Sha256File (what secret_file asks) or Sha1File (what files.put asks)
+    + fact: Sha256File (what secret_file_present asks) or Sha1File (what files.put asks)
     """
     return host.get_fact(fact, path=dest) != _DIGESTS[fact](content.encode()).hexdigest()
 

@@ -16,7 +16,7 @@ from tasks.data_keys import IMAGE_ARCH, DataError, Problem
 from tasks.facts import (CpuArchitecture, DockerImage, FreeBytes, ListeningTcpPorts, NvidiaGpus,
                          NvidiaSmiInfo, PythonVersion)
 from tasks.operations import failing_command
-from tasks.settings import UNIT_NAME, Settings, resolve, wheelhouse_platform
+from tasks.settings import UNIT_NAME, Settings, read_settings, wheelhouse_platform
 
 GIB = 2**30
 # GPUs whose trays sit on an NVLink fabric (GB200/GB300 NVL72): their fabric must be up.
@@ -226,7 +226,7 @@ def image_problems(settings: Settings, facts: HostFacts) -> list[str]:
 
 
 @operation()
-def passed(problems: list[str], checks: str):
+def preflight_passed(problems: list[str], checks: str):
     """
     Fail, printing every problem, when there are any; otherwise change nothing.
 
@@ -273,7 +273,7 @@ def _problems(settings: Settings) -> list[str]:
         # Imported here: tasks.weights imports this module's siblings at load time.
         from tasks import hf_cli, weights, weights_hub
         try:
-            _, _, hf_wheelhouse = hf_cli.read(host.name, host.data)
+            _, _, hf_wheelhouse = hf_cli.read_hf_cli_settings(host.name, host.data)
             problems += wheelhouse_problems(
                 host.name, "hf_cli_wheelhouse_dir", "hf-wheelhouse",
                 wheelhouse_platform(hf_wheelhouse), facts)
@@ -288,7 +288,7 @@ def _problems(settings: Settings) -> list[str]:
 def check() -> bool:
     """Refuse, before anything on any host changes, what cannot work; True when all passed.
 
-    Reads every data key (tasks.settings.resolve), the host's GPUs, free space on
+    Reads every data key (tasks.settings.read_settings), the host's GPUs, free space on
     weights_dir, listening ports and architecture, and for the kubernetes runtime the
     inventory's k8s_control hosts. Each problem is one line naming the host, the data key,
     what was found and what is needed; all are reported at once, logged while planning (so
@@ -296,13 +296,13 @@ def check() -> bool:
     every host before any change (config.FAIL_PERCENT = 0).
     """
     try:
-        settings = resolve(host)
+        settings = read_settings(host)
     except DataError as error:
         problems = [str(item) for item in error.problems]
     else:
         problems = _problems(settings)
     for line in problems:
         logger.warning(f"preflight: {line}")
-    passed(name="Check data, GPUs, disk and port", problems=problems,
+    preflight_passed(name="Check data, GPUs, disk and port", problems=problems,
            checks="data, GPUs, weights disk space, serving port")
     return not problems

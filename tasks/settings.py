@@ -199,7 +199,7 @@ def _image_archive(name: str, values: dict) -> tuple[str | None, dict | None, li
     return tarball, archive, []
 
 
-def resolve(host) -> Settings:
+def read_settings(host) -> Settings:
     """Check a host's data (every key, then the rules across keys) and derive everything the
     serving tasks need; DataError holds every problem."""
     name = host.name

@@ -5,7 +5,7 @@ from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files
 
-from tasks.settings import resolve
+from tasks.settings import read_settings
 
 
 @deploy("System")
@@ -15,7 +15,7 @@ def prepare() -> None:
 
     Data keys: host_packages, weights_dir.
     """
-    settings = resolve(host)
+    settings = read_settings(host)
     installed = host.get_fact(DebPackages)
     if any(package not in installed for package in settings.packages):
         # Only then: offline hosts that already have everything never touch the network.

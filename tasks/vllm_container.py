@@ -14,7 +14,7 @@ from pyinfra.api.operation import OperationMeta
 from tasks.data_keys import IMAGE_ARCH, DataError, problem
 from tasks.facts import CpuArchitecture
 from tasks.operations import docker_image_present
-from tasks.settings import ENV_FILE, Settings, resolve
+from tasks.settings import ENV_FILE, Settings, read_settings
 
 DOCKER = "/usr/bin/docker"
 CONTAINER_NAME = "vllm"
@@ -64,14 +64,14 @@ def container_argv(settings: Settings, image: str, environment: dict[str, str],
 
 
 @deploy("vLLM container image")
-def image_present() -> OperationMeta:
+def install() -> OperationMeta:
     """Make the host's image for vllm_image present before vllm.service needs it: pulled, or
     for air-gapped sites pushed from vllm_image_tarball and `docker load`-ed; an image of the
     wrong CPU architecture is refused. Returns the operation, a restart trigger.
 
     Data keys: vllm_image, vllm_image_tarball.
     """
-    settings = resolve(host)
+    settings = read_settings(host)
     arch = host.get_fact(CpuArchitecture)
     reference = image_reference(settings, arch)
     archive = settings.image_archive

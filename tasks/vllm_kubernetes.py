@@ -3,7 +3,7 @@ k8s_control (a bastion with kubectl and a kubeconfig).
 
 The serving nodes still get the preflight, their packages and the weights on /raid from the
 rest of the deploy: the Deployment mounts those folders (hostPath, as the seed). What the
-cluster runs is rendered from the NODES' data, not the control host's: `tasks.settings.resolve`
+cluster runs is rendered from the NODES' data, not the control host's: `tasks.settings.read_settings`
 of every host of `k8s_node_group`, through `tasks/k8s_manifests.py`, so the container's argv is
 the one renderer's with the pod's mount paths. One Deployment serves them all, so every node
 must render the same objects; two that disagree stop the run, naming both. The pod is pinned to
@@ -35,8 +35,8 @@ from tasks.data_keys import NODE_NAME, DataError, Problem, problem
 from tasks.facts import KubernetesObjectsDiffer
 from tasks.k8s_manifests import (DRAFT_MOUNT, HOSTNAME_LABEL, MANIFESTS, MODEL_MOUNT,
                                  ManifestValues, render_manifests, rollout_deadline_s)
-from tasks.operations import secret_file
-from tasks.settings import Settings, resolve
+from tasks.operations import secret_file_present
+from tasks.settings import Settings, read_settings
 
 SECRET_MANIFEST = "secret.yaml"
 # GB200 trays are Grace (aarch64): the image for that architecture, as the docker runtime
@@ -217,7 +217,7 @@ def desired_values(control, config: KubernetesSettings) -> ManifestValues:
     rendered = []
     for node in nodes:
         try:
-            rendered.append((node, node_values(config, node, resolve(node), pinned_to)))
+            rendered.append((node, node_values(config, node, read_settings(node), pinned_to)))
         except ValueError as error:
             lines = str(error).splitlines()[1:] or [str(error)]
             raise DataError([Problem(control.name, f"the Kubernetes objects from {node.name}'s "
@@ -323,7 +323,7 @@ def apply() -> None:
         path = config.path(manifest)
         if manifest == SECRET_MANIFEST:
             # Never files.put: it would show the values with --diff and chmod after writing.
-            uploads[manifest] = secret_file(name=f"Install Kubernetes Secret {path}",
+            uploads[manifest] = secret_file_present(name=f"Install Kubernetes Secret {path}",
                                             dest=path, content=text)
         else:
             uploads[manifest] = files.put(

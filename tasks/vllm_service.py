@@ -18,8 +18,8 @@ from pyinfra.operations import files, systemd
 from tasks import vllm_container
 from tasks.facts import CpuArchitecture, SystemdVersion
 from tasks.models import systemd_exec_line
-from tasks.operations import content_differs, drop_ins_removed, http_health_waited, secret_file
-from tasks.settings import ENV_FILE, OFFLINE_ENVIRONMENT, UNIT_NAME, Settings, resolve
+from tasks.operations import content_differs, drop_ins_removed, service_healthy, secret_file_present
+from tasks.settings import ENV_FILE, OFFLINE_ENVIRONMENT, UNIT_NAME, Settings, read_settings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
@@ -80,9 +80,9 @@ def run(restart_triggers: list[OperationMeta]) -> None:
     (model_*, vllm_host, vllm_port, vllm_tensor_parallel_size, vllm_gpu_memory_utilization,
     vllm_extra_args); for the docker runtime also vllm_image and vllm_container_gpus.
     """
-    settings = resolve(host)
+    settings = read_settings(host)
     env_content = env_file_content(settings.api_key)
-    secret_file(name=f"Install vLLM secrets file {ENV_FILE}", dest=ENV_FILE, content=env_content)
+    secret_file_present(name=f"Install vLLM secrets file {ENV_FILE}", dest=ENV_FILE, content=env_content)
     unit_content = unit_text(settings)
     files.put(name=f"Install {UNIT_NAME} unit ({settings.runtime} runtime)",
               src=io.StringIO(unit_content), dest=UNIT_PATH, user="root", group="root", mode="644")
@@ -95,6 +95,6 @@ def run(restart_triggers: list[OperationMeta]) -> None:
         name=f"Enable and start {UNIT_NAME}, restart if its inputs changed",
         service=UNIT_NAME, running=True, enabled=True, restarted=read_changed,
         daemon_reload=definition_changed)
-    http_health_waited(name="Wait for vLLM /health", url=settings.health_url,
+    service_healthy(name="Wait for vLLM /health", url=settings.health_url,
                        timeout_s=settings.health_timeout_s, unit=UNIT_NAME,
                        when=service.will_change)

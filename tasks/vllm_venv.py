@@ -6,8 +6,8 @@ from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.operations import files
 
-from tasks.operations import wheelhouse_venv
-from tasks.settings import resolve
+from tasks.operations import wheelhouse_venv_installed
+from tasks.settings import read_settings
 
 
 @deploy("vLLM venv")
@@ -17,8 +17,8 @@ def install():
 
     Data keys: vllm_venv_dir, vllm_wheelhouse_dir.
     """
-    settings = resolve(host)
+    settings = read_settings(host)
     files.directory(name="Create vLLM folder", path=str(Path(settings.venv_dir).parent),
                     user="root", group="root", mode="755")
-    return wheelhouse_venv(name="Install vLLM from the wheelhouse into a venv",
+    return wheelhouse_venv_installed(name="Install vLLM from the wheelhouse into a venv",
                            wheelhouse_dir=settings.wheelhouse_dir, venv_link=settings.venv_dir)

@@ -23,8 +23,8 @@ from pyinfra.operations import files
 
 from tasks import hf_cli
 from tasks.facts import FreeBytes, WeightsTree
-from tasks.operations import secret_file, tree_synced, undeclared_files
-from tasks.settings import REPO, Settings, resolve
+from tasks.operations import secret_file_present, tree_synced, undeclared_files
+from tasks.settings import REPO, Settings, read_settings
 from tasks.weights_host import is_complete, space_problem
 from tasks.weights_hub import HubLookupError, HubSettings, Listing, hub_listing, read_hub_settings
 from tasks.weights_job import (CLIENT_RECORDS_DIR, HOST_SCRIPT, INCOMPLETE_GLOB, JOB_FILE,
@@ -334,7 +334,7 @@ def _fetch_tools_installed(hub: HubSettings) -> str:
     """The hf CLI, the token (or its absence) and the fetch script; returns the hf python."""
     python = hf_cli.install()
     if hub.token:
-        secret_file(name=f"Install Hub token {TOKEN_FILE}", dest=TOKEN_FILE, content=hub.token)
+        secret_file_present(name=f"Install Hub token {TOKEN_FILE}", dest=TOKEN_FILE, content=hub.token)
     else:
         token_removed()
     files.put(name="Install the weights fetch script", src=str(FETCH_SCRIPT), dest=HOST_SCRIPT,
@@ -391,7 +391,7 @@ def place():
     weights_hf_token_file, weights_include, weights_exclude, weights_max_workers, weights_xet,
     weights_stall_timeout_s, weights_download_attempts, weights_verify_full, hf_cli_*.
     """
-    settings = resolve(host)
+    settings = read_settings(host)
     if settings.model_source_dir is not None:
         token_removed()
         return tree_synced(name=f"Place {settings.profile.name} weights in {settings.model_dir}",

@@ -22,7 +22,7 @@ def seed_benchmarks_text() -> str:
 
 
 class FakeHost:
-    """Just enough of pyinfra's Host for tasks.settings.resolve: a name and a data mapping.
+    """Just enough of pyinfra's Host for tasks.settings.read_settings: a name and a data mapping.
     A stand-in for the object pyinfra builds from an inventory; no connection involved."""
 
     def __init__(self, name: str, data: dict):

@@ -16,7 +16,7 @@ Both download wheels for the hosts' Python (not the controller's) and write
 `requirements.lock`: a first line naming the pins and the hosts' platform (the deploy's
 preflight reads its `python=` and `arch=`), then one `name==version --hash=sha256:... # file`
 line per wheel, so hosts install with `pip install --no-index --no-deps --require-hashes`
-(tasks/operations.wheelhouse_venv). Re-running with the same pins and a complete folder does
+(tasks/operations.wheelhouse_venv_installed). Re-running with the same pins and a complete folder does
 nothing.
 
 The CPU wheel of torch (`torch==X+cpu`) is not on the default index: point pip at a source that

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tasks.bench import WORKLOADS, serve_args_digest
 from tasks.models import PROFILES
-from tasks.settings import resolve
+from tasks.settings import read_settings
 from tests.e2e.common import ENV, PYINFRA, api_key, service_start
 from tests.helpers import REPO, FakeHost, group_data
 from tools import bench_report
@@ -81,7 +81,7 @@ def test_results_carry_the_metadata_that_makes_them_comparable(bench_run, sandbo
     for host in sandbox["hosts"]:
         name = host["name"]
         result = json.loads((bench_run["dir"] / f"{name}.json").read_text())
-        settings = resolve(FakeHost(name, {**group_data("sandbox"),
+        settings = read_settings(FakeHost(name, {**group_data("sandbox"),
                                            "vllm_api_key_file": sandbox["api_key_file"]}))
         assert result["host"] == name
         assert result["runtime"] == "venv"

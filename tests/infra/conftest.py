@@ -17,7 +17,7 @@ import sys
 import pytest
 import testinfra
 
-from tasks.settings import Settings, resolve
+from tasks.settings import Settings, read_settings
 from tests.helpers import REPO, FakeHost
 
 
@@ -97,7 +97,7 @@ def redacted(settings: Settings) -> Settings:
 
 @pytest.fixture(scope="session")
 def settings(host_name, host_data) -> Settings:
-    return redacted(resolve(FakeHost(host_name, host_data)))
+    return redacted(read_settings(FakeHost(host_name, host_data)))
 
 
 @pytest.fixture(scope="session")

@@ -23,10 +23,10 @@ from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
 
 from tasks.bench import (WORKLOADS, BenchSettings, bench_script, bench_serve_args, client_argv,
-                         context_check_script, resolve_bench, result_check, serve_args_digest)
+                         context_check_script, read_bench_settings, result_check, serve_args_digest)
 from tasks.facts import CpuArchitecture
 from tasks.data_keys import DataError
-from tasks.settings import ENV_FILE, resolve
+from tasks.settings import ENV_FILE, read_settings
 from tasks.vllm_service import env_file_content
 from tests.helpers import (REPO, FakeHost, fact_command, group_data, planned_commands,
                            seed_benchmarks_text)
@@ -84,7 +84,7 @@ def flags_of(args: list[str]) -> dict[str, str | None]:
 
 
 def test_seed_workload_renders_every_flag_of_the_seeds_command(host_data):
-    settings = resolve(FakeHost("tray1", host_data("gb200")))
+    settings = read_settings(FakeHost("tray1", host_data("gb200")))
     args = bench_serve_args(settings, WORKLOADS["seed-8k-1k"], "/var/lib/vllm-bench/r1")
     seed = seed_bench_flags()
     assert len(seed) == 9  # the parse found the whole command
@@ -99,7 +99,7 @@ def test_seed_workload_renders_every_flag_of_the_seeds_command(host_data):
 
 
 def test_sandbox_workload_is_small_and_skips_remote_code_for_a_model_without_any(host_data):
-    settings = resolve(FakeHost("sbx1", host_data("sandbox")))
+    settings = read_settings(FakeHost("sbx1", host_data("sandbox")))
     flags = flags_of(bench_serve_args(settings, WORKLOADS["sandbox"], "/tmp/r"))
     assert (flags["--random-input-len"], flags["--random-output-len"], flags["--num-prompts"],
             flags["--request-rate"]) == ("64", "32", "16", "4")
@@ -109,9 +109,9 @@ def test_sandbox_workload_is_small_and_skips_remote_code_for_a_model_without_any
 
 def test_script_reads_the_key_on_the_host_and_never_holds_it(host_data):
     host = FakeHost("sbx1", host_data("sandbox", bench_profile="sandbox"))
-    settings = resolve(host)
+    settings = read_settings(host)
     assert settings.api_key == API_KEY
-    script = bench_script(settings, resolve_bench(host.name, host.data))
+    script = bench_script(settings, read_bench_settings(host.name, host.data))
     assert API_KEY not in script
     assert f"key=$(sed -n 's/^VLLM_API_KEY=//p' {ENV_FILE})" in script
     assert 'export OPENAI_API_KEY="$key"' in script
@@ -128,15 +128,15 @@ def test_script_reads_the_key_on_the_host_and_never_holds_it(host_data):
 
 
 def test_serve_args_digest_changes_with_any_flag(host_data):
-    plain = resolve(FakeHost("h", host_data("sandbox")))
-    extra = resolve(FakeHost("h", host_data("sandbox", vllm_extra_args=["--max-num-seqs", "8"])))
+    plain = read_settings(FakeHost("h", host_data("sandbox")))
+    extra = read_settings(FakeHost("h", host_data("sandbox", vllm_extra_args=["--max-num-seqs", "8"])))
     assert serve_args_digest(plain.serve_args) != serve_args_digest(extra.serve_args)
     assert re.fullmatch(r"[0-9a-f]{16}", serve_args_digest(plain.serve_args))
 
 
 def test_run_id_defaults_to_one_timestamp_for_every_host_of_a_run(host_data):
-    first = resolve_bench("h1", host_data("sandbox", bench_profile="sandbox"))
-    second = resolve_bench("h2", host_data("sandbox", bench_profile="sandbox"))
+    first = read_bench_settings("h1", host_data("sandbox", bench_profile="sandbox"))
+    second = read_bench_settings("h2", host_data("sandbox", bench_profile="sandbox"))
     assert first.run_id == second.run_id
     assert re.fullmatch(r"\d{8}T\d{6}Z-sandbox", first.run_id)
     assert first.results_dir == REPO / "results" / "bench" / first.run_id
@@ -144,7 +144,7 @@ def test_run_id_defaults_to_one_timestamp_for_every_host_of_a_run(host_data):
 
 
 def test_a_given_run_id_and_an_absolute_results_dir_are_kept(host_data, tmp_path):
-    bench = resolve_bench("h1", host_data("sandbox", bench_profile="sandbox",
+    bench = read_bench_settings("h1", host_data("sandbox", bench_profile="sandbox",
                                           bench_run_id="spec-off",
                                           bench_results_dir=str(tmp_path)))
     assert isinstance(bench, BenchSettings)
@@ -163,13 +163,13 @@ def test_bad_bench_data_names_host_and_key(host_data, key, value, need):
     data = host_data("sandbox", bench_profile="sandbox")
     data[key] = value
     with pytest.raises(DataError) as error:
-        resolve_bench("h1", data)
+        read_bench_settings("h1", data)
     (problem,) = error.value.problems
     assert str(problem).startswith(f"h1: {key}: found {value!r}; need ") and need in problem.need
 
 
 def test_a_numeric_run_id_from_the_command_line_is_a_folder_name(host_data):
-    bench = resolve_bench("h1", host_data("sandbox", bench_profile="sandbox", bench_run_id=42))
+    bench = read_bench_settings("h1", host_data("sandbox", bench_profile="sandbox", bench_run_id=42))
     assert bench.run_id == "42"
 
 
@@ -263,7 +263,7 @@ def test_control_hosts_are_not_benchmarked(host_data):
 
 def test_a_kubernetes_tray_is_refused_in_one_line(host_data):
     with pytest.raises(DataError) as error:
-        resolve_bench("tray-01", host_data("gb200", vllm_runtime="kubernetes"))
+        read_bench_settings("tray-01", host_data("gb200", vllm_runtime="kubernetes"))
     (problem,) = error.value.problems
     line = str(problem)
     assert line.startswith("tray-01: vllm_runtime: found 'kubernetes'; need the docker or venv "
@@ -303,7 +303,7 @@ def test_the_gb200_inventory_on_kubernetes_is_refused_in_one_line_without_a_trac
 
 
 def test_the_docker_client_never_holds_the_key_nor_writes_beside_the_weights(host_data):
-    settings = resolve(FakeHost("tray-01", host_data("gb200")))
+    settings = read_settings(FakeHost("tray-01", host_data("gb200")))
     argv = client_argv(settings, "/var/lib/vllm-bench/r1", SEED_IMAGE)
     assert API_KEY not in " ".join(argv)
     # By name only: docker takes the value from the calling shell's environment.
@@ -365,8 +365,8 @@ def run_context_check(host_data, tmp_path, server, profile: str, max_model_len,
     env_file = tmp_path / "vllm.env"
     env_file.write_text(env_file_content(key))  # what the deploy writes to ENV_FILE
     data = host_data("sandbox", bench_profile=profile, vllm_port=server.server_port)
-    settings = resolve(FakeHost("sbx1", data))
-    script = context_check_script(settings, resolve_bench("sbx1", data), str(env_file))
+    settings = read_settings(FakeHost("sbx1", data))
+    script = context_check_script(settings, read_bench_settings("sbx1", data), str(env_file))
     assert API_KEY not in script
     return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
 
@@ -443,12 +443,12 @@ def vllm_result(completed: int, failed: int) -> str:
 def run_result_check(host_data, tmp_path, result: str | None, log: str):
     data = host_data("sandbox", bench_profile="sandbox", bench_run_id="r1",
                      bench_host_dir=str(tmp_path))
-    bench = resolve_bench("sbx1", data)
+    bench = read_bench_settings("sbx1", data)
     Path(bench.host_dir).mkdir(parents=True)
     if result is not None:
         (Path(bench.host_dir) / "result.json").write_text(result)
     (Path(bench.host_dir) / "bench.log").write_text(log)
-    script = "\n".join(["set -eu", *result_check(resolve(FakeHost("sbx1", data)), bench)])
+    script = "\n".join(["set -eu", *result_check(read_settings(FakeHost("sbx1", data)), bench)])
     return subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
 
 

@@ -32,7 +32,7 @@ from pyinfra.operations import files
 from tasks import drift_control
 from tasks.data_keys import DEFAULTS, DataError
 from tasks.drift_control import (SERVICE_UNIT, TEMPLATES, TIMER_UNIT, UNIT_DIR,
-                                 read_drift_config, unit_template_values)
+                                 read_drift_settings, unit_template_values)
 from tests.helpers import REPO
 from tools import drift_check
 
@@ -47,7 +47,7 @@ def control_data(**overrides) -> dict:
 def render_units(data: dict) -> dict[str, str]:
     """Unit name -> text, rendered by pyinfra's own get_template (StrictUndefined, trailing
     newline kept) from the values install() passes to files.template."""
-    config = read_drift_config("control", data)
+    config = read_drift_settings("control", data)
     return {unit: get_template(str(TEMPLATES / f"{unit}.j2")).render(values)
             for unit, values in unit_template_values(config).items()}
 
@@ -109,7 +109,7 @@ def test_templates_take_exactly_the_values_given(unit):
     task's back."""
     source = (TEMPLATES / f"{unit}.j2").read_text()
     used = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(source))
-    config = read_drift_config("control", control_data())
+    config = read_drift_settings("control", control_data())
     values = set(unit_template_values(config)[unit])
     assert used == values
     # A value named like a files.template argument breaks the call; one named host, state or
@@ -309,7 +309,7 @@ def test_bad_data_raises_data_error_naming_host_and_key(key, value):
 
 def test_every_problem_is_reported_at_once():
     with pytest.raises(DataError) as raised:
-        read_drift_config("control", control_data(drift_repo_dir=None, drift_schedule=15,
+        read_drift_settings("control", control_data(drift_repo_dir=None, drift_schedule=15,
                                                   drift_user=""))
     assert sorted(problem.key for problem in raised.value.problems) == [
         "drift_repo_dir", "drift_schedule", "drift_user"]
@@ -321,7 +321,7 @@ def test_the_report_mode_sets_the_folder_mode_with_search_bits():
     operations, _ = plan(data, host_answers({UNIT_DIR: "root"}, {}, timer_running=False))
     assert operations[0][1][1] == "chmod 755 /var/lib/vllm-drift"
     for mode, folder in ((0o600, 0o700), (0o640, 0o750), (0o644, 0o755), (0o000, 0o700)):
-        assert read_drift_config("control", control_data(drift_report_mode=mode)
+        assert read_drift_settings("control", control_data(drift_report_mode=mode)
                                  ).out_dir_mode == folder
 
 

@@ -358,7 +358,7 @@ def test_a_bare_host_deploys_through_the_fake_connector():
 
 def test_bad_data_names_every_key():
     with pytest.raises(DataError) as error:
-        nvidia.read_settings(HOST, {**DEFAULTS, "docker_daemon_settings": {"x": {1, 2}},
+        nvidia.read_nvidia_settings(HOST, {**DEFAULTS, "docker_daemon_settings": {"x": {1, 2}},
                                     "nvidia_driver_install": "yes",
                                     "nvidia_driver_min_branch": None})
     assert sorted(f"{problem.host}: {problem.key}" for problem in error.value.problems) == [

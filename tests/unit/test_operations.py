@@ -6,10 +6,10 @@ case holds the operation's arguments, what each fact it asks returns, and the ex
 it must yield. Each case lives at
 
     tests/fixtures/operations/<python module>.<operation>/<case>.json
-    e.g. tests/fixtures/operations/tasks.operations.secret_file/unchanged.json
+    e.g. tests/fixtures/operations/tasks.operations.secret_file_present/unchanged.json
 
 with these keys (every one but "description" and "commands" may be left out; this one shows
-them all at once and is no real case: read e.g. tasks.operations.secret_file/absent.json):
+them all at once and is no real case: read e.g. tasks.operations.secret_file_present/absent.json):
 
     {
         "description": "One line: what an SRE can rely on, shown by this case.",
@@ -112,7 +112,7 @@ def custom_operations() -> dict[str, types.FunctionType]:
 
     pyinfra's ``@operation`` keeps the generator as ``_inner`` and marks it with
     ``is_idempotent``; ``@deploy`` keeps an ``_inner`` too, without that mark. An operation a
-    module only imports (tasks.vllm_kubernetes imports secret_file) counts where defined.
+    module only imports (tasks.vllm_kubernetes imports secret_file_present) counts where defined.
     """
     found = {}
     for module_info in pkgutil.iter_modules([str(REPO / "tasks")]):

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from tasks.preflight import HostFacts, host_problems
-from tasks.settings import resolve
+from tasks.settings import read_settings
 from tests.helpers import FakeHost, group_data
 
 GB = 10**9
@@ -45,7 +45,7 @@ def check(data, facts, _use_profile_size=False, **overrides):
     """The preflight's problems for this data and these facts; _use_profile_size measures the
     weights at the profile's size rather than the stand-in folder's."""
     data.update(overrides)
-    settings = resolve(FakeHost("tray-01", data))
+    settings = read_settings(FakeHost("tray-01", data))
     if _use_profile_size:
         settings = dataclasses.replace(settings, weights_bytes=settings.profile.size_bytes)
     return host_problems(settings, facts)
@@ -88,7 +88,7 @@ def test_the_override_still_refuses_weights_that_cannot_fit_the_gpus(controller_
 
 def test_weights_bigger_than_the_gpus_are_refused_without_the_override_too(data):
     """A model folder pushed from the controller counts as it is, not as the profile says."""
-    settings = dataclasses.replace(resolve(FakeHost("tray-01", {
+    settings = dataclasses.replace(read_settings(FakeHost("tray-01", {
         **data, "model_profile": "kimi-k2.6-nvfp4"})), weights_bytes=800 * GB)
     line = only(host_problems(settings, GB200_TRAY), "vllm_tensor_parallel_size")
     assert "= 715 GB usable; need >= 800 GB to hold kimi-k2.6-nvfp4's weights" in line
@@ -330,7 +330,7 @@ def test_the_hf_wheelhouse_is_held_to_the_hosts_platform_too():
 
 def kubernetes(data, groups, control_hosts, runtime="kubernetes"):
     from tasks.preflight import kubernetes_problems
-    settings = resolve(FakeHost("tray-01", {**data, "vllm_runtime": runtime}))
+    settings = read_settings(FakeHost("tray-01", {**data, "vllm_runtime": runtime}))
     return kubernetes_problems(settings, groups, control_hosts)
 
 

@@ -4,7 +4,7 @@ host, the key, what was found and what is needed."""
 import pytest
 
 from tasks.data_keys import DataError
-from tasks.settings import resolve
+from tasks.settings import read_settings
 from tests.helpers import FakeHost, group_data
 
 
@@ -19,7 +19,7 @@ def sandbox_data(tmp_path, controller_folders):
 
 
 def test_sandbox_data_resolves(sandbox_data):
-    settings = resolve(FakeHost("sbx1", sandbox_data))
+    settings = read_settings(FakeHost("sbx1", sandbox_data))
     assert settings.model_dir == "/raid/models/tiny-kimi"
     assert settings.serve_args[:2] == ["serve", "/raid/models/tiny-kimi"]
     assert settings.environment["VLLM_CPU_OMP_THREADS_BIND"] == "1"
@@ -31,7 +31,7 @@ def test_sandbox_data_resolves(sandbox_data):
 def test_speculative_on_adds_the_draft_beside_the_model(sandbox_data):
     sandbox_data["model_profile"] = "kimi-k2.6"
     sandbox_data["model_speculative"] = True
-    settings = resolve(FakeHost("h", sandbox_data))
+    settings = read_settings(FakeHost("h", sandbox_data))
     assert settings.draft_dir == "/raid/models/kimi-k2.6-eagle3"
     assert '"model":"/raid/models/kimi-k2.6-eagle3"' in " ".join(settings.serve_args)
 
@@ -39,13 +39,13 @@ def test_speculative_on_adds_the_draft_beside_the_model(sandbox_data):
 def test_health_timeout_is_derived_from_checkpoint_size(sandbox_data):
     sandbox_data.update(model_profile="kimi-k2.6", vllm_health_timeout_s=None,
                         vllm_load_bytes_per_s=1e9)
-    assert resolve(FakeHost("h", sandbox_data)).health_timeout_s == 120 + 595
+    assert read_settings(FakeHost("h", sandbox_data)).health_timeout_s == 120 + 595
 
 
 def test_relative_controller_paths_are_relative_to_the_repository(sandbox_data):
     sandbox_data["vllm_api_key_file"] = "no/such/key"
     with pytest.raises(DataError) as error:
-        resolve(FakeHost("h", sandbox_data))
+        read_settings(FakeHost("h", sandbox_data))
     assert "h: vllm_api_key_file: found 'no/such/key'; need" in str(error.value)
 
 
@@ -105,7 +105,7 @@ BAD_INPUTS = [
 def test_bad_input_is_refused_naming_host_and_key(sandbox_data, key, value, need):
     sandbox_data[key] = value
     with pytest.raises(DataError) as error:
-        resolve(FakeHost("tray-07", sandbox_data))
+        read_settings(FakeHost("tray-07", sandbox_data))
     lines = [str(problem) for problem in error.value.problems]
     assert any(line.startswith(f"tray-07: {key}: found ") and need in line.split("; need ")[1]
                for line in lines), str(error.value)
@@ -114,14 +114,14 @@ def test_bad_input_is_refused_naming_host_and_key(sandbox_data, key, value, need
 def test_every_problem_is_reported_together(sandbox_data):
     sandbox_data.update(vllm_port=-1, vllm_gpu_memory_utilization=2.0, model_profile="nope")
     with pytest.raises(DataError) as error:
-        resolve(FakeHost("h", sandbox_data))
+        read_settings(FakeHost("h", sandbox_data))
     message = str(error.value)
     for key in ("vllm_port", "vllm_gpu_memory_utilization", "model_profile"):
         assert f"h: {key}: found " in message
 
 
 def test_api_key_never_appears_in_the_rendered_command(sandbox_data):
-    settings = resolve(FakeHost("h", sandbox_data))
+    settings = read_settings(FakeHost("h", sandbox_data))
     assert "s3cret-key" not in " ".join(settings.serve_args)
     assert "s3cret-key" not in str(settings.environment)
 
@@ -129,7 +129,7 @@ def test_api_key_never_appears_in_the_rendered_command(sandbox_data):
 def test_gb200_group_data_resolves_to_the_seeds_container():
     """Production data needs nothing from the controller: the docker runtime pulls the seed's
     image, which the seed ran on GB200 (aarch64)."""
-    settings = resolve(FakeHost("gb200-tray-01", group_data("gb200")))
+    settings = read_settings(FakeHost("gb200-tray-01", group_data("gb200")))
     assert settings.runtime == "docker"
     assert settings.image_for("aarch64") == "vllm/vllm-openai:v0.19.1-cu130"
     assert settings.image_archive is None and settings.wheelhouse_dir is None
@@ -139,7 +139,7 @@ def test_gb200_group_data_resolves_to_the_seeds_container():
 def test_the_venv_runtime_needs_a_wheelhouse():
     data = {**group_data("gb200"), "vllm_runtime": "venv"}
     with pytest.raises(DataError) as error:
-        resolve(FakeHost("gb200-tray-01", data))
+        read_settings(FakeHost("gb200-tray-01", data))
     assert [(p.host, p.key) for p in error.value.problems] == [("gb200-tray-01",
                                                                 "vllm_wheelhouse_dir")]
 
@@ -155,4 +155,4 @@ def test_the_infra_keys_defaults_and_edges_resolve(sandbox_data):
                        # gpu-check names the interpreter on PATH (a real H200 run found it).
                        ("nvidia_allreduce_python", "python3"),
                        ("nvidia_allreduce_python", "/opt/torch/bin/python")):
-        assert resolve(FakeHost("tray-07", {**sandbox_data, key: value})).host_name == "tray-07"
+        assert read_settings(FakeHost("tray-07", {**sandbox_data, key: value})).host_name == "tray-07"

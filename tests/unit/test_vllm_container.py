@@ -25,7 +25,7 @@ from tasks import vllm_container, vllm_service
 from tasks.facts import CpuArchitecture, DockerImage, SystemdDropIns, SystemdVersion
 from tasks.models import systemd_exec_line
 from tasks.data_keys import DataError
-from tasks.settings import ENV_FILE, image_archive_info, resolve
+from tasks.settings import ENV_FILE, image_archive_info, read_settings
 from tests.helpers import FakeHost, fact_command, group_data, planned_commands
 
 SEED_IMAGE = "vllm/vllm-openai:v0.19.1-cu130"
@@ -71,14 +71,14 @@ def test_a_file_that_is_no_archive_is_refused_naming_host_and_key(tmp_path, cont
     bogus = tmp_path / "img.tar"
     bogus.write_bytes(content)
     with pytest.raises(DataError) as error:
-        resolve(FakeHost("tray-01", docker_data(vllm_image_tarball=str(bogus))))
+        read_settings(FakeHost("tray-01", docker_data(vllm_image_tarball=str(bogus))))
     assert f"tray-01: vllm_image_tarball: found '{bogus}'; need" in str(error.value)
 
 
 def test_an_archive_without_the_pinned_tag_is_refused(tmp_path):
     archive = write_archive(tmp_path / "img.tar", "vllm/vllm-openai:v0.18.0-cu130", "arm64")
     with pytest.raises(DataError) as error:
-        resolve(FakeHost("tray-01", docker_data(vllm_image_tarball=str(archive))))
+        read_settings(FakeHost("tray-01", docker_data(vllm_image_tarball=str(archive))))
     assert "tray-01: vllm_image: found " in str(error.value)
     assert "v0.18.0-cu130" in str(error.value)
 
@@ -95,26 +95,26 @@ BAD_IMAGES = [
 @pytest.mark.parametrize("images,need", BAD_IMAGES, ids=[str(i) for i, _ in BAD_IMAGES])
 def test_unpinned_or_misplaced_images_are_refused(images, need):
     with pytest.raises(DataError) as error:
-        resolve(FakeHost("tray-01", docker_data(vllm_image=images)))
+        read_settings(FakeHost("tray-01", docker_data(vllm_image=images)))
     assert "tray-01: vllm_image: found " in str(error.value) and need in str(error.value)
 
 
 def test_a_digest_pinned_image_is_accepted():
     pinned = f"{SEED_IMAGE}@sha256:{'0' * 64}"
-    settings = resolve(FakeHost("tray-01", docker_data(vllm_image={"aarch64": pinned})))
+    settings = read_settings(FakeHost("tray-01", docker_data(vllm_image={"aarch64": pinned})))
     assert settings.image_for("aarch64") == pinned and settings.image_for("x86_64") is None
 
 
 def test_an_unknown_gpu_mode_is_refused():
     with pytest.raises(DataError) as error:
-        resolve(FakeHost("tray-01", docker_data(vllm_container_gpus="all")))
+        read_settings(FakeHost("tray-01", docker_data(vllm_container_gpus="all")))
     assert "tray-01: vllm_container_gpus: found 'all'; need" in str(error.value)
 
 
 # ---- the docker run line ------------------------------------------------------------------
 
 def test_the_container_runs_the_one_rendered_command_on_read_only_weights():
-    settings = resolve(FakeHost("tray-01", docker_data(model_speculative=True)))
+    settings = read_settings(FakeHost("tray-01", docker_data(model_speculative=True)))
     argv = vllm_container.container_argv(settings, SEED_IMAGE, {"A": "1"}, 60)
     image_at = argv.index(SEED_IMAGE)
     # Everything after the image is the venv runtime's `vllm serve ...`, flag for flag.
@@ -134,7 +134,7 @@ def test_the_container_runs_the_one_rendered_command_on_read_only_weights():
 @pytest.mark.parametrize("mode,expected", [("cdi", ["--device", "nvidia.com/gpu=all"]),
                                            ("none", [])])
 def test_gpu_handover_modes(mode, expected):
-    settings = resolve(FakeHost("tray-01", docker_data(vllm_container_gpus=mode)))
+    settings = read_settings(FakeHost("tray-01", docker_data(vllm_container_gpus=mode)))
     argv = vllm_container.container_argv(settings, SEED_IMAGE, {}, 60)
     assert argv[argv.index("--pull") + 2:argv.index("--ipc")] == expected
 
@@ -142,7 +142,7 @@ def test_gpu_handover_modes(mode, expected):
 def test_no_secret_reaches_the_unit(tmp_path):
     key = tmp_path / "key"
     key.write_text("s3cret-api-key\n")
-    settings = resolve(FakeHost("tray-01", docker_data(vllm_api_key_file=str(key))))
+    settings = read_settings(FakeHost("tray-01", docker_data(vllm_api_key_file=str(key))))
     argv = vllm_container.container_argv(settings, SEED_IMAGE, vllm_service.SERVICE_ENVIRONMENT,
                                          60)
     assert "s3cret-api-key" not in " ".join(argv)
@@ -174,7 +174,7 @@ def planned(data: dict, image: dict | None, systemd: int = 255, deploy=None, raw
                            {}))
     state = State(inventory, Config())
     connect_all(state)
-    add_deploy(state, deploy or vllm_container.image_present)
+    add_deploy(state, deploy or vllm_container.install)
     host = inventory.get_host("@fake/tray-01")
     return planned_commands(state, host, (lambda command: command) if raw else command_text)
 
@@ -217,7 +217,7 @@ def test_an_air_gapped_tray_gets_the_archive_pushed_and_loaded_once(tmp_path):
 def docker_unit(systemd: int) -> list[str]:
     """The lines of the unit vllm_service.run uploads to a fake tray running ``systemd``."""
     def deploy():
-        vllm_service.run(restart_triggers=[vllm_container.image_present()])
+        vllm_service.run(restart_triggers=[vllm_container.install()])
     plan = planned(docker_data(), image={"id": ARM_ID, "architecture": "arm64"},
                    systemd=systemd, deploy=deploy, raw=True)
     (upload,) = [c for c in plan["Install vllm.service unit (docker runtime)"]
@@ -226,7 +226,7 @@ def docker_unit(systemd: int) -> list[str]:
 
 
 def test_the_unit_runs_the_rendered_container_and_never_leaves_one_behind():
-    settings = resolve(FakeHost("tray-01", docker_data()))
+    settings = read_settings(FakeHost("tray-01", docker_data()))
     lines = docker_unit(systemd=255)
     argv = vllm_container.container_argv(settings, SEED_IMAGE,
                                          {**vllm_service.SERVICE_ENVIRONMENT,
@@ -279,13 +279,13 @@ def served_tray(data: dict, env_mode: str = "-rw-------", unit_mode: str = "-rw-
     file the deploy writes for ``data`` (``env_content`` unless None), with these modes, and
     ``drop_ins`` as SystemdDropIns finds them."""
     def deploy():
-        vllm_service.run(restart_triggers=[vllm_container.image_present()])
+        vllm_service.run(restart_triggers=[vllm_container.install()])
     bare = planned(data, image={"id": ARM_ID, "architecture": "arm64"}, deploy=deploy, raw=True)
     uploads = {command.dest: command.src.getvalue()
                for commands in bare.values() for command in commands
                if isinstance(command, FileUploadCommand)}
     unit = uploads[vllm_service.UNIT_PATH]
-    env = vllm_service.env_file_content(resolve(FakeHost("tray-01", data)).api_key) \
+    env = vllm_service.env_file_content(read_settings(FakeHost("tray-01", data)).api_key) \
         if env_content is None else env_content
     answers = {
         fact_command(Directory, path="/etc/systemd/system"): [
@@ -306,7 +306,7 @@ def served_tray(data: dict, env_mode: str = "-rw-------", unit_mode: str = "-rw-
 
 def service_plan(data: dict, answers: dict) -> dict:
     def deploy():
-        vllm_service.run(restart_triggers=[vllm_container.image_present()])
+        vllm_service.run(restart_triggers=[vllm_container.install()])
     return planned(data, image={"id": ARM_ID, "architecture": "arm64"}, deploy=deploy,
                    answers=answers)
 

@@ -30,7 +30,7 @@ from tasks.facts import KubernetesObjectsDiffer
 from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, rollout_deadline_s,
                                  startup_probe_window_s)
 from tasks.data_keys import DataError
-from tasks.settings import OFFLINE_ENVIRONMENT, resolve
+from tasks.settings import OFFLINE_ENVIRONMENT, read_settings
 from tasks.vllm_kubernetes import node_names, read_kubernetes_settings, rollout_script
 from tests.helpers import FakeHost, fact_command, group_data, planned_commands
 
@@ -295,7 +295,7 @@ def test_rotated_api_key_uploads_only_the_secret_and_restarts_the_pod(secrets, t
 @pytest.mark.parametrize("speculative", [False, True], ids=["no-draft", "draft"])
 def test_deployment_args_are_the_venv_command_with_the_pods_paths(secrets, speculative):
     data = node_data(secrets, model_speculative=speculative)
-    settings = resolve(FakeHost(NODES[0], data))
+    settings = read_settings(FakeHost(NODES[0], data))
     on = {"model_speculative": speculative}
     args = deployment_args(rendered(secrets, (on, on))["deployment.yaml"])
     assert args == settings.serve_args_at(model_path=MODEL_MOUNT,
