@@ -33,8 +33,8 @@ from pyinfra.operations import files
 from tasks import data_keys
 from tasks.data_keys import NODE_NAME, DataError, Problem, problem
 from tasks.facts import KubernetesObjectsDiffer
-from tasks.k8s_manifests import (DRAFT_MOUNT, HOSTNAME_LABEL, MANIFESTS, MODEL_MOUNT,
-                                 ManifestValues, render_manifests, rollout_deadline_s)
+from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, ManifestValues,
+                                 render_manifests, rollout_deadline_s)
 from tasks.operations import secret_file_present
 from tasks.settings import Settings, read_settings
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pyinfra.api import StringCommand
 from pyinfra.context import ctx_host, ctx_state
 

@@ -28,7 +28,7 @@ WORKLOAD = WORKLOADS["sandbox"]
 
 
 
-def bench_report(*args: str) -> subprocess.CompletedProcess:
+def run_bench_report(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tools.bench_report", *args],
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
 
@@ -95,16 +95,15 @@ def test_results_carry_the_metadata_that_makes_them_comparable(bench_run, sandbo
 
 
 def test_metrics_scrapes_bracket_the_run(bench_run, sandbox):
-    report = bench_report
     for host in sandbox["hosts"]:
-        before = report.parse_prometheus(
+        before = bench_report.parse_prometheus(
             (bench_run["dir"] / f"{host['name']}.metrics-before.prom").read_text())
-        after = report.parse_prometheus(
+        after = bench_report.parse_prometheus(
             (bench_run["dir"] / f"{host['name']}.metrics-after.prom").read_text())
         generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
         assert generated >= WORKLOAD.num_prompts * WORKLOAD.output_len
         # No draft in the sandbox: no acceptance to report, rather than a made-up one.
-        assert report.speculative_from_scrapes(
+        assert bench_report.speculative_from_scrapes(
             (bench_run["dir"] / f"{host['name']}.metrics-before.prom").read_text(),
             (bench_run["dir"] / f"{host['name']}.metrics-after.prom").read_text()) is None
 
@@ -121,7 +120,7 @@ def test_the_api_key_appears_in_no_output_no_result_and_no_process(bench_run, sa
 
 def test_report_against_the_same_run_passes_and_charts_every_host(bench_run, sandbox):
     out = bench_run["dir"] / "self"
-    result = bench_report("compare", str(bench_run["dir"]), "--baseline", str(bench_run["dir"]),
+    result = run_bench_report("compare", str(bench_run["dir"]), "--baseline", str(bench_run["dir"]),
                           "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     names = [host["name"] for host in sandbox["hosts"]]
@@ -144,14 +143,14 @@ def test_report_against_a_doctored_baseline_exits_1_naming_the_regression(bench_
     doctored = json.loads((bench_run["dir"] / f"{name}.json").read_text())
     doctored["output_throughput"] *= 2  # as if the last run had been twice as fast
     (tmp_path / f"{name}.json").write_text(json.dumps(doctored))
-    result = bench_report("compare", str(bench_run["dir"] / f"{name}.json"),
+    result = run_bench_report("compare", str(bench_run["dir"] / f"{name}.json"),
                           "--baseline", str(tmp_path / f"{name}.json"), "--out", str(tmp_path))
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"**REGRESSION** on {name}: Output token throughput" in result.stdout
 
 
 def test_report_against_the_seed_refuses_to_call_different_work_a_regression(bench_run):
-    result = bench_report("compare", str(bench_run["dir"]), "--out",
+    result = run_bench_report("compare", str(bench_run["dir"]), "--out",
                           str(bench_run["dir"] / "seed"))
     assert result.returncode == 2, result.stdout + result.stderr
     assert "the workloads differ (bench_profile sandbox vs seed-8k-1k" in result.stdout
