@@ -106,6 +106,14 @@ def _json_field(text: str, key: str) -> object:
         return None
 
 
+class ManifestValuesError(ValueError):
+    """Values the objects cannot hold: `problems` lists them, one line each in the message."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid Kubernetes manifest values:\n  " + "\n  ".join(problems))
+
+
 @dataclass(frozen=True)
 class ManifestValues:
     """Everything the four objects are rendered from; defaults are the seed's values.
@@ -177,7 +185,7 @@ class ManifestValues:
                     *_environment_problems(self), *_argv_problems(self),
                     *_number_problems(self)]
         if problems:
-            raise ValueError("invalid Kubernetes manifest values:\n  " + "\n  ".join(problems))
+            raise ManifestValuesError(problems)
 
     @property
     def gpu_count(self) -> int:

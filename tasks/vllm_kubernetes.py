@@ -34,7 +34,7 @@ from tasks import data_keys
 from tasks.data_keys import NODE_NAME, DataError, Problem, problem
 from tasks.facts import KubernetesObjectsDiffer
 from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, ManifestValues,
-                                 render_manifests, rollout_deadline_s)
+                                 ManifestValuesError, render_manifests, rollout_deadline_s)
 from tasks.operations import secret_file_present
 from tasks.settings import Settings, read_settings
 
@@ -218,11 +218,10 @@ def desired_values(control, config: KubernetesSettings) -> ManifestValues:
     for node in nodes:
         try:
             rendered.append((node, node_values(config, node, read_settings(node), pinned_to)))
-        except ValueError as error:
-            lines = str(error).splitlines()[1:] or [str(error)]
+        except ManifestValuesError as error:
             raise DataError([Problem(control.name, f"the Kubernetes objects from {node.name}'s "
-                                     "data", line.strip(), "values the objects can hold")
-                             for line in lines]) from error
+                                     "data", line, "values the objects can hold")
+                             for line in error.problems]) from error
     (first_node, first), others = rendered[0], rendered[1:]
     for node, values in others:
         if values == first:
