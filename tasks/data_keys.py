@@ -15,6 +15,7 @@ and its default used.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import re
 import shlex
@@ -589,6 +590,7 @@ class DataError(PyinfraError):
                          + "\n  ".join(str(item) for item in self.problems))
 
 
+@functools.cache
 def _pyinfra_keys() -> frozenset[str]:
     """Keys pyinfra itself reads from host data: its connectors' and its global arguments."""
     from pyinfra.api.arguments import all_global_arguments
