@@ -18,7 +18,6 @@ from tasks.facts import (CpuArchitecture, DockerImage, FreeBytes, ListeningTcpPo
 from tasks.operations import failing_command
 from tasks.settings import UNIT_NAME, Settings, read_settings, wheelhouse_platform
 
-GIB = 2**30
 # GPUs whose trays sit on an NVLink fabric (GB200/GB300 NVL72): their fabric must be up.
 NVL_GPU_MARKERS = ("GB200", "GB300")
 
