@@ -8,7 +8,7 @@ SANDBOX_HOSTS ?= 1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test unit e2e venv system-deps artefacts wheelhouse hf-wheelhouse tiny-model rootfs vllm-image down clean
+.PHONY: demo test unit e2e venv system-deps artefacts wheelhouse hf-wheelhouse router-wheelhouse tiny-model rootfs vllm-image down clean
 
 demo: venv system-deps artefacts
 	sandbox status >/dev/null 2>&1 || sandbox up $(SANDBOX_HOSTS)
@@ -51,11 +51,13 @@ system-deps:
 	    --no-install-recommends debootstrap systemd-container zstd openssh-client iproute2 \
 	    curl >/dev/null; }
 
-artefacts: wheelhouse hf-wheelhouse tiny-model rootfs vllm-image
+artefacts: wheelhouse hf-wheelhouse router-wheelhouse tiny-model rootfs vllm-image
 wheelhouse: venv
 	wheelhouse
 hf-wheelhouse: venv
 	hf-wheelhouse
+router-wheelhouse: venv
+	router-wheelhouse
 tiny-model: venv
 	make-tiny-model
 rootfs: venv system-deps

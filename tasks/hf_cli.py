@@ -9,9 +9,9 @@ from pyinfra.api import deploy
 from pyinfra.operations import files
 
 from tasks import data_keys
-from tasks.data_keys import DataError, problem
+from tasks.data_keys import DataError
 from tasks.operations import wheelhouse_venv_installed
-from tasks.settings import controller_path
+from tasks.settings import pinned_wheelhouse
 
 BIN_LINK = "/usr/local/bin/hf"
 
@@ -21,16 +21,11 @@ def read_hf_cli_settings(host_name: str, data) -> tuple[str, str, str]:
     and that the wheelhouse holds that version; DataError holds every problem."""
     values = data_keys.read(host_name, data)
     version, venv_dir = values["hf_cli_version"], values["hf_cli_venv_dir"]
-    wheelhouse = controller_path(values["hf_cli_wheelhouse_dir"])
-    lock = Path(wheelhouse) / "requirements.lock"
-    if not lock.is_file():
-        raise DataError([problem(host_name, "hf_cli_wheelhouse_dir", wheelhouse,
-                                 "a folder with requirements.lock: run hf-wheelhouse")])
-    if not any(line.startswith(f"huggingface-hub=={version} ")
-               for line in lock.read_text().splitlines()):
-        raise DataError([problem(host_name, "hf_cli_wheelhouse_dir", wheelhouse,
-                                 f"holds no huggingface_hub {version} (hf_cli_version): run "
-                                 f"hf-wheelhouse --version {version}")])
+    wheelhouse, problems = pinned_wheelhouse(host_name, "hf_cli_wheelhouse_dir",
+                                             values["hf_cli_wheelhouse_dir"], "huggingface-hub",
+                                             version, "hf-wheelhouse")
+    if problems:
+        raise DataError(problems)
     return version, venv_dir, wheelhouse
 
 

