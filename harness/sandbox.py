@@ -1,6 +1,8 @@
 """Disposable sandbox hosts: real systemd + sshd in systemd-nspawn containers on this machine.
 
-    sandbox up [N]      boot N hosts (default 1); builds the rootfs tarball once
+    sandbox up [N] [--routers R]
+                        boot N serving hosts (default 1) and R router hosts (default 0);
+                        builds the rootfs tarball once
     sandbox status      list hosts, their PIDs and whether SSH answers
     sandbox ssh HOST [COMMAND...]
     sandbox down        stop every host; leaves no process, mount, veth or namespace
@@ -12,6 +14,11 @@ Each host is an overlay of one cached Debian rootfs, booted with `systemd-nspawn
 --network-veth`: its own network namespace, a private /24 on its veth pair, no gateway (so no
 internet). The controller end of the veth carries 10.213.K.1, the host 10.213.K.2. Everything a
 host installs arrives from the controller over SSH. Needs root, debootstrap and systemd-nspawn.
+Hosts of one sandbox reach each other (a router its trays, a tray its peers): each has a route
+to every peer's /24 through its controller address, and the controller forwards between those
+veths only (per-interface forwarding; the machine's other interfaces forward nothing).
+Router hosts (role "router", named NAMEr1, NAMEr2...) become inventories/sandbox.py's `router`
+group; serving hosts (NAME1, NAME2...) its `sandbox` group.
 
 Docker can run inside a host (for the `docker` runtime): the rootfs carries Debian's docker.io,
 disabled until a deploy starts it, with legacy iptables; each host gets /var/lib/docker bound
@@ -293,15 +300,18 @@ def veth_name(machine: str) -> str:
 
 # --- up -------------------------------------------------------------------------------------
 
-def write_host_files(merged: Path, host: dict, controller_pubkey: str, host_key: Path) -> None:
+def write_host_files(merged: Path, host: dict, controller_pubkey: str, host_key: Path,
+                     peer_subnets: list[int]) -> None:
     (merged / "etc/hostname").write_text(host["name"] + "\n")
     (merged / "etc/hosts").write_text(f"127.0.0.1 localhost\n127.0.1.1 {host['name']}\n")
     (merged / "etc/machine-id").write_text(hashlib.md5(host["name"].encode()).hexdigest() + "\n")
     network = merged / "etc/systemd/network/10-host0.network"
     network.parent.mkdir(parents=True, exist_ok=True)
-    # No Gateway=: the controller forwards packets, and a sandbox host must not reach the internet.
+    # No Gateway=: a sandbox host must not reach the internet. A route to each peer only.
+    routes = "".join(f"\n[Route]\nDestination={SUBNET_PREFIX}.{subnet}.0/24\n"
+                     f"Gateway={host['controller_address']}\n" for subnet in peer_subnets)
     network.write_text(f"[Match]\nName=host0\n\n[Network]\nAddress={host['address']}/24\n"
-                       "LinkLocalAddressing=no\nIPv6AcceptRA=no\n")
+                       "LinkLocalAddressing=no\nIPv6AcceptRA=no\n" + routes)
     ssh_dir = merged / "root/.ssh"
     ssh_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     (ssh_dir / "authorized_keys").write_text(controller_pubkey)
@@ -315,7 +325,8 @@ def write_host_files(merged: Path, host: dict, controller_pubkey: str, host_key:
         "HostKey /etc/ssh/ssh_host_ed25519_key\nUseDNS no\n")
 
 
-def boot_host(sandbox: Sandbox, host: dict, lower: Path, pubkey: str) -> None:
+def boot_host(sandbox: Sandbox, host: dict, lower: Path, pubkey: str,
+              peer_subnets: list[int]) -> None:
     host_dir = sandbox.dir / host["name"]
     for sub in ("upper", "work", "merged", "docker"):
         (host_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -327,7 +338,7 @@ def boot_host(sandbox: Sandbox, host: dict, lower: Path, pubkey: str) -> None:
     if not host_key.exists():
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host["name"],
              "-f", str(host_key)])
-    write_host_files(merged, host, pubkey, host_key)
+    write_host_files(merged, host, pubkey, host_key, peer_subnets)
     console_log = open(host_dir / "console.log", "ab")
     process = subprocess.Popen(
         ["systemd-nspawn", "-D", str(merged), "-M", host["name"], "-b", "--network-veth",
@@ -365,9 +376,29 @@ def configure_controller_end(host: dict, deadline: float) -> None:
                f"veth {iface} never appeared", deadline, 0.1)
     run(["ip", "addr", "replace", f"{host['controller_address']}/24", "dev", iface])
     run(["ip", "link", "set", iface, "up"])
+    # Packets that come in on this veth may go out on another sandbox veth (a host's only
+    # routes lead there); the machine-wide ip_forward stays as it is.
+    Path(f"/proc/sys/net/ipv4/conf/{iface}/forwarding").write_text("1\n")
 
 
-def cmd_up(sandbox: Sandbox, count: int) -> None:
+def plan_hosts(name: str, count: int, routers: int, subnets: list[int], cpus: int) -> list[dict]:
+    """The hosts to boot: `count` serving hosts NAME1.., then `routers` router hosts NAMEr1..,
+    one free subnet each."""
+    roles = [("serve", f"{name}{index}") for index in range(1, count + 1)]
+    roles += [("router", f"{name}r{index}") for index in range(1, routers + 1)]
+    return [{
+        "name": host_name,
+        "role": role,
+        "subnet": subnet,
+        "address": f"{SUBNET_PREFIX}.{subnet}.2",
+        "controller_address": f"{SUBNET_PREFIX}.{subnet}.1",
+        # vLLM pins its OpenMP threads; hosts sharing this machine must not share a CPU.
+        "cpu": position % cpus,
+        "pid": None,
+    } for position, ((role, host_name), subnet) in enumerate(zip(roles, subnets))]
+
+
+def cmd_up(sandbox: Sandbox, count: int, routers: int = 0) -> None:
     if os.geteuid() != 0:
         fail("needs root (systemd-nspawn, mount, ip)")
     existing = sandbox.hosts()
@@ -390,28 +421,18 @@ def cmd_up(sandbox: Sandbox, count: int) -> None:
         sandbox.api_key.touch(mode=0o600)
         sandbox.api_key.write_text(secrets.token_urlsafe(32) + "\n")
     used = sandbox.used_subnets()
-    free = [n for n in range(1, 250) if n not in used][:count]
-    if len(free) < count:
+    free = [n for n in range(1, 250) if n not in used][:count + routers]
+    if len(free) < count + routers:
         fail("no free sandbox subnets left")
-    cpus = os.cpu_count() or 1
-    hosts = []
-    for index, subnet in enumerate(free, start=1):
-        hosts.append({
-            "name": f"{sandbox.name}{index}",
-            "subnet": subnet,
-            "address": f"{SUBNET_PREFIX}.{subnet}.2",
-            "controller_address": f"{SUBNET_PREFIX}.{subnet}.1",
-            # vLLM pins its OpenMP threads; hosts sharing this machine must not share a CPU.
-            "cpu": (index - 1) % cpus,
-            "pid": None,
-        })
+    hosts = plan_hosts(sandbox.name, count, routers, free, os.cpu_count() or 1)
     for host in hosts:
         if Path(f"/sys/class/net/{veth_name(host['name'])}").exists():
             fail(f"a sandbox host named {host['name']} already runs on this machine (another "
                  f"checkout?); pick another --name")
     try:
         for host in hosts:
-            boot_host(sandbox, host, lower, pubkey)
+            boot_host(sandbox, host, lower, pubkey,
+                      [peer["subnet"] for peer in hosts if peer is not host])
             sandbox.save(hosts)  # saved as soon as a PID exists, so `down` can always clean up
         deadline = time.monotonic() + SSH_TIMEOUT_S
         for host in hosts:
@@ -434,7 +455,7 @@ def cmd_up(sandbox: Sandbox, count: int) -> None:
         raise
     for host in hosts:
         log(f"{host['name']} up at {host['address']} (nspawn pid {host['pid']})")
-    log(f"{count} host(s) up in {time.monotonic() - started:.1f}s; "
+    log(f"{len(hosts)} host(s) up in {time.monotonic() - started:.1f}s; "
         f"inventory: SANDBOX_NAME={sandbox.name} inventories/sandbox.py")
 
 
@@ -507,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="verb", required=True)
     up = sub.add_parser("up")
     up.add_argument("count", nargs="?", type=int, default=1)
+    up.add_argument("--routers", type=int, default=0,
+                    help="router hosts to boot besides (the `router` group)")
     sub.add_parser("down")
     sub.add_parser("status")
     sub.add_parser("rootfs", help="only build the cached rootfs tarball")
@@ -518,9 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         fail("--name must be alphanumeric and at most 8 characters (it names veth interfaces)")
     sandbox = Sandbox(Path(args.state_dir), args.name)
     if args.verb == "up":
-        if not 1 <= args.count <= 16:
-            fail("host count must be between 1 and 16")
-        cmd_up(sandbox, args.count)
+        if not 1 <= args.count <= 16 or not 0 <= args.routers <= 2:
+            fail("host count must be between 1 and 16, routers between 0 and 2")
+        cmd_up(sandbox, args.count, args.routers)
     elif args.verb == "down":
         cmd_down(sandbox)
     elif args.verb == "status":

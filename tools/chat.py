@@ -1,4 +1,5 @@
-"""Send one chat completion to the vLLM endpoint of every sandbox host, and print the answer.
+"""Send one chat completion to the vLLM endpoint of every sandbox host (and through each
+sandbox router, `sandbox up N --routers R`), and print the answer.
 
     chat [--sandbox NAME] [--no-thinking] [PROMPT]
     chat --url http://HOST:8000 [--api-key-file FILE] [PROMPT]
@@ -17,7 +18,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from tasks.data_keys import DEFAULTS
 from tools.repository import REPO
+
+ROUTER_PORT = DEFAULTS["router_port"]  # inventories/sandbox.py keeps the default
 
 
 def chat(base_url: str, api_key: str | None, model: str, prompt: str, thinking: bool) -> dict:
@@ -57,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1
         state = json.loads(state_file.read_text())
-        targets = [(h["name"], f"http://{h['address']}:{args.port}") for h in state["hosts"]]
+        targets = [(h["name"], f"http://{h['address']}:{args.port}")
+                   if h.get("role", "serve") == "serve" else
+                   (f"{h['name']} (router)", f"http://{h['address']}:{ROUTER_PORT}")
+                   for h in state["hosts"]]
         key_file = args.api_key_file or state["api_key_file"]
     api_key = Path(key_file).read_text().strip() if key_file else None
 
