@@ -23,9 +23,10 @@ Speculative decoding A/B (the same workload with and without the EAGLE-3 draft):
 from pyinfra import host
 
 from tasks import bench
+from tasks.inventory_check import serves
 
-# The drift-check and Kubernetes control hosts serve nothing: only the serving hosts run it.
-if "drift_control" not in host.groups and "k8s_control" not in host.groups:
+# The control hosts and the routers serve nothing: only the serving hosts run it.
+if serves(host.groups):
     # 1. Wait for /health; 2. refuse a workload longer than the served context; 3. scrape
     #    /metrics, run `vllm bench serve`, scrape again, fail on any failed request; 4. bring
     #    the result, the scrapes and the client's log home.

@@ -5,22 +5,29 @@
 
 Each step converges one concern and changes nothing that is already right; a second run of an
 unchanged deploy yields zero changes and no restart. Hosts of group `drift_control` get the
-scheduled drift check instead of a server; hosts of group `k8s_control` apply the Kubernetes
-objects (vllm_runtime = "kubernetes").
+scheduled drift check instead of a server; hosts of group `router` run vllm-router in front of
+the serving hosts; hosts of group `k8s_control` apply the Kubernetes objects (vllm_runtime =
+"kubernetes").
 """
 
 from pyinfra import host
 
 from tasks import (drift_control, nvidia, preflight, system, vllm_container, vllm_kubernetes,
-                   vllm_service, vllm_venv, weights)
+                   vllm_router, vllm_service, vllm_venv, weights)
+from tasks.inventory_check import serves
+from tasks.operations import every_host_reached
 
+checked = False
 if "drift_control" in host.groups:
     # The control host: drift-check on a systemd timer, reporting to Prometheus.
     drift_control.install()
+elif "k8s_control" not in host.groups:
+    # 1. Refuse what cannot work (bad data, too few GPUs, no disk, port taken; on a router,
+    #    its backends and wheelhouse): the first operation fails on every such host, and the
+    #    run stops before any change anywhere.
+    checked = preflight.check()
 
-# 1. Refuse what cannot work (bad data, too few GPUs, no disk, port taken): the first
-#    operation fails on every such host, and the run stops before any change anywhere.
-elif "k8s_control" not in host.groups and preflight.check():
+if checked and serves(host.groups):
     # 2. OS packages and the weights folder.
     system.prepare()
     # 3. Model weights into <weights_dir>/<model> (the seed's `hf download ... --local-dir`).
@@ -37,7 +44,16 @@ elif "k8s_control" not in host.groups and preflight.check():
     if host.data.vllm_runtime != "kubernetes":
         vllm_service.run(restart_triggers=[model, runtime])
 
+# pyinfra runs each operation on every host before the next, but orders two hosts' operations
+# only where they share one: this one, which every host passes, puts what follows after
+# every tray's steps above.
+every_host_reached(name="Every tray deployed", step="every tray's steps 1-5")
+
 # 6. kubernetes runtime: the seed's objects, rendered from the nodes' data, applied from the
-#    k8s_control host. Last in this file, so pyinfra orders it after every node's weights.
+#    k8s_control host, once every node holds the weights.
 if "k8s_control" in host.groups:
     vllm_kubernetes.apply()
+
+# 7. The router, once every tray serves: the deploy waits until it reports each one healthy.
+if checked and "router" in host.groups:
+    vllm_router.install()

@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -165,38 +166,50 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-# What the seed's tray runs (Ubuntu 24.04 on Grace): the hf wheelhouse must be built for it.
+# What the seed's tray runs (Ubuntu 24.04 on Grace): the wheelhouses must be built for it.
 TRAY_PLATFORM = "python=3.12 arch=aarch64"
+# The wheelhouses a GB200 plan reads: (folder key, version key, pinned package, builder).
+WHEELHOUSES = (("hf_cli_wheelhouse_dir", "hf_cli_version", "huggingface-hub", "hf-wheelhouse"),
+               ("router_wheelhouse_dir", "router_version", "vllm-router", "router-wheelhouse"))
 
 
-def hf_wheelhouse(work: Path, values: dict) -> str | None:
-    """A stand-in hf CLI wheelhouse lock when the controller has not built one for the tray
-    (hf-wheelhouse --arch aarch64 --python-version 3.12): the preflight reads only its
-    pin and platform, and a dry run uploads nothing. None too for keys of the wrong type: the
+def stand_in_wheelhouse(work: Path, values: dict, folder_key: str, version_key: str,
+                        package: str, builder: str) -> str | None:
+    """A stand-in wheelhouse lock when the controller has not built one for the Grace hosts
+    (`builder` --arch aarch64 --python-version 3.12): the preflight reads only its pin and
+    platform, and a dry run uploads nothing. None too for keys of the wrong type: the
     preflight names them."""
-    if not all(isinstance(values.get(key), str)
-               for key in ("hf_cli_wheelhouse_dir", "hf_cli_version")):
+    if not all(isinstance(values.get(key), str) for key in (folder_key, version_key)):
         return None
-    folder = Path(values["hf_cli_wheelhouse_dir"])
+    folder = Path(values[folder_key])
     folder = folder if folder.is_absolute() else REPO / folder
-    pin = f"huggingface-hub=={values['hf_cli_version']} "
+    pin = f"{package}=={values[version_key]} "
     lock = folder / "requirements.lock"
     if lock.is_file():
         lines = lock.read_text().splitlines()
         if (lines and lines[0].endswith(TRAY_PLATFORM)
                 and any(line.startswith(pin) for line in lines)):
             return None
-    print(f"gb200-dry-run: no hf wheelhouse for the tray in {folder}: planning with a stand-in "
-          "lock (build the real one with hf-wheelhouse --arch aarch64 --python-version "
-          f"3.12 --out {values['hf_cli_wheelhouse_dir']})", file=sys.stderr)
-    stand_in = work / "hf-wheelhouse"
+    print(f"gb200-dry-run: no {package} wheelhouse for Grace in {folder}: planning with a "
+          f"stand-in lock (build the real one with {builder} --arch aarch64 --python-version "
+          f"3.12 --out {values[folder_key]})", file=sys.stderr)
+    stand_in = work / builder
     stand_in.mkdir()
     (stand_in / "requirements.lock").write_text(
-        f"# huggingface_hub=={values['hf_cli_version']} {TRAY_PLATFORM} "
-        "(tools/gb200-dry-run stand-in)\n"
-        f"{pin}--hash=sha256:{'0' * 64}  # huggingface_hub-{values['hf_cli_version']}"
-        "-py3-none-any.whl\n")
+        f"# {package}=={values[version_key]} {TRAY_PLATFORM} (tools/gb200-dry-run stand-in)\n"
+        f"{pin}--hash=sha256:{'0' * 64}  # {package.replace('-', '_')}-"
+        f"{values[version_key]}-py3-none-any.whl\n")
     return str(stand_in)
+
+
+def host_values(group: str, overrides: dict) -> dict:
+    """The data of the production inventory's first host of `group` ({} when it has none):
+    group data, its own, then --data."""
+    hosts = runpy.run_path(str(REPO / "inventories" / "gb200.py")).get(group) or []
+    if not hosts:
+        return {}
+    own_group = (group,) if (REPO / "group_data" / f"{group}.py").is_file() else ()
+    return {**group_data(*own_group), **hosts[0][1], **overrides}
 
 
 def served_repos(work: Path, values: dict, cache: dict) -> dict[str, Path]:
@@ -246,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         sys.exit(missing)
 
-    values = {**group_data("gb200"), **data_overrides(pyinfra_args)}
+    overrides = data_overrides(pyinfra_args)
+    values = {**group_data("gb200"), **overrides}
     work = Path(tempfile.mkdtemp(prefix="gb200-dry-run-"))
     mirror = None
     try:
@@ -257,9 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             (work / "hash-cache.json").write_text(json.dumps(cache))
             mirror, url = start_mirror(work, repos, work / "hash-cache.json")
             command += ["--data", f"weights_hf_endpoint={url}"]
-        wheelhouse = hf_wheelhouse(work, values)
-        if wheelhouse:
-            command += ["--data", f"hf_cli_wheelhouse_dir={wheelhouse}"]
+        for keys, group_values in zip(WHEELHOUSES, (values, host_values("router", overrides))):
+            wheelhouse = stand_in_wheelhouse(work, group_values, *keys)
+            if wheelhouse:
+                command += ["--data", f"{keys[0]}={wheelhouse}"]
         if args.json:
             command.append("--json")
         if args.commands:

@@ -17,6 +17,17 @@ gb200 = [
     ("gb200-tray-02", {"ssh_hostname": "198.51.100.12", "ssh_user": "root"}),
 ]
 
+# vllm-router: the one endpoint clients use, in front of every tray above (tasks/vllm_router.py).
+# Here a Grace host like the trays (Ubuntu 24.04, aarch64), so its wheelhouse is built for
+# that: router-wheelhouse --arch aarch64 --python-version 3.12 --out .cache/router-wheelhouse-gb200
+# It listens on loopback unless router_host says otherwise, with router_accept_open_admin =
+# True once the network lets only clients and the deploy reach its port. Empty for the
+# kubernetes runtime: the Service is the endpoint there.
+router = [
+    ("gb200-router-01", {"ssh_hostname": "198.51.100.4", "ssh_user": "root",
+                         "router_wheelhouse_dir": ".cache/router-wheelhouse-gb200"}),
+]
+
 # The host that runs the drift check on a timer (drift-check, tasks/drift_control.py):
 # a bastion with a checkout of this repository, its .venv and an SSH key for the trays.
 drift_control = [

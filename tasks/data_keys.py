@@ -479,6 +479,48 @@ KEYS: tuple[Key, ...] = (
          "wait out the progress deadline."),
     ),
     *_keys(
+        "tasks/vllm_router.py",
+        ("router_version", "0.1.17", "a vllm-router version like 0.1.17",
+         matching(re.compile(r"^[0-9][0-9A-Za-z.+-]*$")),
+         "vllm-router version on hosts of the router group; must match router_wheelhouse_dir."),
+        ("router_venv_dir", "/opt/vllm-router/venv", "an absolute literal path on the host "
+         "(letters, digits and -_./@+,:= only: the unit's ExecStart takes it as is)",
+         lambda v: absolute_path(v) and matching(LITERAL_PATH)(v),
+         "venv of vllm-router on a router host (a symlink to the current build)."),
+        ("router_wheelhouse_dir", ".cache/router-wheelhouse", "a folder made by "
+         "router-wheelhouse", text,
+         "Controller folder made by router-wheelhouse, for the router hosts' CPU and Python "
+         "(router-wheelhouse --arch aarch64 --python-version 3.12 for Ubuntu 24.04 on Grace)."),
+        ("router_host", "127.0.0.1", "an IPv4 address to listen on, e.g. 127.0.0.1 or 0.0.0.0",
+         matching(re.compile(r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")),
+         "Address the router listens on. Loopback by default: vllm-router's /add_worker, "
+         "/remove_worker and /workers take no key (see router_accept_open_admin)."),
+        ("router_accept_open_admin", False, "true or false", boolean,
+         "Must be true to bind router_host beyond loopback: anyone who reaches the router's "
+         "port can then remove backends, or add one that receives the clients' API keys. Say "
+         "true only where the network lets just the clients and the deploy reach it."),
+        ("router_port", 30000, "a TCP port 1..65535", integer(1, 65535),
+         "TCP port clients send OpenAI API requests to (with the trays' API key)."),
+        ("router_policy", "cache_aware", "one of ['cache_aware', 'power_of_two', "
+         "'round_robin', 'random', 'consistent_hash']",
+         one_of("cache_aware", "power_of_two", "round_robin", "random", "consistent_hash"),
+         "How the router picks a backend: cache_aware sends a prompt to the tray most likely "
+         "to hold its prefix in cache, unless load is too uneven."),
+        ("router_health_check_interval_s", 10, "seconds, 1..3600", integer(1, 3600),
+         "Seconds between the router's /health probes of each backend (vllm-router's own "
+         "default, 60, leaves a dead tray in rotation for minutes)."),
+        ("router_backend_group", None, "None or the name of an inventory group",
+         optional(matching(re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$"))),
+         "Hosts the router sends requests to; None: every host that serves (not in the "
+         "router, drift_control or k8s_control groups)."),
+        ("vllm_backend_url", None, "None or http://ADDRESS:PORT", optional(matching(
+            re.compile(r"^http://[A-Za-z0-9.\[\]:-]+:[0-9]{1,5}$"))),
+         "A serving host's URL as the router reaches it; None: http://<ssh_hostname, else "
+         "the inventory name>:<vllm_port>."),
+        ("router_prometheus_port", 29000, "a TCP port 1..65535", integer(1, 65535),
+         "Port of the router's Prometheus metrics, on 127.0.0.1 (node-local scrapers)."),
+    ),
+    *_keys(
         "tasks/drift_control.py",
         ("drift_repo_dir", None, "an absolute path on the control host to a checkout of this "
          "repository with its .venv (letters, digits and -_./@+,:= only: the unit's "

@@ -1,4 +1,5 @@
-"""Refuse an inventory that names one machine twice, while the inventory file is read.
+"""Refuse an inventory that names one machine twice, while the inventory file is read; which
+groups serve the model.
 
 pyinfra keys hosts by name: a name given twice with data becomes one host whose data is both
 entries merged, the later winning key by key; two names for one address become two hosts
@@ -9,6 +10,14 @@ distinct), so each inventory file calls `refuse_duplicates` on its own groups.
 from __future__ import annotations
 
 SSH_PORT = 22
+# Groups whose hosts serve no model: the drift check's and Kubernetes' control hosts, routers.
+NOT_SERVING = frozenset({"router", "drift_control", "k8s_control"})
+
+
+def serves(groups) -> bool:
+    """Whether a host of these inventory groups runs vLLM (or, on Kubernetes, holds its
+    weights): every host outside NOT_SERVING."""
+    return not NOT_SERVING & {str(group) for group in groups}
 
 
 def _entries(groups: dict) -> list[tuple[str, str, dict]]:

@@ -173,6 +173,23 @@ def service_healthy(url: str, timeout_s: int, unit: str, when: bool = True):
 
 
 @operation()
+def every_host_reached(step: str):
+    """
+    Change nothing: a point of deploy.py that every host's deploy passes, at one line.
+
+    + step: what every host has done by then, for the log
+
+    pyinfra runs each operation on every host before the next one, and orders the operations
+    of different hosts only where they share one: the router's operations, which share none
+    with the trays', would be planned among the trays' first ones. Called by every host at the
+    same line, this operation is shared; what a host does after it starts once every host has
+    finished what it did before.
+    """
+    host.noop(f"every host has reached this point: {step}")
+    yield from ()
+
+
+@operation()
 def secret_file_present(dest: str, content: str):
     """
     Make ``dest`` a root-owned 0600 file holding ``content``, without ever showing it.

@@ -289,17 +289,23 @@ def check() -> bool:
 
     Reads every data key (tasks.settings.read_settings), the host's GPUs, free space on
     weights_dir, listening ports and architecture, and for the kubernetes runtime the
-    inventory's k8s_control hosts. Each problem is one line naming the host, the data key,
+    inventory's k8s_control hosts; on a router host, tasks.vllm_router.router_problems
+    instead (one operation for every host). Each problem is one line naming the host, the data key,
     what was found and what is needed; all are reported at once, logged while planning (so
     `--dry` shows them) and raised by this deploy's first operation, which stops the run on
     every host before any change (config.FAIL_PERCENT = 0).
     """
-    try:
-        settings = read_settings(host)
-    except DataError as error:
-        problems = [str(item) for item in error.problems]
+    if "router" in host.groups:
+        # Imported here: tasks.vllm_router imports this module.
+        from tasks.vllm_router import router_problems
+        problems = router_problems(host)
     else:
-        problems = _problems(settings)
+        try:
+            settings = read_settings(host)
+        except DataError as error:
+            problems = [str(item) for item in error.problems]
+        else:
+            problems = _problems(settings)
     for line in problems:
         logger.warning(f"preflight: {line}")
     preflight_passed(name="Check data, GPUs, disk and port", problems=problems,

@@ -8,6 +8,15 @@ from pyinfra.operations import apt, files
 from tasks.settings import read_settings
 
 
+def packages_installed(packages: list[str]) -> None:
+    """Install the Debian packages a host lacks; the apt lists are refreshed only then, so
+    offline hosts that already have everything never touch the network."""
+    installed = host.get_fact(DebPackages)
+    if any(package not in installed for package in packages):
+        apt.update(name="Refresh apt package lists")
+    apt.packages(name="Install host packages", packages=packages)
+
+
 @deploy("System")
 def prepare() -> None:
     """Converge OS packages and the weights folder. (vllm.service needs no user account: it
@@ -16,10 +25,6 @@ def prepare() -> None:
     Data keys: host_packages, weights_dir.
     """
     settings = read_settings(host)
-    installed = host.get_fact(DebPackages)
-    if any(package not in installed for package in settings.packages):
-        # Only then: offline hosts that already have everything never touch the network.
-        apt.update(name="Refresh apt package lists")
-    apt.packages(name="Install host packages", packages=settings.packages)
+    packages_installed(settings.packages)
     files.directory(name=f"Create weights folder {settings.weights_dir}",
                     path=settings.weights_dir, user="root", group="root", mode="755")

@@ -17,6 +17,7 @@ import sys
 import pytest
 import testinfra
 
+from tasks.inventory_check import serves
 from tasks.settings import Settings, read_settings
 from tests.helpers import REPO, FakeHost
 
@@ -31,6 +32,22 @@ def pytest_addoption(parser):
 
 
 def _inventory(config) -> dict[str, dict]:
+    """The serving hosts to check: {name: data}."""
+    return _hosts(config)[0]
+
+
+def _routers(config) -> dict[str, dict]:
+    """The router hosts to check (group `router`): {name: data}."""
+    return _hosts(config)[1]
+
+
+def inventory_hosts(config) -> list[tuple[str, set[str], dict]]:
+    """(name, groups, data) of every host of the inventory, --infra-limit or not: a router's
+    backends are what the deploy gave it."""
+    return _hosts(config)[2]
+
+
+def _hosts(config):
     cached = getattr(config, "_infra_inventory", None)
     if cached is not None:
         return cached
@@ -42,21 +59,28 @@ def _inventory(config) -> dict[str, dict]:
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise pytest.UsageError(f"cannot load inventory {path}:\n{result.stderr[-2000:]}")
-    # The drift check's and Kubernetes' control hosts serve no model: nothing here applies.
     # tools.inventory adds each host's groups as "_groups": not a data key, so it goes here.
-    hosts = {name: {key: value for key, value in data.items() if key != "_groups"}
-             for name, data in json.loads(result.stdout).items()
-             if not {"drift_control", "k8s_control"} & set(data["_groups"])}
+    everyone = [(name, set(data["_groups"]),
+                 {key: value for key, value in data.items() if key != "_groups"})
+                for name, data in json.loads(result.stdout).items()]
     limit = config.getoption("--infra-limit")
-    if limit:
-        hosts = {name: data for name, data in hosts.items() if name in limit.split(",")}
-    config._infra_inventory = hosts
-    return hosts
+    picked = [(name, groups, data) for name, groups, data in everyone
+              if not limit or name in limit.split(",")]
+    # The drift check's and Kubernetes' control hosts serve no model: nothing here applies.
+    # Routers get their own checks (test_router.py).
+    serving = {name: data for name, groups, data in picked if serves(groups)}
+    routers = {name: data for name, groups, data in picked if "router" in groups}
+    config._infra_inventory = (serving, routers, everyone)
+    return config._infra_inventory
 
 
 def pytest_generate_tests(metafunc):
     if "host_name" in metafunc.fixturenames:
         metafunc.parametrize("host_name", sorted(_inventory(metafunc.config)), scope="session")
+    if "router_name" in metafunc.fixturenames:
+        routers = sorted(_routers(metafunc.config)) or [pytest.param(
+            None, marks=pytest.mark.skip(reason="no host in the inventory's router group"))]
+        metafunc.parametrize("router_name", routers, scope="session")
 
 
 @pytest.fixture(scope="session")
@@ -100,25 +124,29 @@ def settings(host_name, host_data) -> Settings:
     return redacted(read_settings(FakeHost(host_name, host_data)))
 
 
-@pytest.fixture(scope="session")
-def host(host_name, host_data):
+def ssh_host(name: str, data: dict):
     """A testinfra host over the same SSH settings pyinfra uses (or local for @local)."""
-    if host_name.startswith("@local"):
+    if name.startswith("@local"):
         return testinfra.get_host("local://")
-    address = host_data.get("ssh_hostname") or host_name
-    user = host_data.get("ssh_user") or "root"
+    address = data.get("ssh_hostname") or name
+    user = data.get("ssh_user") or "root"
     # A host that does not answer fails its checks in 10 s instead of the TCP timeout.
     extra = ["-o BatchMode=yes", "-o ConnectTimeout=10"]
-    if host_data.get("ssh_known_hosts_file"):
-        extra.append(f"-o UserKnownHostsFile={host_data['ssh_known_hosts_file']}")
-    if host_data.get("ssh_strict_host_key_checking"):
-        extra.append(f"-o StrictHostKeyChecking={host_data['ssh_strict_host_key_checking']}")
-    if host_data.get("ssh_port"):
-        extra.append(f"-p {host_data['ssh_port']}")
+    if data.get("ssh_known_hosts_file"):
+        extra.append(f"-o UserKnownHostsFile={data['ssh_known_hosts_file']}")
+    if data.get("ssh_strict_host_key_checking"):
+        extra.append(f"-o StrictHostKeyChecking={data['ssh_strict_host_key_checking']}")
+    if data.get("ssh_port"):
+        extra.append(f"-p {data['ssh_port']}")
     # One master connection per host, reused by every check (a handshake costs ~0.3 s).
-    return testinfra.get_host(f"ssh://{user}@{address}", ssh_identity_file=host_data.get("ssh_key"),
+    return testinfra.get_host(f"ssh://{user}@{address}", ssh_identity_file=data.get("ssh_key"),
                               ssh_extra_args=" ".join(extra), sudo=user != "root",
                               controlpath=f"/tmp/infra-ssh-{user}@{address}", controlpersist=30)
+
+
+@pytest.fixture(scope="session")
+def host(host_name, host_data):
+    return ssh_host(host_name, host_data)
 
 
 @pytest.fixture(scope="session")
@@ -146,5 +174,6 @@ def unit_host(host, settings):
 @pytest.fixture(autouse=True)
 def _record_host(request, record_property):
     """Name the host in the JUnit XML, so drift-check attributes each failure."""
-    if "host_name" in request.fixturenames:
-        record_property("host", request.getfixturevalue("host_name"))
+    for name in ("host_name", "router_name"):
+        if name in request.fixturenames:
+            record_property("host", request.getfixturevalue(name))

@@ -23,6 +23,7 @@ from tests.helpers import REPO
 
 TRAYS = ["@fake/gb200-tray-01", "@fake/gb200-tray-02"]
 DRIFT = "@fake/drift-control-01"
+ROUTER = "@fake/gb200-router-01"
 K8S = "@fake/k8s-control-01"
 IMAGE = "vllm/vllm-openai:v0.19.1-cu130"
 PREFLIGHT = "Preflight | Check data, GPUs, disk and port"
@@ -80,8 +81,9 @@ def load_inventory(monkeypatch, inventory: str = "inventories/gb200.py", **env) 
 
 def test_production_inventory_declares_real_hosts_and_no_k8s_control_for_docker(monkeypatch):
     groups = load_inventory(monkeypatch)
-    assert sorted(groups) == ["drift_control", "gb200", "k8s_control"]
+    assert sorted(groups) == ["drift_control", "gb200", "k8s_control", "router"]
     assert [name for name, _ in groups["gb200"]] == ["gb200-tray-01", "gb200-tray-02"]
+    assert [name for name, _ in groups["router"]] == ["gb200-router-01"]
     assert all(data["ssh_hostname"].startswith("198.51.100.") for _, data in groups["gb200"])
     # The GB200 default runtime is docker: a control host would refuse docker trays.
     assert groups["k8s_control"] == []
@@ -92,6 +94,8 @@ def test_fake_inventory_answers_the_seed_tray_facts(monkeypatch):
                             GB200_FAKE_RUNTIME="kubernetes")
     assert [name for name, _ in groups["gb200"]] == TRAYS
     assert [name for name, _ in groups["k8s_control"]] == [K8S]
+    # Kubernetes serves through its Service: no router in front of pods.
+    assert groups["router"] == []
     (_, tray), (_, control) = groups["gb200"][0], groups["k8s_control"][0]
     assert not any(key.startswith("ssh_") for key in tray)
     assert tray["vllm_runtime"] == "kubernetes" and tray["fake_delay"] == 0
@@ -226,10 +230,13 @@ def test_bad_data_fails_with_the_preflights_lines_and_no_traceback(data, says):
                             stdin=subprocess.DEVNULL, timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    # The tool's summary: one line per tray, as the deploy's preflight prints it.
-    summary = result.stderr.split(REFUSED + "\n", 1)[1].splitlines()
-    assert sorted(line.split(": ", 1)[0] for line in summary) == TRAYS
-    assert all(line.split(": ", 1)[1].startswith(says) for line in summary), summary
+    # The tool's summary, as the deploy's preflight prints it: each tray's line (and the
+    # router's, whose data --data changes too, or whose backends it makes unusable).
+    summary = [line.split(": ", 1) for line in
+               result.stderr.split(REFUSED + "\n", 1)[1].splitlines()]
+    for tray in TRAYS:
+        assert any(line.startswith(says) for host, line in summary if host == tray), summary
+    assert {host for host, _ in summary} <= {*TRAYS, ROUTER}
 
 
 # ---- the inventories: one entry per machine ------------------------------------------------------
