@@ -372,6 +372,10 @@ KEYS: tuple[Key, ...] = (
          optional(number(0, 1, low_open=True)),
          "Fraction of each GPU's memory vLLM may take; None takes the profile's (kimi-k2.6: "
          "0.90)."),
+        ("vllm_shutdown_timeout_s", 60, "seconds, 0..3600", integer(0, 3600),
+         "Seconds vLLM gives in-flight requests to finish after SIGTERM before it aborts them "
+         "(`--shutdown-timeout`, vLLM >= 0.18; 0: abort at once, vLLM's default). The unit's "
+         "stop, `docker stop` and the pod's termination grace allow this plus 30 s."),
         ("vllm_extra_args", [], "a list of strings", strings,
          "Appended verbatim to `vllm serve` (e.g. [\"--max-model-len\", \"65536\"])."),
         ("vllm_environment", {}, "a mapping of NAME: value strings", _environment,

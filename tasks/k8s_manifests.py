@@ -26,7 +26,7 @@ import jinja2
 
 from tasks.data_keys import (DNS_LABEL_RFC1035, DNS_LABEL_RFC1123, NODE_NAME, SERVICE_TYPES,
                              VOLUME_TYPES, is_integer)
-from tasks.settings import OFFLINE_ENVIRONMENT
+from tasks.settings import OFFLINE_ENVIRONMENT, STOP_MARGIN_S
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates" / "k8s"
 # Apply order: the claim template and the Secret exist before the pod that names them.
@@ -85,6 +85,13 @@ def rollout_deadline_s(size_bytes: int, load_bytes_per_s: float) -> int:
     """The Deployment's progressDeadlineSeconds: the startup window plus ROLLOUT_EXTRA_S. The
     deploy's `kubectl rollout status --timeout` waits as long."""
     return startup_probe_window_s(size_bytes, load_bytes_per_s) + ROLLOUT_EXTRA_S
+
+
+def termination_grace_s(serve_args) -> int | None:
+    """The pod's terminationGracePeriodSeconds: vLLM's --shutdown-timeout plus the exit
+    margin the systemd units allow; None (Kubernetes' default) when the argv sets none."""
+    shutdown = _flag_value(tuple(serve_args), "--shutdown-timeout")
+    return None if shutdown is None else int(shutdown) + STOP_MARGIN_S
 
 
 def _flag_value(argv: tuple[str, ...], *names: str) -> str | None:
@@ -284,6 +291,10 @@ def _argv_problems(values: ManifestValues) -> list[str]:
     port = _flag_value(values.serve_args, "--port")
     if port is not None and port.isdigit() and int(port) > 65535:
         problems.append(f"serve_args: --port {port}: a TCP port 1..65535 (the container port)")
+    shutdown = _flag_value(values.serve_args, "--shutdown-timeout")
+    if shutdown is not None and not shutdown.isdigit():
+        problems.append(f"serve_args: --shutdown-timeout {shutdown!r}: whole seconds, 0 or more "
+                        "(the pod's termination grace is derived from it)")
     return problems
 
 
@@ -355,6 +366,9 @@ def template_context(values: ManifestValues) -> dict[str, dict]:
             "selector_labels": [("app", values.name)],
             "progress_deadline_s": rollout_deadline_s(values.checkpoint_size_bytes,
                                                       values.load_bytes_per_s),
+            # The kubelet's SIGKILL after SIGTERM: vLLM's drain (--shutdown-timeout) and exit,
+            # as the units allow; Kubernetes' default, 30 s, would cut the drain short.
+            "termination_grace_s": termination_grace_s(values.serve_args),
             "container_name": CONTAINER_NAME,
             "image": values.image_reference,
             "command": ["vllm"],

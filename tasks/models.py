@@ -122,6 +122,7 @@ def vllm_serve_args(
     tensor_parallel_size: int | None = None,
     gpu_memory_utilization: float | None = None,
     num_speculative_tokens: int | None = None,
+    shutdown_timeout_s: int | None = None,
     extra_args: list[str] | tuple[str, ...] = (),
 ) -> list[str]:
     """The `vllm serve` argument list (without the `vllm` executable), in the seed's order.
@@ -131,6 +132,8 @@ def vllm_serve_args(
     + host, port: the listening address
     + tensor_parallel_size, gpu_memory_utilization, num_speculative_tokens: None takes the
       profile's value
+    + shutdown_timeout_s: seconds in-flight requests get to finish on SIGTERM
+      (`--shutdown-timeout`); None leaves vLLM's default (abort at once), as the seed does
     + extra_args: appended verbatim (data key `vllm_extra_args`)
     """
     tp = tensor_parallel_size if tensor_parallel_size is not None else profile.tensor_parallel_size
@@ -155,6 +158,8 @@ def vllm_serve_args(
         speculative = {"model": draft_path, "method": "eagle3", "num_speculative_tokens": tokens}
         args += ["--speculative-config", json.dumps(speculative, separators=(",", ":"))]
     args += ["--host", host, "--port", str(port)]
+    if shutdown_timeout_s is not None:
+        args += ["--shutdown-timeout", str(shutdown_timeout_s)]
     return args + list(extra_args)
 
 

@@ -27,6 +27,9 @@ from tasks.models import PROFILES, ModelProfile, vllm_serve_args
 REPO = Path(__file__).resolve().parent.parent
 ENV_FILE = "/etc/vllm/vllm.env"
 UNIT_NAME = "vllm.service"
+# Beyond vLLM's --shutdown-timeout, what a stop allows for the engine processes to exit once
+# the in-flight requests are done (or aborted): then SIGKILL.
+STOP_MARGIN_S = 30
 # Offline by design, for every runtime (the systemd units, the pod) and the bench client: the
 # weights are placed by the deploy, and nothing phones home.
 OFFLINE_ENVIRONMENT = {
@@ -53,6 +56,7 @@ class Settings:
     port: int
     api_key: str | None
     health_timeout_s: int
+    shutdown_timeout_s: int  # vLLM's --shutdown-timeout: in-flight requests' time on SIGTERM
     venv_dir: str
     wheelhouse_dir: str | None
     environment: dict[str, str]
@@ -71,6 +75,11 @@ class Settings:
     container_gpus: str  # docker runtime: one of CONTAINER_GPU_MODES
     # serve_args_at(model_path=..., draft_path=...): serve_args with the weights at other paths
     serve_args_at: Callable[..., list[str]]
+
+    @property
+    def stop_timeout_s(self) -> int:
+        """What a stop waits for vLLM before SIGKILL: its drain, then its exit."""
+        return self.shutdown_timeout_s + STOP_MARGIN_S
 
     @property
     def health_url(self) -> str:
@@ -270,6 +279,7 @@ def _derive(name: str, values: dict, api_key: str | None, wheelhouse: str | None
         vllm_serve_args, profile, host=values["vllm_host"], port=values["vllm_port"],
         tensor_parallel_size=tp, gpu_memory_utilization=memory,
         num_speculative_tokens=values["model_num_speculative_tokens"],
+        shutdown_timeout_s=values["vllm_shutdown_timeout_s"],
         extra_args=values["vllm_extra_args"])
     env = {**profile.environment, **values["vllm_environment"]}
     if values["vllm_cpu_threads_bind"] is not None:
@@ -287,7 +297,8 @@ def _derive(name: str, values: dict, api_key: str | None, wheelhouse: str | None
         weights_dir=values["weights_dir"], model_dir=model_dir, draft_dir=draft_dir,
         model_source_dir=source, runtime=values["vllm_runtime"],
         listen_host=values["vllm_host"], port=values["vllm_port"], api_key=api_key,
-        health_timeout_s=health_timeout, venv_dir=values["vllm_venv_dir"],
+        health_timeout_s=health_timeout, shutdown_timeout_s=values["vllm_shutdown_timeout_s"],
+        venv_dir=values["vllm_venv_dir"],
         wheelhouse_dir=wheelhouse, environment=env,
         serve_args=serve_args_at(model_path=model_dir, draft_path=draft_dir),
         packages=list(values["host_packages"]), tensor_parallel_size=tp,

@@ -32,8 +32,6 @@ SERVICE_ENVIRONMENT = {
     "TORCHINDUCTOR_CACHE_DIR": "/var/cache/vllm/inductor",
     "TMPDIR": "/var/cache/vllm",
 }
-# What vLLM gets to drain in-flight requests on stop.
-STOP_TIMEOUT_S = 60
 # RestartSteps= and RestartMaxDelaySec= (restart backoff) arrived in systemd 254.
 BACKOFF_SYSTEMD = 254
 
@@ -43,7 +41,8 @@ def unit_template(settings: Settings) -> tuple[str, dict]:
     environment = {**SERVICE_ENVIRONMENT, **settings.environment}
     if settings.runtime == "docker":
         image = vllm_container.image_reference(settings, host.get_fact(CpuArchitecture))
-        argv = vllm_container.container_argv(settings, image, environment, STOP_TIMEOUT_S)
+        argv = vllm_container.container_argv(settings, image, environment,
+                                              settings.stop_timeout_s)
         return "vllm-container.service.j2", {
             "docker": vllm_container.DOCKER, "container": vllm_container.CONTAINER_NAME,
             "exec_start": systemd_exec_line(argv)}
@@ -64,7 +63,7 @@ def unit_text(settings: Settings) -> str:
     template, context = unit_template(settings)
     return get_template(str(TEMPLATES / template)).render(
         served_name=settings.profile.served_name, profile_name=settings.profile.name,
-        stop_timeout_s=STOP_TIMEOUT_S,
+        stop_timeout_s=settings.stop_timeout_s,
         restart_backoff=(host.get_fact(SystemdVersion) or 0) >= BACKOFF_SYSTEMD, **context)
 
 
@@ -78,7 +77,7 @@ def run(restart_triggers: list[OperationMeta]) -> None:
     Data keys: vllm_api_key_file, vllm_environment, vllm_cpu_threads_bind,
     vllm_health_timeout_s, vllm_load_bytes_per_s, and those rendered into the command line
     (model_*, vllm_host, vllm_port, vllm_tensor_parallel_size, vllm_gpu_memory_utilization,
-    vllm_extra_args); for the docker runtime also vllm_image and vllm_container_gpus.
+    vllm_shutdown_timeout_s, vllm_extra_args); for the docker runtime also vllm_image and vllm_container_gpus.
     """
     settings = read_settings(host)
     env_content = env_file_content(settings.api_key)

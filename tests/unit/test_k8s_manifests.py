@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, TEMPLATE_DIR,
-                                 ManifestValues, render_manifests, startup_probe_window_s,
+                                 ManifestValues, ManifestValuesError, render_manifests, startup_probe_window_s,
                                  template_context)
 from tasks.models import PROFILES, vllm_serve_args
-from tasks.settings import OFFLINE_ENVIRONMENT
+from tasks.settings import OFFLINE_ENVIRONMENT, STOP_MARGIN_S
 from tests.helpers import REPO, SEED, group_data
 
 SEED_MANIFEST = REPO / "tests" / "fixtures" / "seed-k8s.yaml"
@@ -35,7 +35,7 @@ def gb200_serve_args(draft: bool, **overrides) -> list[str]:
         port=data["vllm_port"], tensor_parallel_size=data["vllm_tensor_parallel_size"],
         gpu_memory_utilization=data["vllm_gpu_memory_utilization"],
         num_speculative_tokens=data["model_num_speculative_tokens"],
-        extra_args=data["vllm_extra_args"])
+        shutdown_timeout_s=data["vllm_shutdown_timeout_s"], extra_args=data["vllm_extra_args"])
 
 
 def make_values(*, draft: bool = True, volume_type: str = "hostPath",
@@ -157,6 +157,9 @@ INTENTIONAL_DIFFERENCES = {
     ("Deployment", *POD, "enableServiceLinks"):
         "off: Kubernetes injects NAME_PORT-style variables for every Service, and vLLM reads "
         "VLLM_* variables (a Service named vllm would set VLLM_PORT and break start-up)",
+    ("Deployment", *POD, "terminationGracePeriodSeconds"):
+        "vLLM's --shutdown-timeout (vllm_shutdown_timeout_s) plus the exit margin the units "
+        "allow: the default 30 s would SIGKILL a pod mid-drain, failing in-flight requests",
     ("Deployment", *POD, "nodeSelector"):
         "GB200 trays are arm64 (Grace): the pod must not land on an x86 node, whatever GPUs "
         "it has; an extra selector can pin a node pool",
@@ -275,7 +278,8 @@ def test_exec_form_is_the_seeds_shell_command_word_for_word():
     # bash joins backslash-newline continuations before splitting into words.
     seed_argv = shlex.split(seed["args"][1].replace("\\\n", " "))
     rendered = container(objects(make_values(draft=True))["deployment.yaml"])
-    assert rendered["command"] + rendered["args"] == seed_argv
+    # One addition: the seed's vLLM aborted in-flight requests on SIGTERM.
+    assert rendered["command"] + rendered["args"] == seed_argv + ["--shutdown-timeout", "60"]
 
 
 # (c) The container's argv is the one renderer's output, exactly.
@@ -581,3 +585,24 @@ def test_pyinfra_files_template_renders_the_same_text():
     for name, text in render_manifests(values).items():
         template = get_template(str(TEMPLATE_DIR / (name + ".j2")))
         assert template.render(**contexts[name + ".j2"]) == text, name
+
+
+def test_the_pods_termination_grace_follows_vllms_shutdown_timeout():
+    """The kubelet waits what the units wait: the drain vLLM is told, plus its exit."""
+    def grace(values):
+        deployment = objects(values)["deployment.yaml"]
+        return deployment["spec"]["template"]["spec"].get("terminationGracePeriodSeconds")
+
+    assert grace(make_values()) == 60 + STOP_MARGIN_S
+    longer = gb200_serve_args(True, vllm_shutdown_timeout_s=600)
+    assert grace(make_values(serve_args=longer)) == 600 + STOP_MARGIN_S
+    # No flag: Kubernetes' default, as the seed had.
+    assert grace(make_values(serve_args=gb200_serve_args(True, vllm_shutdown_timeout_s=None))) \
+        is None
+
+
+def test_a_shutdown_timeout_that_is_not_whole_seconds_is_refused():
+    args = gb200_serve_args(True, vllm_extra_args=["--shutdown-timeout", "1m"])
+    with pytest.raises(ManifestValuesError) as error:
+        make_values(serve_args=args)
+    assert "serve_args: --shutdown-timeout '1m': whole seconds, 0 or more" in str(error.value)

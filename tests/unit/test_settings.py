@@ -36,6 +36,20 @@ def test_speculative_on_adds_the_draft_beside_the_model(sandbox_data):
     assert '"model":"/raid/models/kimi-k2.6-eagle3"' in " ".join(settings.serve_args)
 
 
+def test_vllm_drains_for_the_shutdown_timeout_and_the_stop_allows_its_exit(sandbox_data):
+    settings = read_settings(FakeHost("sbx1", sandbox_data))
+    assert settings.serve_args[-2:] == ["--shutdown-timeout", "60"]
+    assert settings.stop_timeout_s == 90
+    sandbox_data["vllm_shutdown_timeout_s"] = 0  # vLLM's own default: abort at once
+    settings = read_settings(FakeHost("sbx1", sandbox_data))
+    assert settings.serve_args[-2:] == ["--shutdown-timeout", "0"]
+    assert settings.stop_timeout_s == 30
+    sandbox_data["vllm_shutdown_timeout_s"] = "60s"
+    with pytest.raises(DataError) as error:
+        read_settings(FakeHost("sbx1", sandbox_data))
+    assert "sbx1: vllm_shutdown_timeout_s: found '60s'; need seconds, 0..3600" in str(error.value)
+
+
 def test_health_timeout_is_derived_from_checkpoint_size(sandbox_data):
     sandbox_data.update(model_profile="kimi-k2.6", vllm_health_timeout_s=None,
                         vllm_load_bytes_per_s=1e9)

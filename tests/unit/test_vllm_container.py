@@ -230,13 +230,15 @@ def test_the_unit_runs_the_rendered_container_and_never_leaves_one_behind():
     lines = docker_unit(systemd=255)
     argv = vllm_container.container_argv(settings, SEED_IMAGE,
                                          {**vllm_service.SERVICE_ENVIRONMENT,
-                                          **settings.environment}, 60)
+                                          **settings.environment}, 90)
     assert f"ExecStart={systemd_exec_line(argv)}" in lines
+    # vLLM drains for vllm_shutdown_timeout_s (60); docker and systemd allow its exit beyond.
+    assert argv[-2:] == ["--shutdown-timeout", "60"]
     assert "Requires=docker.service" in lines and "Restart=always" in lines
     assert "ExecStartPre=-/usr/bin/docker rm --force vllm" in lines
-    assert "ExecStop=/usr/bin/docker stop --time 60 vllm" in lines
+    assert "ExecStop=/usr/bin/docker stop --time 90 vllm" in lines
     assert "ExecStopPost=-/usr/bin/docker rm --force vllm" in lines
-    assert "TimeoutStopSec=90" in lines
+    assert "TimeoutStopSec=120" in lines
     assert "RestartSteps=10" in lines and "RestartMaxDelaySec=300" in lines
 
 
