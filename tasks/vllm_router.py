@@ -8,8 +8,8 @@ and the tray checks it. The router holds no secret of its own.
 
 What the router does not protect: its admin routes (/add_worker, /remove_worker, /workers) take
 no key at all, on the same port as the API. Hence it listens on loopback unless data says
-router_accept_open_admin (tasks/data_keys.py); the roll-out uses those routes from the router
-host itself.
+router_accept_open_admin (tasks/data_keys.py); an operator calls them on the router host
+itself (`curl -X POST 'http://127.0.0.1:30000/remove_worker?url=...'` drains a tray).
 """
 
 from __future__ import annotations
@@ -173,8 +173,9 @@ def router_problems(router) -> list[str]:
 @deploy("vLLM router")
 def install() -> None:
     """Converge vllm-router.service: the pinned router in its venv, the unit listing every
-    backend, enabled and running (the preflight checked data, backends and wheelhouse); restart it only when the unit or the venv changed, then wait
-    until the router reports every backend healthy.
+    backend, enabled and running (the preflight checked data, backends and wheelhouse);
+    restart it only when the unit or the venv changed, and then wait until the router
+    reports every backend healthy.
 
     Data keys: router_version, router_venv_dir, router_wheelhouse_dir, router_host,
     router_accept_open_admin, router_port, router_policy, router_health_check_interval_s,
