@@ -33,9 +33,12 @@ def router_host(router_name, router_data):
 
 
 @pytest.fixture(scope="session")
-def served(router_name, router_data):
-    """The trays' settings as the router host's data gives them (the API key, the model)."""
-    return redacted(read_settings(FakeHost(router_name, router_data)))
+def served(request, router_data):
+    """What clients of the router send: the API key and the model of its first backend (the
+    router host's own data need not hold any serving key)."""
+    (name, data), *_ = backends_of(router_data.get("router_backend_group"),
+                                   inventory_hosts(request.config))
+    return redacted(read_settings(FakeHost(name, data)))
 
 
 @pytest.fixture(scope="session")
