@@ -16,7 +16,9 @@ internet). The controller end of the veth carries 10.213.K.1, the host 10.213.K.
 host installs arrives from the controller over SSH. Needs root, debootstrap and systemd-nspawn.
 Hosts of one sandbox reach each other (a router its trays, a tray its peers): each has a route
 to every peer's /24 through its controller address, and the controller forwards between those
-veths only (per-interface forwarding; the machine's other interfaces forward nothing).
+veths only (per-interface forwarding; the machine's other interfaces forward nothing). An
+`unreachable` route per sandbox /24 keeps a host's traffic off the machine's default route
+while a peer's veth is down: it fails at once instead.
 Router hosts (role "router", named NAMEr1, NAMEr2...) become inventories/sandbox.py's `router`
 group; serving hosts (NAME1, NAME2...) its `sandbox` group.
 
@@ -86,6 +88,9 @@ ExecStart=/bin/sh -c 'for dir in /sys/fs/cgroup/*/; do if mountpoint -q "$dir"; 
 WantedBy=multi-user.target
 """
 SUBNET_PREFIX = "10.213"
+# A sandbox /24 whose veth is down (a test cuts a host off) must not fall through to the
+# machine's default route: an `unreachable` route below the connected one rejects at once.
+FALLBACK_METRIC = "4242"
 SSH_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 30
 
@@ -379,6 +384,11 @@ def configure_controller_end(host: dict, deadline: float) -> None:
     # Packets that come in on this veth may go out on another sandbox veth (a host's only
     # routes lead there); the machine-wide ip_forward stays as it is.
     Path(f"/proc/sys/net/ipv4/conf/{iface}/forwarding").write_text("1\n")
+    run(["ip", "route", "replace", "unreachable", subnet_of(host), "metric", FALLBACK_METRIC])
+
+
+def subnet_of(host: dict) -> str:
+    return f"{SUBNET_PREFIX}.{host['subnet']}.0/24"
 
 
 def plan_hosts(name: str, count: int, routers: int, subnets: list[int], cpus: int) -> list[dict]:
@@ -497,6 +507,8 @@ def cmd_down(sandbox: Sandbox, quiet: bool = False) -> None:
         iface = veth_name(host["name"])
         if Path(f"/sys/class/net/{iface}").exists():
             subprocess.run(["ip", "link", "delete", iface], check=False)
+        subprocess.run(["ip", "route", "del", "unreachable", subnet_of(host), "metric",
+                        FALLBACK_METRIC], check=False, capture_output=True)
         shutil.rmtree(host_dir, ignore_errors=True)
         if not quiet:
             log(f"{host['name']} down")
