@@ -146,28 +146,39 @@ def wheelhouse_venv_installed(wheelhouse_dir: str, venv_link: str, python: str =
 
 
 @operation(is_idempotent=False)
-def service_healthy(url: str, timeout_s: int, unit: str, when: bool = True):
+def service_healthy(url: str, timeout_s: int, unit: str, when: bool = True, restore: str = ""):
     """
-    Wait on the host until ``url`` answers 2xx; on timeout fail with the unit's last log lines.
+    Wait on the host until ``url`` answers 2xx; fail with the unit's last log lines once the
+    timeout passes or the unit exits (``Restart=always`` would start it again: a server that
+    rejects its command line is known to fail long before the timeout).
 
     + url: health URL as seen from the host
     + timeout_s: seconds to wait before failing
     + unit: systemd unit whose journal is shown on failure
     + when: wait only if True (pass whether the service was (re)started, so an unchanged
       host yields no command)
+    + restore: shell commands run on the host after a failure, before the operation fails
+      (tasks/vllm_service.py puts the last good release back)
     """
     if not when:
         host.noop(f"{unit} was not restarted; no need to wait for {url}")
         return
     quoted_url, quoted_unit = shlex.quote(url), shlex.quote(unit)
-    failure = shlex.quote(f"{unit} did not answer {url} within {int(timeout_s)}s; its last "
-                          "log lines:")
+    timed_out = shlex.quote(f"{host.name}: {unit} did not answer {url} within "
+                            f"{int(timeout_s)}s; its last log lines:")
+    exited = shlex.quote(f"{host.name}: {unit} exited before it answered {url}; its last "
+                         "log lines:")
+    restarts = f"systemctl show --value -p NRestarts {quoted_unit}"
     script = (
-        f"deadline=$(( $(date +%s) + {int(timeout_s)} )); "
-        f"until curl -fs -o /dev/null --max-time 5 {quoted_url}; do "
-        f"if [ $(date +%s) -ge $deadline ]; then "
-        f"echo {failure} >&2; "
-        f"journalctl -u {quoted_unit} -n 40 --no-pager -o cat >&2; exit 1; fi; sleep 1; done"
+        f"deadline=$(( $(date +%s) + {int(timeout_s)} )); restarts=$({restarts}); "
+        f"until curl -fs -o /dev/null --max-time 5 {quoted_url}; do why=; "
+        f'if [ "$({restarts})" != "$restarts" ] || '
+        f"systemctl show --value -p SubState {quoted_unit} | grep -qx 'auto-restart\\|failed'; "
+        f"then why={exited}; "
+        f"elif [ $(date +%s) -ge $deadline ]; then why={timed_out}; fi; "
+        f'if [ -n "$why" ]; then echo "$why" >&2; '
+        f"journalctl -u {quoted_unit} -n 40 --no-pager -o cat >&2; "
+        f"{restore + '; ' if restore else ''}exit 1; fi; sleep 1; done"
     )
     yield StringCommand("sh", "-c", QuoteString(script))
 
