@@ -48,15 +48,17 @@ REDACTED = "<redacted>"
 # weights_hf_token_file) and environment variables holding one.
 SECRET_FILE_KEYS = ("_key_file", "_token_file")
 SECRET_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-# pyinfra's own words for a host it could not reach.
-UNREACHABLE = re.compile(r"\[([^\]]+)\] (?:Could not connect|Authentication error|SSH error|"
+# pyinfra's own words for a host it could not reach (after the name, padded to the longest).
+UNREACHABLE = re.compile(r"\[([^\]]+)\]\s+(?:Could not connect|Authentication error|SSH error|"
                          r"Could not resolve hostname|EOF error|SSH host key error)(.*)")
 
 
-def inventory_hosts(inventory: str) -> dict[str, dict]:
-    """Host name -> its merged data."""
-    result = subprocess.run([sys.executable, "-m", "tools.inventory", inventory],
-                            cwd=REPO, capture_output=True, text=True)
+def inventory_hosts(inventory: str, overrides: list[str] = (),
+                    env: dict | None = None) -> dict[str, dict]:
+    """Host name -> its merged data (with `_groups`), under KEY=VALUE overrides as pyinfra's
+    --data reads them; `env`: the environment the inventory reads (default: this one)."""
+    result = subprocess.run([sys.executable, "-m", "tools.inventory", inventory, *overrides],
+                            cwd=REPO, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"cannot load inventory {inventory}: "
                            f"{result.stderr.strip().splitlines()[-1:]}")

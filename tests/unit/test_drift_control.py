@@ -476,3 +476,15 @@ def test_report_mode_argument_reads_octal(text, mode):
 def test_report_mode_argument_refuses_execute_bits_and_junk(text):
     with pytest.raises(argparse.ArgumentTypeError, match="without execute bits"):
         drift_check.report_mode_argument(text)
+
+
+def test_an_unreachable_host_is_recognised_whatever_the_padding_of_its_name():
+    """pyinfra pads each `[name]` to the longest name of the inventory (captured from a
+    sandbox of t1, t2 and the router tr1 with t1's veth down)."""
+    output = ("--> Connecting to hosts...\n"
+              "    [t1]  Could not connect ([Errno None] Unable to connect to port 22 on "
+              "10.213.1.2)\n    [tr1] Connected\n    [t2]  Connected\n")
+    found = {match.group(1): match.group(0).strip()
+             for match in drift_check.UNREACHABLE.finditer(output)}
+    assert found == {"t1": "[t1]  Could not connect ([Errno None] Unable to connect to port "
+                           "22 on 10.213.1.2)"}
