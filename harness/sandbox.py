@@ -313,7 +313,7 @@ def write_host_files(merged: Path, host: dict, controller_pubkey: str, host_key:
     network = merged / "etc/systemd/network/10-host0.network"
     network.parent.mkdir(parents=True, exist_ok=True)
     # No Gateway=: a sandbox host must not reach the internet. A route to each peer only.
-    routes = "".join(f"\n[Route]\nDestination={SUBNET_PREFIX}.{subnet}.0/24\n"
+    routes = "".join(f"\n[Route]\nDestination={subnet_of({'subnet': subnet})}\n"
                      f"Gateway={host['controller_address']}\n" for subnet in peer_subnets)
     network.write_text(f"[Match]\nName=host0\n\n[Network]\nAddress={host['address']}/24\n"
                        "LinkLocalAddressing=no\nIPv6AcceptRA=no\n" + routes)
@@ -388,6 +388,7 @@ def configure_controller_end(host: dict, deadline: float) -> None:
 
 
 def subnet_of(host: dict) -> str:
+    """The /24 of a host (a planned host, or {"subnet": K}): 10.213.K.0/24."""
     return f"{SUBNET_PREFIX}.{host['subnet']}.0/24"
 
 
