@@ -5,6 +5,7 @@ with the trays' API key and refusing one without it (the trays check the key it 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -64,14 +65,22 @@ def test_router_listens_on_the_intended_address_only(router_host, router_setting
 def test_every_backend_is_in_rotation_and_healthy(router_host, router_settings):
     """The router's own view (/workers, asked on the router host): exactly the inventory's
     serving hosts, each healthy. A tray missing here gets no traffic; one unhealthy is one the
-    router stopped sending to."""
-    answer = router_host.run(f"curl -fsS --max-time 10 {router_settings.local_url}/workers")
-    assert answer.rc == 0, f"the router does not answer /workers: {answer.stderr.strip()}"
-    workers = {worker["url"]: worker["is_healthy"]
-               for worker in json.loads(answer.stdout)["workers"]}
+    router stopped sending to. A tray restarted moments ago counts as healthy once the router
+    probed it again: the check allows two probe rounds."""
+    deadline = time.monotonic() + 2 * router_settings.health_interval_s + 5
+    while True:
+        answer = router_host.run(f"curl -fsS --max-time 10 {router_settings.local_url}/workers")
+        assert answer.rc == 0, f"the router does not answer /workers: {answer.stderr.strip()}"
+        workers = {worker["url"]: worker["is_healthy"]
+                   for worker in json.loads(answer.stdout)["workers"]}
+        unhealthy = sorted(url for url, healthy in workers.items() if not healthy)
+        if sorted(workers) == sorted(router_settings.backends) and not unhealthy:
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(1)
     assert sorted(workers) == sorted(router_settings.backends), (
         f"in rotation: {sorted(workers)}; declared: {sorted(router_settings.backends)}")
-    unhealthy = sorted(url for url, healthy in workers.items() if not healthy)
     assert not unhealthy, f"backends the router finds unhealthy: {unhealthy}"
 
 
