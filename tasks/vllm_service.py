@@ -6,6 +6,7 @@ therefore read the same unit whichever runtime a host uses.
 """
 
 import io
+import shlex
 from pathlib import Path
 
 from pyinfra import host
@@ -13,7 +14,7 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 from pyinfra.api.util import get_template
 from pyinfra.facts.files import Sha1File
-from pyinfra.operations import files, systemd
+from pyinfra.operations import files, server, systemd
 
 from tasks import vllm_container
 from tasks.facts import CpuArchitecture, SystemdVersion
@@ -34,6 +35,17 @@ SERVICE_ENVIRONMENT = {
 }
 # RestartSteps= and RestartMaxDelaySec= (restart backoff) arrived in systemd 254.
 BACKOFF_SYSTEMD = 254
+# The last good release: what vllm.service ran when it last answered /health after a
+# (re)start. The unit (argv, image reference), the env file and the venv the link pointed at;
+# the venv itself and the image stay on the host (tasks/operations.py keeps the previous venv,
+# nothing removes images). Root only: the env file holds the API key.
+RELEASE_DIR = "/var/lib/vllm-release"
+RELEASE_UNIT, RELEASE_ENV, RELEASE_VENV = "vllm.service", "vllm.env", "venv-link"
+# The operation that (re)starts vLLM, as a plan names it: a host it changes restarts vLLM
+# (tools/rollout.py rolls those hosts batch by batch).
+DEPLOY_NAME = "vLLM service"
+RESTART_NAME = f"Enable and start {UNIT_NAME}, restart if its inputs changed"
+RESTART_OPERATION = f"{DEPLOY_NAME} | {RESTART_NAME}"
 
 
 def unit_template(settings: Settings) -> tuple[str, dict]:
@@ -67,12 +79,54 @@ def unit_text(settings: Settings) -> str:
         restart_backoff=(host.get_fact(SystemdVersion) or 0) >= BACKOFF_SYSTEMD, **context)
 
 
-@deploy("vLLM service")
+def keep_release_script(venv_link: str) -> str:
+    """Shell: copy what vllm.service runs now into RELEASE_DIR, replacing the release kept
+    before only once the new copy is whole."""
+    release, staging = shlex.quote(RELEASE_DIR), shlex.quote(f"{RELEASE_DIR}.new")
+    link = shlex.quote(venv_link)
+    return (f"rm -rf {staging} && mkdir -m 0700 {staging} && "
+            f"cp -p {UNIT_PATH} {staging}/{RELEASE_UNIT} && "
+            f"cp -p {ENV_FILE} {staging}/{RELEASE_ENV} && "
+            f"{{ readlink {link} > {staging}/{RELEASE_VENV} || true; }} && "
+            f"rm -rf {release}.old && {{ [ ! -e {release} ] || mv {release} {release}.old; }} && "
+            f"mv {staging} {release} && rm -rf {release}.old")
+
+
+def restore_release_script(venv_link: str, url: str, timeout_s: int) -> str:
+    """Shell, run when a restarted vllm.service fails its health wait: put the last good
+    release back (unit, env file, venv link), restart, and say whether it serves again. The
+    deploy fails either way; the next one tries the declared release again."""
+    release, link, name = shlex.quote(RELEASE_DIR), shlex.quote(venv_link), host.name
+    none = shlex.quote(f"{name}: no last good release is kept in {RELEASE_DIR} (the first "
+                       f"deploy never answered /health): nothing to restore, {UNIT_NAME} is "
+                       "down")
+    serves = shlex.quote(f"{name}: the last good release serves again ({url} answers); the "
+                         "new one is not running: fix it and deploy again")
+    down = shlex.quote(f"{name}: the last good release did not answer {url} within "
+                       f"{int(timeout_s)}s either: {UNIT_NAME} is down")
+    return (f"if [ ! -f {release}/{RELEASE_UNIT} ]; then echo {none} >&2; else "
+            f"echo {shlex.quote(f'{name}: restoring the last good release from {RELEASE_DIR}')} >&2; "
+            f"install -m 0644 {release}/{RELEASE_UNIT} {UNIT_PATH}; "
+            f"install -m 0600 {release}/{RELEASE_ENV} {ENV_FILE}; "
+            f"target=$(cat {release}/{RELEASE_VENV} 2>/dev/null); "
+            f'if [ -n "$target" ] && [ -d "$target" ]; then '
+            f'ln -sfn "$target" {link}.new && mv -T {link}.new {link}; fi; '
+            f"systemctl daemon-reload; systemctl restart {UNIT_NAME}; "
+            f"deadline=$(( $(date +%s) + {int(timeout_s)} )); "
+            f"until curl -fs -o /dev/null --max-time 5 {shlex.quote(url)}; do "
+            f"[ $(date +%s) -lt $deadline ] || break; sleep 1; done; "
+            f"if curl -fs -o /dev/null --max-time 5 {shlex.quote(url)}; then echo {serves} >&2; "
+            f"else echo {down} >&2; fi; fi")
+
+
+@deploy(DEPLOY_NAME)
 def run(restart_triggers: list[OperationMeta]) -> None:
     """Converge vllm.service: secrets env file, unit, no local drop-in, enabled and running;
     restart it only when what vLLM reads changed (the env file's or the unit's content, a
     drop-in, a trigger: weights, runtime), then wait for /health. A mode or owner fix of a
-    file it reads is made without a restart.
+    file it reads is made without a restart. A restart that answers /health is kept as the
+    last good release (RELEASE_DIR); one that exits or times out puts that release back,
+    restarts it, and the deploy fails naming the host and vLLM's last log lines.
 
     Data keys: vllm_api_key_file, vllm_environment, vllm_cpu_threads_bind,
     vllm_health_timeout_s, vllm_load_bytes_per_s, and those rendered into the command line
@@ -91,9 +145,14 @@ def run(restart_triggers: list[OperationMeta]) -> None:
     read_changed = (definition_changed or content_differs(ENV_FILE, env_content)
                     or any(trigger.will_change for trigger in restart_triggers))
     service = systemd.service(
-        name=f"Enable and start {UNIT_NAME}, restart if its inputs changed",
+        name=RESTART_NAME,
         service=UNIT_NAME, running=True, enabled=True, restarted=read_changed,
         daemon_reload=definition_changed)
+    # A release that does not come up is replaced by the last good one (still a failure).
     service_healthy(name="Wait for vLLM /health", url=settings.health_url,
-                       timeout_s=settings.health_timeout_s, unit=UNIT_NAME,
-                       when=service.will_change)
+                    timeout_s=settings.health_timeout_s, unit=UNIT_NAME, when=service.will_change,
+                    restore=restore_release_script(settings.venv_dir, settings.health_url,
+                                                   settings.health_timeout_s))
+    if service.will_change:
+        server.shell(name="Keep the release that now serves as the last good one",
+                     commands=[keep_release_script(settings.venv_dir)])

@@ -7,13 +7,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import urllib.request
 from pathlib import Path
 
 from tests.helpers import REPO
 
 SANDBOX = "e2e"
-HOSTS = 2
+# Three trays and a router in front of them (e2er1): the fleet the roll-out is proved on.
+HOSTS = 3
+ROUTERS = 1
+ROUTER_PORT = 30000
 PYINFRA = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "pyinfra")
 ENV = {**os.environ, "SANDBOX_NAME": SANDBOX, "PYTHONUNBUFFERED": "1"}
 
@@ -35,9 +39,9 @@ def api_key(sandbox) -> str:
     return Path(sandbox["api_key_file"]).read_text().strip()
 
 
-def call(address: str, path: str, key: str | None, body: dict | None = None):
+def call(address: str, path: str, key: str | None, body: dict | None = None, port: int = 8000):
     request = urllib.request.Request(
-        f"http://{address}:8000{path}", method="POST" if body else "GET",
+        f"http://{address}:{port}{path}", method="POST" if body else "GET",
         data=json.dumps(body).encode() if body else None,
         headers={"Content-Type": "application/json"})
     if key:
@@ -54,6 +58,62 @@ def service_start(host) -> tuple[str, str]:
 
 
 def files_snapshot(host) -> str:
-    """A digest of every managed file's path, size and mtime: any write changes it."""
-    return host.check_output("find /etc /opt/vllm /raid -xdev -type f -printf '%p %s %T@\\n' "
-                             "| sort | sha256sum")
+    """A digest of every managed file's path, size and mtime: any write changes it (a router
+    host has no /opt/vllm nor /raid)."""
+    folders = "/etc /opt/vllm /opt/vllm-router /raid /var/lib/vllm-release"
+    return host.check_output(f"find {folders} -xdev -type f -printf '%p %s %T@\\n' "
+                             "2>/dev/null | sort | sha256sum")
+
+
+def chat(address: str, key: str | None, port: int = 8000, max_tokens: int = 8):
+    return call(address, "/v1/chat/completions", key, {
+        "model": "Kimi-K2.6", "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": "你好，请介绍一下你自己"}]}, port=port)
+
+
+class Stream:
+    """A steady stream of chat requests to one endpoint (`workers` clients, each sending its
+    next request `pause_s` after the previous answer), counting answers and failures until
+    stopped: what clients see while the fleet changes under them. Light on purpose: the
+    sandbox's trays share two cores, and a saturating stream starves a tray's restart (it
+    once took a canary past its health timeout)."""
+
+    def __init__(self, address: str, key: str, port: int, workers: int = 1,
+                 pause_s: float = 1.0):
+        self.address, self.key, self.port, self.pause_s = address, key, port, pause_s
+        self.answered, self.failures = 0, []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(index,), daemon=True)
+                         for index in range(workers)]
+
+    def _run(self, index: int) -> None:
+        count = 0
+        while not self._stop.is_set():
+            count += 1
+            try:
+                # A prompt of its own each time: the prefix-aware router spreads them.
+                status, body = call(self.address, "/v1/chat/completions", self.key, {
+                    "model": "Kimi-K2.6", "max_tokens": 8,
+                    "messages": [{"role": "user", "content": f"request {index}-{count}"}]},
+                    port=self.port)
+                ok = status == 200 and body["usage"]["completion_tokens"] > 0
+                error = None if ok else f"HTTP {status}"
+            except Exception as failure:  # noqa: BLE001 (every failure is counted)
+                ok, error = False, f"{type(failure).__name__}: {failure}"
+            with self._lock:
+                if ok:
+                    self.answered += 1
+                else:
+                    self.failures.append(error)
+            self._stop.wait(self.pause_s)
+
+    def __enter__(self) -> "Stream":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=180)

@@ -1,5 +1,6 @@
-"""End to end on real hosts: pyinfra deploys the real CPU build of vLLM over SSH to the two
-sandbox hosts of tests/e2e/conftest.py, and the controller checks the OpenAI API, the service,
+"""End to end on real hosts: pyinfra deploys the real CPU build of vLLM over SSH to the three
+trays of tests/e2e/conftest.py and vllm-router to its router host, and the controller checks
+the OpenAI API (on each tray and through the router), the service, the kept release,
 idempotence, a refused deploy and a secret rotation. Tests run in file order."""
 
 from __future__ import annotations
@@ -10,8 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.common import ENV, PYINFRA, api_key, call, files_snapshot, pyinfra, service_start
+from tests.e2e.common import (ENV, PYINFRA, ROUTER_PORT, api_key, call, chat, files_snapshot,
+                              pyinfra, service_start)
 from tests.helpers import REPO
+
+
+KEEP = "vLLM service | Keep the release that now serves as the last good one"
+ROUTER_WAIT = "vLLM router | Wait for the router to report every backend healthy"
 
 
 def changed_operations(results: dict) -> dict[str, list[str]]:
@@ -27,7 +33,35 @@ def test_first_deploy_converges_every_host(sandbox):
     assert set(started["success"]) == names
     waited = next(op for op in operations if op["name"] == "vLLM service | Wait for vLLM /health")
     assert set(waited["success"]) == names
+    kept = next(op for op in operations if op["name"] == KEEP)
+    assert set(kept["success"]) == names
+    routed = next(op for op in operations if op["name"] == ROUTER_WAIT)
+    assert set(routed["success"]) == {h["name"] for h in sandbox["routers"]}
     assert api_key(sandbox) not in result.stdout + result.stderr
+
+
+def test_the_release_that_answered_is_kept_for_root_only(hosts):
+    """What a failed restart puts back (tasks/vllm_service.py): the unit and env file that
+    served, and the venv the link pointed at."""
+    for host in hosts.values():
+        release = host.file("/var/lib/vllm-release")
+        assert (release.user, release.mode) == ("root", 0o700)
+        assert host.file("/var/lib/vllm-release/vllm.service").content == \
+            host.file("/etc/systemd/system/vllm.service").content
+        kept_env = host.file("/var/lib/vllm-release/vllm.env")
+        assert kept_env.mode == 0o600
+        assert kept_env.content == host.file("/etc/vllm/vllm.env").content
+        assert host.file("/var/lib/vllm-release/venv-link").content_string.strip() == \
+            host.file("/opt/vllm/venv").linked_to
+
+
+def test_chat_through_the_router_answers_and_needs_the_key(sandbox):
+    router = sandbox["routers"][0]["address"]
+    status, body = chat(router, api_key(sandbox), port=ROUTER_PORT)
+    assert status == 200 and body["usage"]["completion_tokens"] > 0
+    with pytest.raises(urllib.error.HTTPError) as error:
+        chat(router, None, port=ROUTER_PORT)
+    assert error.value.code == 401
 
 
 def test_models_lists_the_served_name_on_every_host(sandbox):
@@ -127,6 +161,7 @@ def test_rotated_api_key_restarts_the_service_once_and_takes_effect(hosts, sandb
         "vLLM service | Install vLLM secrets file /etc/vllm/vllm.env": names,
         "vLLM service | Enable and start vllm.service, restart if its inputs changed": names,
         "vLLM service | Wait for vLLM /health": names,
+        KEEP: names,
     }
     after = {name: service_start(host) for name, host in hosts.items()}
     assert all(after[name] != before[name] for name in names)

@@ -27,22 +27,23 @@ def drift_check(out) -> tuple[int, str, dict]:
             json.loads((out / "report.json").read_text()))
 
 
-def test_in_sync_exits_0_writes_every_report_and_changes_nothing(hosts, tmp_path):
-    before = {name: files_snapshot(host) for name, host in hosts.items()}
+def test_in_sync_exits_0_writes_every_report_and_changes_nothing(fleet, tmp_path):
+    """Every host of the inventory, the router included."""
+    before = {name: files_snapshot(host) for name, host in fleet.items()}
     code, output, report = drift_check(tmp_path)
     assert code == 0, output
     assert {name: host["status"] for name, host in report["hosts"].items()} == \
-        {name: "in_sync" for name in hosts}
+        {name: "in_sync" for name in fleet}
     metrics = (tmp_path / "drift.prom").read_text()
-    for name in hosts:
+    for name in fleet:
         assert f'vllm_deploy_drift{{host="{name}"}} 0' in metrics
         assert f'vllm_deploy_check_failures{{host="{name}"}} 0' in metrics
     assert "vllm_deploy_drift_last_run_timestamp_seconds " in metrics
     cases = list(ElementTree.parse(tmp_path / "junit.xml").iter("testcase"))
     checked = {prop.get("value") for case in cases for prop in case.iter("property")
                if prop.get("name") == "host"}
-    assert checked == set(hosts)
-    assert {name: files_snapshot(host) for name, host in hosts.items()} == before
+    assert checked == set(fleet)
+    assert {name: files_snapshot(host) for name, host in fleet.items()} == before
 
 
 def test_a_hand_edited_unit_is_drift_naming_the_host_and_the_operation(hosts, tmp_path):

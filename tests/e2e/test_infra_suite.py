@@ -1,5 +1,5 @@
 """The infra suite (tests/infra) run the way an SRE runs it, against the e2e sandbox: every
-check passes on both hosts in parallel, GPU checks are skipped with their reason shown, and
+check passes on every tray and the router in parallel, GPU checks are skipped with their reason shown, and
 the JUnit report names each host."""
 
 import subprocess
@@ -23,3 +23,8 @@ def test_infra_suite_passes_on_every_host_in_parallel(sandbox, tmp_path):
     for host in sandbox["hosts"]:
         assert f"test_service_is_active_and_enabled[{host['name']}]" in names
         assert f"test_chat_completion_answers[{host['name']}]" in names
+    for router in sandbox["routers"]:
+        for check in ("test_every_backend_is_in_rotation_and_healthy",
+                      "test_chat_completion_through_the_router_answers",
+                      "test_request_through_the_router_without_the_key_is_refused"):
+            assert f"{check}[{router['name']}]" in names

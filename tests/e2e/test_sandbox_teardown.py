@@ -8,7 +8,8 @@ from tests.helpers import REPO
 
 
 def test_down_leaves_no_process_mount_or_veth_behind(sandbox):
-    pids = [h["pid"] for h in sandbox["hosts"]]
+    booted = sandbox["hosts"] + sandbox["routers"]
+    pids = [h["pid"] for h in booted]
     down = sandbox_tool("down")
     assert down.returncode == 0, down.stdout + down.stderr
     for pid in pids:
@@ -17,7 +18,7 @@ def test_down_leaves_no_process_mount_or_veth_behind(sandbox):
     mounts = Path("/proc/mounts").read_text()
     assert f".sandbox/{SANDBOX}/" not in mounts
     routes = subprocess.run(["ip", "route", "show"], capture_output=True, text=True).stdout
-    for host in sandbox["hosts"]:
+    for host in booted:
         assert f"{host['address'].rsplit('.', 1)[0]}.0/24" not in routes
         assert not Path(f"/sys/class/net/ve-{host['name']}").exists()
     assert not (REPO / ".sandbox" / SANDBOX / "hosts.json").exists()

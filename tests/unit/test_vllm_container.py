@@ -313,7 +313,8 @@ def service_plan(data: dict, answers: dict) -> dict:
                    answers=answers)
 
 
-START = "Enable and start vllm.service, restart if its inputs changed"
+START = vllm_service.RESTART_NAME
+KEEP = "Keep the release that now serves as the last good one"
 
 
 def test_a_served_tray_plans_nothing():
@@ -342,8 +343,13 @@ def test_a_rotated_key_rewrites_the_env_file_and_restarts(tmp_path):
     plan = service_plan(data, served_tray(data, env_content=vllm_service.env_file_content(
         "old-key")))
     assert list(plan) == [f"Install vLLM secrets file {ENV_FILE}", START,
-                          "Wait for vLLM /health"]
+                          "Wait for vLLM /health", KEEP]
     assert plan[START] == ["systemctl restart vllm.service"]
+    # A restart that fails its health wait puts the kept release back; one that passes keeps
+    # itself as the last good release.
+    assert "restoring the last good release from /var/lib/vllm-release" in \
+        plan["Wait for vLLM /health"][0]
+    assert plan[KEEP] == [vllm_service.keep_release_script("/opt/vllm/venv")]
 
 
 def test_a_local_drop_in_is_removed_then_systemd_reloaded_and_vllm_restarted():
@@ -361,6 +367,7 @@ def test_a_local_drop_in_is_removed_then_systemd_reloaded_and_vllm_restarted():
             "/etc/systemd/system/vllm.service.d"],
         START: ["systemctl daemon-reload", "systemctl restart vllm.service"],
         "Wait for vLLM /health": plan["Wait for vLLM /health"],
+        KEEP: plan[KEEP],
     }
 
 

@@ -1,0 +1,69 @@
+"""Faults the hosts survive on their own, with no deploy: vLLM killed outright, and its engine
+process alone killed (the API server then exits 0: why the unit says Restart=always). Each
+test measures the time back to serving and prints it (the README's faults table). Runs on the
+converged trays after the infra suite (name order), on the last tray, out of the others' way."""
+
+from __future__ import annotations
+
+import time
+
+from tests.e2e.common import api_key, chat
+
+HEALTH_WAIT_S = 600
+
+
+def restarts(host) -> int:
+    return int(host.check_output("systemctl show --value -p NRestarts vllm"))
+
+
+def main_pid(host) -> int:
+    return int(host.check_output("systemctl show --value -p MainPID vllm"))
+
+
+def back_to_serving(host, address: str, key: str, since: float, count: int) -> float:
+    """Seconds from `since` until systemd restarted vllm.service (its restart counter passed
+    `count`: the old server may answer for a moment after its engine died), /health answers on
+    the host and a chat completion answers from the controller."""
+    deadline = since + HEALTH_WAIT_S
+    while restarts(host) <= count:
+        assert time.monotonic() < deadline, "systemd did not restart vllm.service"
+        time.sleep(0.5)
+    while host.run("curl -fs -o /dev/null --max-time 5 http://127.0.0.1:8000/health").rc != 0:
+        assert time.monotonic() < deadline, \
+            f"vllm.service did not answer /health within {HEALTH_WAIT_S}s"
+        time.sleep(1)
+    status, body = chat(address, key)
+    assert status == 200 and body["usage"]["completion_tokens"] > 0
+    return time.monotonic() - since
+
+
+def killed_and_back(hosts, sandbox, victim) -> tuple[str, float]:
+    """SIGKILL the process `victim(host, main PID)` names on the last tray; then the tray's
+    name and the seconds until it serves again, systemd having restarted vllm.service once."""
+    tray = sandbox["hosts"][-1]
+    host = hosts[tray["name"]]
+    count, pid = restarts(host), main_pid(host)
+    host.check_output(f"kill -KILL {victim(host, pid)}")
+    took = back_to_serving(host, tray["address"], api_key(sandbox), time.monotonic(), count)
+    assert restarts(host) == count + 1
+    assert main_pid(host) != pid
+    return tray["name"], took
+
+
+def test_vllm_killed_with_sigkill_serves_again_without_a_deploy(hosts, sandbox):
+    name, took = killed_and_back(hosts, sandbox, lambda host, pid: pid)
+    print(f"\nvLLM SIGKILLed on {name}: serving again after {took:.0f}s")
+
+
+def engine_core(host, pid: int) -> int:
+    found = host.check_output(f"ps -o pid=,args= --ppid {pid} | grep -F EngineCore "
+                              "| awk '{print $1}'")
+    assert found.isdigit(), f"no engine core process under {pid}: {found!r}"
+    return int(found)
+
+
+def test_the_engine_process_killed_alone_serves_again_without_a_deploy(hosts, sandbox):
+    """The engine core is a child of the API server (`VLLM::EngineCore`); killed, it takes
+    the server down with it (exit 0), and Restart=always brings both back."""
+    name, took = killed_and_back(hosts, sandbox, engine_core)
+    print(f"\nvLLM's engine core SIGKILLed on {name}: serving again after {took:.0f}s")
