@@ -2,7 +2,8 @@
 deploy.py --dry`) as `@fake` hosts that answer as the seed's GB200 tray, with the Hub served
 offline.
 
-    gb200-dry-run [--runtime docker|kubernetes] [--json] [--commands FILE] [PYINFRA ARGS ...]
+    gb200-dry-run [--runtime docker|kubernetes] [--json | --rollout] [--commands FILE]
+                  [PYINFRA ARGS ...]
 
 --runtime: the trays' vllm_runtime (default: group_data/gb200.py's, docker); kubernetes adds
 the inventory's example k8s_control host, which plans the objects and `kubectl apply`.
@@ -10,7 +11,8 @@ the inventory's example k8s_control host, which plans the objects and `kubectl a
 it, pyinfra's "Detected changes" table. --commands FILE: also write, per host, every planned
 operation with the commands it would run ({host: {operation: [command, ...]}}, secrets masked
 as pyinfra masks them; uploads as "upload DEST"), from a second deploy file that only reads
-the plan. Other arguments go to pyinfra as they are (e.g.
+the plan. --rollout: instead of the plan, the roll-out it asks for (`rollout --plan`: the trays
+that restart vLLM, canary first, in batches of vllm_rollout_batch, out of which routers). Other arguments go to pyinfra as they are (e.g.
 `--data model_speculative=True`, `-v`). The exit status is pyinfra's, or 1 when the preflight
 refuses the deploy (pyinfra's `--dry` plans a refused deploy and exits 0; the real run would
 stop): the tool then repeats the preflight's problems at the end, one line each, as the deploy
@@ -38,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -94,15 +97,19 @@ folder = Path(os.environ["GB200_DRY_RUN_COMMANDS_DIR"])
 '''
 
 
+def data_pairs(pyinfra_args: list[str]) -> list[str]:
+    """The KEY=VALUE of each `--data` among pyinfra's arguments, as written."""
+    pairs = [value for flag, value in zip(pyinfra_args, pyinfra_args[1:]) if flag == "--data"]
+    return pairs + [arg.split("=", 1)[1] for arg in pyinfra_args if arg.startswith("--data=")]
+
+
 def data_overrides(pyinfra_args: list[str]) -> dict:
     """The `--data KEY=VALUE` among pyinfra's arguments, parsed as pyinfra parses them: the
     repos served follow e.g. `--data model_profile=kimi-k2.6-nvfp4`."""
     from pyinfra_cli.util import parse_cli_arg
 
-    pairs = [value for flag, value in zip(pyinfra_args, pyinfra_args[1:]) if flag == "--data"]
-    pairs += [arg.split("=", 1)[1] for arg in pyinfra_args if arg.startswith("--data=")]
     return {key: parse_cli_arg(value) for key, _, value in
-            (pair.partition("=") for pair in pairs)}
+            (pair.partition("=") for pair in data_pairs(pyinfra_args))}
 
 
 def fake_sha256(repo_id: str, path: str) -> str:
@@ -234,18 +241,45 @@ def served_repos(work: Path, values: dict, cache: dict) -> dict[str, Path]:
     return repos
 
 
-def run_pyinfra(command: list[str], env: dict) -> tuple[int, list[str]]:
-    """pyinfra's exit status and the problems its preflight logged (`preflight: LINE`), its
-    log passed on to stderr as it comes."""
+def run_pyinfra(command: list[str], env: dict,
+                stdout=None) -> tuple[int, list[str], str | None]:
+    """pyinfra's exit status, the problems its preflight logged (`preflight: LINE`), its log
+    passed on to stderr as it comes, and its stdout when `stdout` is subprocess.PIPE."""
     process = subprocess.Popen(command, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stdout=stdout, stderr=subprocess.PIPE, text=True)
     problems = []
+    captured = [] if stdout is not None else None
+    if captured is not None:
+        # Read stdout beside stderr, so neither pipe fills while the other is read.
+        reader = threading.Thread(target=lambda: captured.append(process.stdout.read()))
+        reader.start()
     for line in process.stderr:
         sys.stderr.write(line)
         _, marker, problem = line.partition("preflight: ")
         if marker:
             problems.append(problem.strip())
-    return process.wait(), problems
+    code = process.wait()
+    if captured is not None:
+        reader.join()
+        return code, problems, "".join(captured)
+    return code, problems, None
+
+
+def print_rollout(plan_json: str, command: list[str], env: dict) -> int:
+    """The roll-out (tools/rollout.py) the plan asks for: which trays restart vLLM, in which
+    batches, out of which routers; 1 when it cannot be planned."""
+    from tasks.data_keys import DataError
+    from tools import rollout
+    from tools.drift_check import inventory_hosts
+
+    try:
+        hosts = inventory_hosts(FAKE_INVENTORY, data_pairs(command), env)
+        plan = rollout.plan_of(json.loads(plan_json), hosts, None)
+    except (DataError, RuntimeError, ValueError) as error:
+        print(f"gb200-dry-run: no roll-out: {error}", file=sys.stderr)
+        return 1
+    print("\n".join(plan.describe()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtime", choices=("docker", "kubernetes"))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--commands", type=Path, metavar="FILE")
+    parser.add_argument("--rollout", action="store_true")
     args, pyinfra_args = parser.parse_known_args(argv)
+    if args.rollout and args.json:
+        parser.error("--rollout prints the roll-out instead of the plan: not with --json")
     missing = missing_packages("gb200-dry-run", "pyinfra")
     if missing:
         sys.exit(missing)
@@ -275,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             wheelhouse = stand_in_wheelhouse(work, group_values, *keys)
             if wheelhouse:
                 command += ["--data", f"{keys[0]}={wheelhouse}"]
-        if args.json:
+        if args.json or args.rollout:
             command.append("--json")
         if args.commands:
             (work / "commands").mkdir()
@@ -292,7 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         env.pop("HF_HUB_OFFLINE", None)
         if args.commands:
             env["GB200_DRY_RUN_COMMANDS_DIR"] = str(work / "commands")
-        returncode, problems = run_pyinfra(command + pyinfra_args, env)
+        returncode, problems, plan_json = run_pyinfra(
+            command + pyinfra_args, env, subprocess.PIPE if args.rollout else None)
+        if args.rollout and returncode == 0 and not problems:
+            returncode = print_rollout(plan_json, command + pyinfra_args, env)
         if args.commands:
             hosts = [json.loads(path.read_text())
                      for path in sorted((work / "commands").glob("*.json"))]

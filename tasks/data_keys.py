@@ -525,6 +525,12 @@ KEYS: tuple[Key, ...] = (
          "Port of the router's Prometheus metrics, on 127.0.0.1 (node-local scrapers)."),
     ),
     *_keys(
+        "tools/rollout.py",
+        ("vllm_rollout_batch", 1, "a positive integer", integer(1, 1024),
+         "rollout: trays restarted at a time after the canary (always one tray), each batch "
+         "taken out of the routers, deployed, waited healthy and put back before the next."),
+    ),
+    *_keys(
         "tasks/drift_control.py",
         ("drift_repo_dir", None, "an absolute path on the control host to a checkout of this "
          "repository with its .venv (letters, digits and -_./@+,:= only: the unit's "

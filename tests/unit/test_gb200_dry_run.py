@@ -159,6 +159,31 @@ def test_docker_fetches_the_weights_then_runs_and_waits_for_vllm_service(docker)
         assert ops.index(FETCH) < ops.index(unit) < ops.index(start) < ops.index(health)
 
 
+def test_docker_keeps_the_release_that_answered_and_would_restore_it(docker):
+    keep = "vLLM service | Keep the release that now serves as the last good one"
+    health = "vLLM service | Wait for vLLM /health"
+    for tray in TRAYS:
+        ops = list(ops_of(docker, tray))
+        assert ops.index(health) < ops.index(keep)
+        assert "mv /var/lib/vllm-release.new /var/lib/vllm-release" in ops_of(docker, tray)[keep][0]
+        assert f"{tray}: restoring the last good release" in ops_of(docker, tray)[health][0]
+
+
+def test_the_roll_out_of_a_first_deploy_is_a_canary_then_batches_behind_the_router():
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("HF_TOKEN", "GB200_FAKE", "GB200_FAKE_RUNTIME")}
+    result = subprocess.run(
+        [sys.executable, "-m", "harness.gb200_dry_run", "--rollout", "--data",
+         "vllm_rollout_batch=4"],
+        cwd=REPO, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        f"rollout: 2 tray(s) restart vLLM, in 2 batch(es) (canary 1, then 4): {TRAYS[0]}, "
+        f"{TRAYS[1]}; other changes: {ROUTER}, {DRIFT}",
+        f"rollout:   batch 1/2 (canary): {TRAYS[0]} (out of {ROUTER} while it restarts)",
+        f"rollout:   batch 2/2: {TRAYS[1]} (out of {ROUTER} while it restarts)"]
+
+
 def test_docker_drift_host_plans_its_timer_and_nothing_else(docker):
     timer = "Drift check schedule | Install drift-check.timer unit"
     assert docker["changes"][timer] == [DRIFT]

@@ -1,0 +1,90 @@
+"""tools/rollout.py on the e2e fleet (three trays behind the router e2er1), with a steady stream
+of chat requests through the router the whole time: a rolling config change loses no request,
+and a release vLLM rejects stops at the canary, which is put back on its last good release
+while the trays not reached keep serving. Runs after the infra suite (name order)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e.common import ENV, ROUTER_PORT, Stream, api_key, service_start
+from tests.helpers import REPO
+
+
+def rollout(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "tools.rollout", "inventories/sandbox.py",
+                             *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=1500, stdin=subprocess.DEVNULL)
+    return result, time.monotonic() - started
+
+
+def exec_start(host) -> str:
+    """vllm.service's command line as systemd holds it (less its run-time status)."""
+    shown = host.check_output("systemctl show -p ExecStart --value vllm")
+    return shown.split("argv[]=", 1)[1].split(" ;", 1)[0]
+
+
+def workers(router, address: str) -> dict[str, bool]:
+    """The router's rotation as it reports it, asked on its own host."""
+    answer = json.loads(router.check_output(f"curl -fsS http://{address}:{ROUTER_PORT}/workers"))
+    return {worker["url"]: worker["is_healthy"] for worker in answer["workers"]}
+
+
+@pytest.fixture(scope="module")
+def stream_target(sandbox):
+    return sandbox["routers"][0]["address"], api_key(sandbox)
+
+
+def test_a_rolling_change_goes_batch_by_batch_and_loses_no_request(hosts, stream_target):
+    before = {name: service_start(host) for name, host in hosts.items()}
+    address, key = stream_target
+    with Stream(address, key, ROUTER_PORT) as stream:
+        time.sleep(5)  # the stream runs before the first tray leaves
+        result, wall_s = rollout("--batch", "2", "--data", "vllm_shutdown_timeout_s=30")
+        time.sleep(5)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-5000:]
+    print(f"\nrollout of 3 trays (canary 1, then 2): {wall_s:.0f}s; "
+          f"{stream.answered} requests answered, {len(stream.failures)} failed")
+    assert stream.failures == [], stream.failures[:5]
+    assert stream.answered > 30
+    assert "batch 1/2 (canary): e2e1 out of e2er1" in output
+    assert "batch 2/2: e2e2, e2e3 out of e2er1" in output
+    assert "rollout: done: 3 tray(s) rolled" in output
+    for name, host in hosts.items():
+        assert service_start(host) != before[name], f"{name} was not restarted"
+        assert "--shutdown-timeout 30" in exec_start(host)
+
+
+def test_a_release_vllm_rejects_stops_at_the_canary_which_serves_the_last_good_one(
+        hosts, routers, stream_target):
+    before = {name: (service_start(host), exec_start(host)) for name, host in hosts.items()}
+    address, key = stream_target
+    with Stream(address, key, ROUTER_PORT) as stream:
+        result, wall_s = rollout("--data", 'vllm_extra_args=["--no-such-flag"]')
+        time.sleep(5)
+    output = result.stdout + result.stderr
+    print(f"\nrejected release stopped at the canary and rolled back: {wall_s:.0f}s; "
+          f"{stream.answered} requests answered, {len(stream.failures)} failed")
+    assert result.returncode == 1, output[-5000:]
+    assert "rollout: STOPPED at batch 1/3 (canary) (e2e1): the deploy failed" in output
+    assert "e2e1: vllm.service exited before it answered http://127.0.0.1:8000/health" in output
+    assert "e2e1: the last good release serves again" in output
+    assert "rollout: not reached (still on the old release): e2e2, e2e3" in output
+    assert stream.failures == [], stream.failures[:5]
+    # The canary runs its last good release again; the others were never touched.
+    canary = hosts["e2e1"]
+    assert canary.service("vllm").is_running
+    assert exec_start(canary) == before["e2e1"][1]
+    assert "--no-such-flag" not in canary.file("/etc/systemd/system/vllm.service").content_string
+    for name in ("e2e2", "e2e3"):
+        assert (service_start(hosts[name]), exec_start(hosts[name])) == before[name]
+    [router] = routers.values()
+    assert workers(router, address) == {f"http://{host.backend.hostname}:8000": True
+                                        for host in hosts.values()}

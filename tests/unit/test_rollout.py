@@ -1,0 +1,195 @@
+"""tools/rollout.py's decisions: which trays roll, in which batches, behind which routers, and
+the shell it runs on a router host. The roll-out itself (real routers, real trays, requests
+streaming through) is tests/e2e/test_s_rollout.py."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import subprocess
+import threading
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+
+from tasks.data_keys import DEFAULTS, DataError
+from tasks.vllm_service import RESTART_OPERATION
+from tools import rollout
+from tests.unit.test_vllm_router import wheelhouse  # noqa: F401 (a fixture)
+
+
+def test_the_first_batch_is_a_canary_of_one_then_batches_of_the_given_size():
+    assert rollout.batches_of([], 3) == []
+    assert rollout.batches_of(["a"], 3) == [["a"]]
+    assert rollout.batches_of(["a", "b", "c", "d"], 2) == [["a"], ["b", "c"], ["d"]]
+    assert rollout.batches_of(["a", "b", "c"], 1) == [["a"], ["b"], ["c"]]
+
+
+def test_only_trays_whose_plan_restarts_vllm_are_rolled_in_inventory_order():
+    report = {"plan": [
+        {"name": "System | Install packages", "hosts_with_change": ["t3"]},
+        {"name": RESTART_OPERATION, "hosts_with_change": ["t3", "t1"]},
+        {"name": "vLLM router | Install vllm-router.service unit (3 backends)",
+         "hosts_with_change": ["r1"]},
+        {"name": "Model weights | Place", "hosts_with_change": []},
+    ]}
+    assert rollout.restarting(report, ["t1", "t2", "t3", "r1"]) == (["t1", "t3"], ["r1"])
+    assert rollout.restarting({"plan": []}, ["t1"]) == ([], [])
+
+
+def inventory(wheelhouse: str, **router) -> dict[str, dict]:
+    """Hosts as tools.inventory prints them: name -> data with `_groups`."""
+    trays = {f"t{n}": {**DEFAULTS, "ssh_hostname": f"10.0.0.1{n}", "_groups": ["sandbox"]}
+             for n in (1, 2, 3)}
+    return {**trays, "r1": {**DEFAULTS, "router_wheelhouse_dir": wheelhouse, **router,
+                            "_groups": ["router"]}}
+
+
+def test_routers_front_the_serving_hosts_and_are_called_on_their_own_host(wheelhouse):  # noqa: F811
+    hosts = inventory(wheelhouse)
+    [router] = rollout.routers_of(hosts)
+    assert router.name == "r1"
+    assert router.local_url == "http://127.0.0.1:30000"
+    assert router.backends == ("http://10.0.0.11:8000", "http://10.0.0.12:8000",
+                               "http://10.0.0.13:8000")
+    # Its own health wait's timeout: start-up, two probe rounds, margin.
+    assert router.health_timeout_s == 30 + 2 * 10 + 60
+
+
+def test_the_batch_size_is_the_flag_else_the_first_rolled_trays_data(wheelhouse):  # noqa: F811
+    hosts = inventory(wheelhouse)
+    hosts["t2"]["vllm_rollout_batch"] = 2
+    assert rollout.batch_size(hosts, ["t2", "t3"], None) == 2
+    assert rollout.batch_size(hosts, ["t1"], None) == 1
+    assert rollout.batch_size(hosts, ["t1"], 4) == 4
+    hosts["t3"]["vllm_rollout_batch"] = 0
+    with pytest.raises(DataError, match="t3: vllm_rollout_batch: found 0; need a positive"):
+        rollout.batch_size(hosts, ["t3"], None)
+
+
+def test_bad_arguments_are_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit):
+        rollout.main(["inventories/sandbox.py", "--batch", "0"])
+    assert "--batch must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rollout.main(["inventories/sandbox.py", "--data", "vllm_port"])
+    assert "--data takes KEY=VALUE" in capsys.readouterr().err
+
+
+def test_an_inventory_that_does_not_load_rolls_nothing(tmp_path, capsys):
+    bad = tmp_path / "inventory.py"
+    bad.write_text("raise SystemExit('no such fleet')\n")
+    assert rollout.main([str(bad), "--out", str(tmp_path / "out")]) == rollout.NOT_STARTED
+    assert "rollout: nothing rolled: cannot load inventory" in capsys.readouterr().err
+
+
+class AdminStub(http.server.BaseHTTPRequestHandler):
+    """Test double of vllm-router's admin routes (/add_worker, /remove_worker, /workers,
+    /health): the real router runs in the e2e; here the scripts' HTTP conversation is checked
+    without one. `healthy_after` GETs of /health answer 503 before it says 200."""
+
+    workers: list[str] = []
+    calls: list[str] = []
+    healthy_after = 0
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        url = urlparse(self.path)
+        worker = parse_qs(url.query)["url"][0]
+        type(self).calls.append(f"{url.path} {worker}")
+        if url.path == "/remove_worker" and worker in self.workers:
+            self.workers.remove(worker)
+        elif url.path == "/add_worker" and worker not in self.workers:
+            self.workers.append(worker)
+        self.reply(200, {})
+
+    def do_GET(self):
+        if self.path == "/workers":
+            self.reply(200, {"workers": [{"url": url, "is_healthy": True}
+                                         for url in self.workers]})
+        else:
+            type(self).healthy_after -= 1
+            self.reply(200 if self.healthy_after < 0 else 503, {})
+
+
+@pytest.fixture
+def admin():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AdminStub)
+    AdminStub.workers = ["http://10.0.0.11:8000", "http://10.0.0.12:8000"]
+    AdminStub.calls, AdminStub.healthy_after = [], 2
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield rollout.Router("r1", f"http://127.0.0.1:{server.server_address[1]}",
+                         tuple(AdminStub.workers), health_timeout_s=5)
+    server.shutdown()
+
+
+def test_a_batch_is_taken_out_then_back_and_waited_healthy(admin):
+    batch = ["http://10.0.0.12:8000"]
+    assert subprocess.run(["sh", "-c", rollout.remove_script(admin, batch)]).returncode == 0
+    assert AdminStub.workers == ["http://10.0.0.11:8000"]
+    # Removing it again (a roll-out interrupted before) is no error.
+    assert subprocess.run(["sh", "-c", rollout.remove_script(admin, batch)]).returncode == 0
+    result = subprocess.run(["sh", "-c", rollout.add_script(admin, batch)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert AdminStub.workers == ["http://10.0.0.11:8000", "http://10.0.0.12:8000"]
+    assert AdminStub.healthy_after < 0  # it waited through the 503s
+    assert AdminStub.calls == ["/remove_worker http://10.0.0.12:8000"] * 2 + [
+        "/add_worker http://10.0.0.12:8000"]
+
+
+def test_a_batch_the_router_never_reports_healthy_fails_after_its_timeout(admin):
+    AdminStub.healthy_after = 10 ** 6
+    result = subprocess.run(["sh", "-c", rollout.add_script(admin, ["http://10.0.0.12:8000"])],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "not every worker healthy within 5s:" in result.stderr
+
+
+def test_the_plan_names_each_batch_and_the_routers_it_leaves(wheelhouse):  # noqa: F811
+    report = {"plan": [{"name": RESTART_OPERATION, "hosts_with_change": ["t1", "t2", "t3"]},
+                       {"name": "vLLM router | Install vllm-router.service unit (3 backends)",
+                        "hosts_with_change": ["r1"]}]}
+    plan = rollout.plan_of(report, inventory(wheelhouse), 2)
+    assert plan.batches == [["t1"], ["t2", "t3"]]
+    assert plan.describe() == [
+        "rollout: 3 tray(s) restart vLLM, in 2 batch(es) (canary 1, then 2): t1, t2, t3; "
+        "other changes: r1",
+        "rollout:   batch 1/2 (canary): t1 (out of r1 while it restarts)",
+        "rollout:   batch 2/2: t2, t3 (out of r1 while it restarts)"]
+    [(router, urls)] = plan.fronting(["t2", "t3"])
+    assert (router.name, urls) == ("r1", ["http://10.0.0.12:8000", "http://10.0.0.13:8000"])
+
+
+def test_a_tray_behind_no_router_rolls_without_a_drain(wheelhouse):  # noqa: F811
+    hosts = inventory(wheelhouse, router_backend_group="other")
+    hosts["t1"]["_groups"] = ["sandbox", "other"]
+    report = {"plan": [{"name": RESTART_OPERATION, "hosts_with_change": ["t1", "t2"]}]}
+    plan = rollout.plan_of(report, hosts, None)
+    assert plan.fronting(["t2"]) == []
+    assert plan.describe()[2] == "rollout:   batch 2/2: t2 (out of no router while it restarts)"
+
+
+def test_an_unreachable_host_stops_the_roll_out_before_it_starts_and_is_named(tmp_path, capsys):
+    """Real pyinfra against a host whose SSH port is closed (127.0.0.1:1)."""
+    inventory = tmp_path / "inventory.py"
+    inventory.write_text('trays = [("ghost", {"ssh_hostname": "127.0.0.1", "ssh_port": 1}), '
+                         '("other", {"ssh_hostname": "127.0.0.1", "ssh_port": 1})]\n')
+    code = rollout.main([str(inventory), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == rollout.NOT_STARTED
+    assert ("rollout: nothing rolled: unreachable: ghost, other; to roll the others, run again "
+            "with --exclude ghost --exclude other") in err
+    assert rollout.main([str(inventory), "--exclude", "ghost", "--exclude", "nobody"]) == \
+        rollout.NOT_STARTED
+    assert "--exclude names no host of" in capsys.readouterr().err
