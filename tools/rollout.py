@@ -24,7 +24,7 @@ release back and restarted it (tasks/vllm_service.py); the tray goes back behind
 if it serves, and the trays not reached keep the old release. Exit status: 0 rolled (or
 nothing to roll), 1 stopped at a batch (each host and cause named), 2 nothing rolled (the plan
 failed: bad data, an unreachable host). Each pyinfra run's output is kept under --out
-(default results/rollout/<time>/).
+(default results/rollout/<time>/, the owner only).
 
 The routers' admin routes take no key and listen where the router does (loopback by default):
 the calls run on the router host, over the inventory's own connection (`pyinfra ... exec`).
@@ -136,7 +136,7 @@ def add_script(router: Router, urls: list[str]) -> str:
 
 class Rollout:
     def __init__(self, inventory: str, overrides: list[str], exclude: list[str], out: Path):
-        self.inventory, self.overrides, self.out = inventory, overrides, out
+        self.inventory, self.out = inventory, out
         self.data_args = [arg for pair in overrides for arg in ("--data", pair)]
         self.exclude_args = [arg for name in exclude for arg in ("--exclude", name)]
         self.runs = 0
@@ -147,7 +147,9 @@ class Rollout:
         result = subprocess.run([venv_command("pyinfra"), *args], cwd=REPO, text=True,
                                 stdin=subprocess.DEVNULL, capture_output=True)
         output = result.stdout + result.stderr
-        (self.out / f"{self.runs:02d}-{label}.log").write_text(output)
+        log = self.out / f"{self.runs:02d}-{label}.log"
+        log.touch(mode=0o600)  # vLLM's log lines of a failed batch: the owner only
+        log.write_text(output)
         return result.returncode, result.stdout, output
 
     def plan(self) -> tuple[dict | None, str]:
@@ -226,7 +228,7 @@ def roll(args) -> int:
         return NOT_STARTED
     hosts = {name: data for name, data in hosts.items() if name not in args.exclude}
     out = args.out / time.strftime("%Y%m%dT%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
     run = Rollout(args.inventory, args.data, args.exclude, out)
     report, output = run.plan()
     if report is None:

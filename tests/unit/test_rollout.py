@@ -193,3 +193,15 @@ def test_an_unreachable_host_stops_the_roll_out_before_it_starts_and_is_named(tm
     assert rollout.main([str(inventory), "--exclude", "ghost", "--exclude", "nobody"]) == \
         rollout.NOT_STARTED
     assert "--exclude names no host of" in capsys.readouterr().err
+
+
+def test_each_run_is_logged_for_the_owner_only(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir(mode=0o700)
+    run = rollout.Rollout("inventories/none.py", ["vllm_port=8001"], ["t9"], out)
+    assert run.data_args == ["--data", "vllm_port=8001"]
+    assert run.exclude_args == ["--exclude", "t9"]
+    code, _, output = run.pyinfra("version", "--version")
+    assert code == 0 and "pyinfra" in output.lower()
+    log = out / "01-version.log"
+    assert log.read_text() == output and (log.stat().st_mode & 0o777) == 0o600
