@@ -12,7 +12,8 @@ it, pyinfra's "Detected changes" table. --commands FILE: also write, per host, e
 operation with the commands it would run ({host: {operation: [command, ...]}}, secrets masked
 as pyinfra masks them; uploads as "upload DEST"), from a second deploy file that only reads
 the plan. --rollout: instead of the plan, the roll-out it asks for (`rollout --plan`: the trays
-that restart vLLM, canary first, in batches of vllm_rollout_batch, out of which routers). Other arguments go to pyinfra as they are (e.g.
+that restart vLLM, canary first, in batches of vllm_rollout_batch, out of which routers).
+Other arguments go to pyinfra as they are (e.g.
 `--data model_speculative=True`, `-v`). The exit status is pyinfra's, or 1 when the preflight
 refuses the deploy (pyinfra's `--dry` plans a refused deploy and exits 0; the real run would
 stop): the tool then repeats the preflight's problems at the end, one line each, as the deploy

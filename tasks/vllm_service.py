@@ -102,21 +102,21 @@ def restore_release_script(venv_link: str, url: str, timeout_s: int) -> str:
                        "down")
     serves = shlex.quote(f"{name}: the last good release serves again ({url} answers); the "
                          "new one is not running: fix it and deploy again")
+    restoring = shlex.quote(f"{name}: restoring the last good release from {RELEASE_DIR}")
     down = shlex.quote(f"{name}: the last good release did not answer {url} within "
                        f"{int(timeout_s)}s either: {UNIT_NAME} is down")
     return (f"if [ ! -f {release}/{RELEASE_UNIT} ]; then echo {none} >&2; else "
-            f"echo {shlex.quote(f'{name}: restoring the last good release from {RELEASE_DIR}')} >&2; "
+            f"echo {restoring} >&2; "
             f"install -m 0644 {release}/{RELEASE_UNIT} {UNIT_PATH}; "
             f"install -m 0600 {release}/{RELEASE_ENV} {ENV_FILE}; "
             f"target=$(cat {release}/{RELEASE_VENV} 2>/dev/null); "
             f'if [ -n "$target" ] && [ -d "$target" ]; then '
             f'ln -sfn "$target" {link}.new && mv -T {link}.new {link}; fi; '
             f"systemctl daemon-reload; systemctl restart {UNIT_NAME}; "
-            f"deadline=$(( $(date +%s) + {int(timeout_s)} )); "
+            f"deadline=$(( $(date +%s) + {int(timeout_s)} )); verdict={serves}; "
             f"until curl -fs -o /dev/null --max-time 5 {shlex.quote(url)}; do "
-            f"[ $(date +%s) -lt $deadline ] || break; sleep 1; done; "
-            f"if curl -fs -o /dev/null --max-time 5 {shlex.quote(url)}; then echo {serves} >&2; "
-            f"else echo {down} >&2; fi; fi")
+            f"if [ $(date +%s) -ge $deadline ]; then verdict={down}; break; fi; sleep 1; done; "
+            f'echo "$verdict" >&2; fi')
 
 
 @deploy(DEPLOY_NAME)

@@ -114,7 +114,8 @@ def batch_size(hosts: dict[str, dict], trays: list[str], given: int | None) -> i
 def remove_script(router: Router, urls: list[str]) -> str:
     """Shell on the router host: stop sending requests to `urls` (one absent already is fine:
     a roll-out interrupted before)."""
-    calls = [f"curl -sS -o /dev/null -X POST {shlex.quote(f'{router.local_url}/remove_worker?url={url}')}"
+    base = router.local_url
+    calls = [f"curl -sS -o /dev/null -X POST {shlex.quote(f'{base}/remove_worker?url={url}')}"
              for url in urls]
     return " && ".join(calls)
 
@@ -237,9 +238,9 @@ def roll(args) -> int:
         if unreachable:
             # Rolling the others would take more trays out while one is already missing:
             # the operator decides, and says so with --exclude.
+            excludes = " ".join(f"--exclude {name}" for name in unreachable)
             print(f"rollout: nothing rolled: unreachable: {', '.join(unreachable)}; to roll "
-                  f"the others, run again with {' '.join(f'--exclude {name}' for name in unreachable)} "
-                  f"(log in {out})", file=sys.stderr)
+                  f"the others, run again with {excludes} (log in {out})", file=sys.stderr)
             return NOT_STARTED
         print(f"rollout: nothing rolled: pyinfra could not plan the deploy (log in {out})",
               file=sys.stderr)

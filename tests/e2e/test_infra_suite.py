@@ -1,5 +1,6 @@
 """The infra suite (tests/infra) run the way an SRE runs it, against the e2e sandbox: every
-check passes on every tray and the router in parallel, GPU checks are skipped with their reason shown, and
+check passes on every tray and the router in parallel, GPU checks are skipped with their
+reason shown, and
 the JUnit report names each host."""
 
 import subprocess
