@@ -5,8 +5,9 @@ from platform import machine as _machine  # sandbox hosts share the controller's
 model_profile = "sandbox-tiny"
 model_source_dir = ".cache/tiny-model"  # make-tiny-model
 vllm_wheelhouse_dir = ".cache/wheelhouse"  # wheelhouse
-# Two cores shared by every sandbox host: starting the CPU engine takes ~20-60 s there.
-vllm_health_timeout_s = 300
+# Two cores shared by every sandbox host: starting the CPU engine takes ~20-60 s alone, and
+# over 5 minutes when two trays of the e2e fleet restart while the third serves (CI, measured).
+vllm_health_timeout_s = 600
 # The sandbox shares this machine's disk: ask the infra checks for little.
 weights_min_free_bytes = 10**9
 # docker runtime (SANDBOX_RUNTIME=docker, inventories/sandbox.py): the CPU image vllm-image

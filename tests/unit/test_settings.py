@@ -24,7 +24,7 @@ def test_sandbox_data_resolves(sandbox_data):
     assert settings.serve_args[:2] == ["serve", "/raid/models/tiny-kimi"]
     assert settings.environment["VLLM_CPU_OMP_THREADS_BIND"] == "1"
     assert settings.api_key == "s3cret-key"
-    assert settings.health_timeout_s == 300
+    assert settings.health_timeout_s == 600
     assert settings.draft_dir is None
 
 
