@@ -21,6 +21,9 @@ CONTAINER_NAME = "vllm"
 # Host folders the server writes (compile caches, HOME): kept across container restarts, so
 # a restart does not compile again. The unit's StateDirectory= and CacheDirectory= create them.
 WRITABLE_DIRS = ("/var/lib/vllm", "/var/cache/vllm")
+# vLLM needs no capability (the NVIDIA runtime's hook hands the GPUs over from outside the
+# container), and nothing in it may gain privileges through a setuid file.
+CONFINED = ("--cap-drop", "ALL", "--security-opt", "no-new-privileges")
 GPU_ARGS = {
     "gpus": ["--runtime", "nvidia", "--gpus", "all"],
     "cdi": ["--device", "nvidia.com/gpu=all"],
@@ -43,14 +46,14 @@ def container_argv(settings: Settings, image: str, environment: dict[str, str],
     """`docker run` for vllm.service: attached (its output is the unit's journal), removed on
     exit, never pulled, GPUs as the data says, host IPC (tensor-parallel workers share memory
     through /dev/shm), the port published on vllm_host, secrets from the 0600 env file, and
-    the weights read-only at their host paths.
+    the weights read-only at their host paths; no capabilities, no privilege gained by exec.
 
     + image: the pinned reference `image_reference` gives
     + environment: non-secret variables, passed by name and value (secrets stay in ENV_FILE)
     + stop_timeout_s: what `docker stop` grants vLLM to drain before SIGKILL
     """
     argv = [DOCKER, "run", "--rm", "--name", CONTAINER_NAME, "--pull", "never",
-            *GPU_ARGS[settings.container_gpus], "--ipc", "host",
+            *GPU_ARGS[settings.container_gpus], "--ipc", "host", *CONFINED,
             "--publish", f"{settings.listen_host}:{settings.port}:{settings.port}",
             "--stop-timeout", str(stop_timeout_s), "--env-file", ENV_FILE]
     for name, value in sorted(environment.items()):

@@ -175,6 +175,10 @@ INTENTIONAL_DIFFERENCES = {
         "offline and no telemetry, the systemd units' list (tasks.settings."
         "OFFLINE_ENVIRONMENT); VLLM_API_KEY by secretKeyRef (optional: a missing key leaves "
         "the endpoint open, as the seed's was), never a literal value; no Hub token",
+    ("Deployment", *CONTAINER, "securityContext"):
+        "no capability and no privilege gained through exec, as the docker runtime's "
+        "`--cap-drop ALL --security-opt no-new-privileges`: the DRA driver hands the GPUs "
+        "over, vLLM itself needs neither",
     ("Deployment", *CONTAINER, "startupProbe"):
         "the seed had no probes: the window is derived from checkpoint size and load rate, "
         "so a 595 GB load is not killed half-way",

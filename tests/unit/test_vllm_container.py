@@ -123,6 +123,7 @@ def test_the_container_runs_the_one_rendered_command_on_read_only_weights():
     options = " ".join(argv[:image_at])
     assert options.startswith("/usr/bin/docker run --rm --name vllm --pull never ")
     assert "--runtime nvidia --gpus all --ipc host" in options
+    assert "--cap-drop ALL --security-opt no-new-privileges" in options
     assert "--publish 0.0.0.0:8000:8000 --stop-timeout 60" in options
     assert f"--env-file {ENV_FILE} --env A=1" in options
     for folder in (settings.model_dir, settings.draft_dir):
