@@ -16,3 +16,12 @@ vllm_runtime = "docker"
 # sandbox's. Build them with
 #   hf-wheelhouse --arch aarch64 --python-version 3.12 --out .cache/hf-wheelhouse-gb200
 hf_cli_wheelhouse_dir = ".cache/hf-wheelhouse-gb200"
+# Two of the seed's choices, each accepted here in so many words (the defaults refuse them):
+# - the model's `main` branch, though Kimi-K2.6 runs its repository's Python
+#   (--trust-remote-code): set model_revision to the 40-hex commit you reviewed (the Hub's
+#   `HfApi().model_info("moonshotai/Kimi-K2.6").sha` gives the branch's current one), then
+#   delete this line;
+# - an endpoint open to whoever reaches port 8000: set vllm_api_key_file (a controller file
+#   holding the key clients must send), then delete this line.
+model_accept_moving_revision = True
+vllm_accept_open_endpoint = True

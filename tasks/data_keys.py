@@ -40,6 +40,10 @@ NODE_NAME = re.compile(rf"^(?=.{{1,63}}$){_SUBDOMAIN_LABEL}(\.{_SUBDOMAIN_LABEL}
 # NAME-gpu-claim stays one.
 K8S_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,51}[a-z0-9])?$")
 # A Hub repository id: owner/name, each part of letters, digits, -, _ and . (not leading).
+# A full commit hash: a revision that names the same files forever (a branch or tag can move).
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# Addresses only the host itself reaches.
+LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|localhost)$")
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # `uname -m` -> the architecture name images carry (OCI / Docker).
 IMAGE_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
@@ -282,7 +286,13 @@ KEYS: tuple[Key, ...] = (
          "Catalog entry in tasks/models.py: kimi-k2.6 (INT4, the seed), kimi-k2.6-nvfp4, "
          "sandbox-tiny."),
         ("model_revision", None, "None or a commit SHA or tag", optional(text),
-         "Hub revision to fetch; None takes the profile's. Pin a commit SHA in production."),
+         "Hub revision to fetch; None takes the profile's. A profile that runs the "
+         "repository's Python (--trust-remote-code: both Kimi-K2.6 profiles) needs a 40-hex "
+         "commit here, unless model_accept_moving_revision."),
+        ("model_accept_moving_revision", False, "true or false", boolean,
+         "Accept a branch or tag for model_revision and model_draft_revision on a profile "
+         "that runs the repository's Python (--trust-remote-code): the code run at the next "
+         "fetch is then whatever the branch holds by then. False: the preflight refuses."),
         ("model_speculative", False, "true or false", boolean,
          "EAGLE-3 speculative decoding. OFF: the seed measured 1.28% acceptance (1.04 tokens "
          "per step) with lightseekorg/kimi-k2.6-eagle3, and output throughput fell 46% "
@@ -293,8 +303,8 @@ KEYS: tuple[Key, ...] = (
          "recipe names. The seed used lightseekorg/kimi-k2.6-eagle3 (its 1.28% acceptance "
          "suggests the wrong draft)."),
         ("model_draft_revision", "main", "a commit SHA or tag of model_draft_repo", text,
-         "Revision of model_draft_repo to fetch when model_speculative is on. Pin a commit "
-         "SHA in production."),
+         "Revision of model_draft_repo to fetch when model_speculative is on; a 40-hex commit "
+         "where the profile runs remote code, as model_revision."),
         ("model_num_speculative_tokens", None, "None or an integer 1..10",
          optional(integer(1, 10)),
          "Draft tokens proposed per step; None takes the profile's (3, as the seed and the "
@@ -362,7 +372,12 @@ KEYS: tuple[Key, ...] = (
          "the serving hosts get the weights), or venv (pip-installed under systemd, from a "
          "wheelhouse)."),
         ("vllm_host", "0.0.0.0", "an address to listen on, e.g. 0.0.0.0", text,
-         "Address vLLM listens on (the seed: 0.0.0.0)."),
+         "Address vLLM listens on (the seed: 0.0.0.0). Beyond loopback only with "
+         "vllm_api_key_file, or vllm_accept_open_endpoint."),
+        ("vllm_accept_open_endpoint", False, "true or false", boolean,
+         "Serve beyond loopback without an API key (vllm_api_key_file None), for an endpoint "
+         "meant to be open to whoever reaches it. False: the preflight refuses. The key never "
+         "covers /health and /metrics either way."),
         ("vllm_port", 8000, "a TCP port 1..65535", integer(1, 65535),
          "TCP port vLLM listens on (the seed: 8000)."),
         ("vllm_tensor_parallel_size", None, "None or a positive integer",

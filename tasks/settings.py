@@ -153,7 +153,8 @@ def image_archive_info(path: str) -> dict:
 
 def _model_problems(name: str, values: dict, bad: set[str]) -> list[Problem]:
     """The model's rules across keys: the tensor parallel size against the profile's heads,
-    and a pushed model folder that holds a config."""
+    commits for a profile that runs remote code, and a pushed model folder that holds a
+    config."""
     found = []
     profile = _profile(values) if "model_profile" not in bad else None
     tp = values["vllm_tensor_parallel_size"]
@@ -162,6 +163,18 @@ def _model_problems(name: str, values: dict, bad: set[str]) -> list[Problem]:
         found.append(problem(name, "vllm_tensor_parallel_size", tp,
                              f"a divisor of the {profile.attention_heads} attention heads of "
                              f"{profile.name} (vLLM shards heads evenly)"))
+    if profile and profile.trust_remote_code and not values["model_accept_moving_revision"]:
+        pinned = [("model_revision", values["model_revision"] or profile.revision,
+                   profile.repo)]
+        if values["model_speculative"]:
+            pinned.append(("model_draft_revision", values["model_draft_revision"],
+                           values["model_draft_repo"]))
+        found += [problem(name, key, revision,
+                          f"a 40-hex commit of {repo}: profile {profile.name} runs the "
+                          "repository's Python (--trust-remote-code), so pin the code you "
+                          "reviewed; or model_accept_moving_revision = True")
+                  for key, revision, repo in pinned
+                  if key not in bad and not data_keys.COMMIT.match(str(revision))]
     source = values["model_source_dir"]
     if source is not None and "model_source_dir" not in bad \
             and not (Path(controller_path(source)) / "config.json").is_file():
@@ -252,6 +265,12 @@ def _checked_and_derived(host, values: dict) -> Settings:
     problems += _model_problems(name, values, bad)
     api_key, found = read_api_key(name, values)
     problems += found
+    if not (found or api_key or values["vllm_accept_open_endpoint"] or "vllm_host" in bad
+            or data_keys.LOOPBACK.match(values["vllm_host"])):
+        problems.append(problem(name, "vllm_api_key_file", None,
+                                f"a key file: vllm_host {values['vllm_host']} serves beyond "
+                                "loopback; or vllm_accept_open_endpoint = True for an endpoint "
+                                "meant to be open"))
     wheelhouse, found = (None, []) if "vllm_runtime" in bad else _wheelhouse(name, values)
     problems += found
     if {"vllm_runtime", "vllm_image", "vllm_image_tarball"} & bad:

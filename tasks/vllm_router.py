@@ -27,7 +27,7 @@ from pyinfra.facts.files import Sha1File
 from pyinfra.operations import files, systemd
 
 from tasks import data_keys, system
-from tasks.data_keys import DataError, Problem, problem
+from tasks.data_keys import LOOPBACK, DataError, Problem, problem
 from tasks.facts import CpuArchitecture, PythonVersion
 from tasks.inventory_check import serves
 from tasks.models import systemd_exec_line
@@ -43,7 +43,6 @@ TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "vllm-router.s
 PACKAGES = ["python3-venv", "curl"]
 # A connector's prefix on an inventory name (`@fake/gb200-tray-01`): not part of the address.
 CONNECTOR_PREFIX = re.compile(r"^@[^/]*/")
-LOOPBACK = re.compile(r"^127\.")
 # How long the router waits at start for its backends before serving with those that answer.
 WORKER_STARTUP_TIMEOUT_S = 30
 # The deploy's wait for every backend healthy behind the router: two probe rounds and margin.

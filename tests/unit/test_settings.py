@@ -28,9 +28,12 @@ def test_sandbox_data_resolves(sandbox_data):
     assert settings.draft_dir is None
 
 
+MODEL_COMMIT, DRAFT_COMMIT = "0123abcd" * 5, "4567cdef" * 5
+
+
 def test_speculative_on_adds_the_draft_beside_the_model(sandbox_data):
-    sandbox_data["model_profile"] = "kimi-k2.6"
-    sandbox_data["model_speculative"] = True
+    sandbox_data.update(model_profile="kimi-k2.6", model_speculative=True,
+                        model_revision=MODEL_COMMIT, model_draft_revision=DRAFT_COMMIT)
     settings = read_settings(FakeHost("h", sandbox_data))
     assert settings.draft_dir == "/raid/models/kimi-k2.6-eagle3"
     assert '"model":"/raid/models/kimi-k2.6-eagle3"' in " ".join(settings.serve_args)
@@ -52,8 +55,56 @@ def test_vllm_drains_for_the_shutdown_timeout_and_the_stop_allows_its_exit(sandb
 
 def test_health_timeout_is_derived_from_checkpoint_size(sandbox_data):
     sandbox_data.update(model_profile="kimi-k2.6", vllm_health_timeout_s=None,
-                        vllm_load_bytes_per_s=1e9)
+                        vllm_load_bytes_per_s=1e9, model_revision=MODEL_COMMIT)
     assert read_settings(FakeHost("h", sandbox_data)).health_timeout_s == 120 + 595
+
+
+def test_remote_code_runs_only_from_a_pinned_commit_unless_accepted(sandbox_data):
+    """Kimi-K2.6 runs its repository's Python at load (--trust-remote-code): a branch or tag
+    can change that code under the next fetch. Model and draft alike; the tiny sandbox model
+    runs no remote code, so its `main` is fine."""
+    sandbox_data.update(model_profile="kimi-k2.6", model_speculative=True)
+    with pytest.raises(DataError) as error:
+        read_settings(FakeHost("h", sandbox_data))
+    lines = str(error.value).splitlines()[1:]
+    assert lines == [
+        "  h: model_revision: found 'main'; need a 40-hex commit of moonshotai/Kimi-K2.6: "
+        "profile kimi-k2.6 runs the repository's Python (--trust-remote-code), so pin the "
+        "code you reviewed; or model_accept_moving_revision = True",
+        "  h: model_draft_revision: found 'main'; need a 40-hex commit of "
+        "lightseekorg/kimi-k2.6-eagle3-mla: profile kimi-k2.6 runs the repository's Python "
+        "(--trust-remote-code), so pin the code you reviewed; or model_accept_moving_revision "
+        "= True"]
+    sandbox_data.update(model_revision=MODEL_COMMIT.upper(), model_draft_revision="v1.0")
+    with pytest.raises(DataError) as error:
+        read_settings(FakeHost("h", sandbox_data))
+    assert "found '0123ABCD" in str(error.value) and "found 'v1.0'" in str(error.value)
+    sandbox_data.update(model_revision=MODEL_COMMIT, model_draft_revision=DRAFT_COMMIT)
+    assert read_settings(FakeHost("h", sandbox_data)).model_revision == MODEL_COMMIT
+    sandbox_data.update(model_revision="main", model_draft_revision="main",
+                        model_accept_moving_revision=True)
+    assert read_settings(FakeHost("h", sandbox_data)).model_revision == "main"
+    sandbox_data.update(model_profile="sandbox-tiny", model_accept_moving_revision=False,
+                        model_speculative=False)
+    assert read_settings(FakeHost("h", sandbox_data)).model_revision == "main"
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0", "10.0.0.5", "::"])
+def test_an_open_endpoint_beyond_loopback_is_refused_unless_meant(sandbox_data, listen):
+    sandbox_data.update(vllm_api_key_file=None, vllm_host=listen)
+    with pytest.raises(DataError) as error:
+        read_settings(FakeHost("h", sandbox_data))
+    assert str(error.value).splitlines()[1:] == [
+        f"  h: vllm_api_key_file: found None; need a key file: vllm_host {listen} serves "
+        "beyond loopback; or vllm_accept_open_endpoint = True for an endpoint meant to be open"]
+    sandbox_data["vllm_accept_open_endpoint"] = True
+    assert read_settings(FakeHost("h", sandbox_data)).api_key is None
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1", "::1", "localhost"])
+def test_an_endpoint_on_loopback_needs_no_key(sandbox_data, listen):
+    sandbox_data.update(vllm_api_key_file=None, vllm_host=listen)
+    assert read_settings(FakeHost("h", sandbox_data)).listen_host == listen
 
 
 def test_relative_controller_paths_are_relative_to_the_repository(sandbox_data):
