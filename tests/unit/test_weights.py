@@ -427,7 +427,8 @@ def pushed_tree(source: Path, *extra: str) -> dict:
 
 
 def push_data(controller_folders) -> dict:
-    return {**group_data("sandbox"), **controller_folders, "weights_dir": "/raid/models"}
+    return {**group_data("sandbox"), **controller_folders, "weights_dir": "/raid/models",
+            "vllm_host": "127.0.0.1"}
 
 
 def test_the_push_path_removes_a_hub_token_left_by_the_hub_path(controller_folders):
@@ -467,6 +468,7 @@ def test_the_hub_path_removes_undeclared_files_from_a_complete_tree(mirror, tmp_
     wheelhouse.mkdir()
     (wheelhouse / "requirements.lock").write_text("# pins\nhuggingface-hub==2.4.0 \n")
     data = {**group_data(), "model_profile": "sandbox-tiny", "weights_dir": "/raid/models",
+            "vllm_host": "127.0.0.1",
             "weights_hf_endpoint": mirror.url, "hf_cli_wheelhouse_dir": str(wheelhouse),
             "vllm_wheelhouse_dir": str(wheelhouse)}
     listing = weights_hub.hub_listing(SANDBOX_REPO, "main", mirror.url, mirror.token)
