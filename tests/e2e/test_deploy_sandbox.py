@@ -138,7 +138,9 @@ def test_dry_run_plans_no_change(sandbox):
 
 def test_refused_deploy_reports_every_host_and_changes_no_file(hosts):
     before = {name: (files_snapshot(host), service_start(host)) for name, host in hosts.items()}
+    # A pinned commit (Kimi-K2.6 runs remote code): the data passes, the hosts' facts refuse.
     result = subprocess.run([PYINFRA, "-y", "--data", "model_profile=kimi-k2.6",
+                             "--data", f"model_revision={'0123abcd' * 5}",
                              "inventories/sandbox.py", "deploy.py"],
                             cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0
