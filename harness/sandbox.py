@@ -4,6 +4,9 @@
                         boot N serving hosts (default 1) and R router hosts (default 0);
                         builds the rootfs tarball once
     sandbox status      list hosts, their PIDs and whether SSH answers
+    sandbox reboot HOST [--power-cut]
+                        power one host off (a clean shutdown, or killed outright) and boot
+                        it again on the same disk
     sandbox ssh HOST [COMMAND...]
     sandbox down        stop every host; leaves no process, mount, veth or namespace
 
@@ -93,6 +96,9 @@ SUBNET_PREFIX = "10.213"
 FALLBACK_METRIC = "4242"
 SSH_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 30
+# A clean shutdown stops the host's units as a real one does: vLLM drains first (its unit
+# allows --shutdown-timeout plus 30 s).
+REBOOT_STOP_TIMEOUT_S = 180
 
 
 def log(message: str) -> None:
@@ -344,9 +350,18 @@ def boot_host(sandbox: Sandbox, host: dict, lower: Path, pubkey: str,
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", host["name"],
              "-f", str(host_key)])
     write_host_files(merged, host, pubkey, host_key, peer_subnets)
+    host["merged"] = str(merged)
+    host["known_key"] = Path(f"{host_key}.pub").read_text().split()[:2]
+    start_host(sandbox, host)
+
+
+def start_host(sandbox: Sandbox, host: dict) -> None:
+    """Boot the host's systemd on its mounted overlay (a first boot, or a boot after a
+    power-off: the overlay and what the host wrote stay)."""
+    host_dir = sandbox.dir / host["name"]
     console_log = open(host_dir / "console.log", "ab")
     process = subprocess.Popen(
-        ["systemd-nspawn", "-D", str(merged), "-M", host["name"], "-b", "--network-veth",
+        ["systemd-nspawn", "-D", host["merged"], "-M", host["name"], "-b", "--network-veth",
          "--register=no", "--keep-unit", "--console=passive",
          # Docker inside a host: `docker run` joins a session keyring (else "unable to join
          # session keyring"), and /var/lib/docker must be a plain directory, not on the
@@ -358,8 +373,6 @@ def boot_host(sandbox: Sandbox, host: dict, lower: Path, pubkey: str,
     _children[host["name"]] = process
     host["pid"] = process.pid
     host["pid_start"] = process_start_time(process.pid)
-    host["merged"] = str(merged)
-    host["known_key"] = Path(f"{host_key}.pub").read_text().split()[:2]
 
 
 def wait_until(host: dict, ready, before: str, late: str, deadline: float,
@@ -517,6 +530,43 @@ def cmd_down(sandbox: Sandbox, quiet: bool = False) -> None:
     sandbox.known_hosts.unlink(missing_ok=True)
 
 
+def cmd_reboot(sandbox: Sandbox, name: str, power_cut: bool) -> None:
+    """Power one host off and boot it again on the same disk: a clean shutdown (its systemd
+    stops every unit, vLLM's drain included), or with power_cut its init killed outright
+    (nothing stopped, nothing flushed by the host). Returns once SSH answers again."""
+    hosts = sandbox.hosts()
+    match = [host for host in hosts if host["name"] == name]
+    if not match:
+        fail(f"no host {name} in sandbox '{sandbox.name}'")
+    host = match[0]
+    started = time.monotonic()
+    if host_running(host) and power_cut:
+        # The host's init, nspawn's child: killing PID 1 of its namespace kills every process
+        # in it at once (killing nspawn alone would leave them running).
+        pid = host["pid"]
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            os.kill(int(child), signal.SIGKILL)
+    elif host_running(host):
+        os.kill(host["pid"], signal.SIGTERM)  # nspawn asks the host's systemd to power off
+    if host_running(host):
+        deadline = time.monotonic() + REBOOT_STOP_TIMEOUT_S
+        while host_running(host) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if host_running(host):
+            fail(f"{name}: did not power off in {REBOOT_STOP_TIMEOUT_S}s (pid {host['pid']})")
+    log(f"{name} powered off ({'power cut' if power_cut else 'shutdown'}) "
+        f"in {time.monotonic() - started:.1f}s")
+    start_host(sandbox, host)
+    sandbox.save(hosts)  # the new PID, so `down` finds it
+    deadline = time.monotonic() + SSH_TIMEOUT_S
+    configure_controller_end(host, deadline)
+    wait_until(host, lambda: port_open(host["address"], 22), "sshd answered",
+               f"sshd did not answer on {host['address']}:22 within {SSH_TIMEOUT_S}s",
+               deadline, 0.2)
+    log(f"{name} up again at {host['address']} (nspawn pid {host['pid']}) "
+        f"{time.monotonic() - started:.1f}s after the power-off began")
+
+
 def cmd_status(sandbox: Sandbox) -> int:
     hosts = sandbox.hosts()
     if not hosts:
@@ -546,6 +596,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down")
     sub.add_parser("status")
     sub.add_parser("rootfs", help="only build the cached rootfs tarball")
+    reboot = sub.add_parser("reboot", help="power one host off and boot it again")
+    reboot.add_argument("host")
+    reboot.add_argument("--power-cut", action="store_true",
+                        help="kill it outright instead of a clean shutdown")
     ssh_parser = sub.add_parser("ssh")
     ssh_parser.add_argument("host")
     ssh_parser.add_argument("command", nargs=argparse.REMAINDER)
@@ -561,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd_down(sandbox)
     elif args.verb == "status":
         return cmd_status(sandbox)
+    elif args.verb == "reboot":
+        cmd_reboot(sandbox, args.host, args.power_cut)
     elif args.verb == "rootfs":
         print(build_rootfs_tarball())
     elif args.verb == "ssh":

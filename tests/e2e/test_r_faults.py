@@ -1,13 +1,20 @@
-"""Faults the hosts survive on their own, with no deploy: vLLM killed outright, and its engine
-process alone killed (the API server then exits 0: why the unit says Restart=always). Each
-test measures the time back to serving and prints it (the README's faults table). Runs on the
-converged trays after the infra suite (name order), on the last tray, out of the others' way."""
+"""Faults the hosts survive on their own, with no deploy: vLLM killed outright, its engine
+process alone killed (the API server then exits 0: why the unit says Restart=always), the tray
+shut down and booted, and its power cut. Each test measures the time back to serving and
+prints it (the README's faults table). Runs on the converged trays after the infra suite (name
+order), on the last tray, out of the others' way."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
-from tests.e2e.common import api_key, chat
+import pytest
+
+from tests.e2e.common import ENV, PYINFRA, api_key, chat, sandbox_tool
+from tests.helpers import REPO
 
 HEALTH_WAIT_S = 600
 
@@ -67,3 +74,45 @@ def test_the_engine_process_killed_alone_serves_again_without_a_deploy(hosts, sa
     the server down with it (exit 0), and Restart=always brings both back."""
     name, took = killed_and_back(hosts, sandbox, engine_core)
     print(f"\nvLLM's engine core SIGKILLed on {name}: serving again after {took:.0f}s")
+
+
+def drift_of(name: str, out) -> tuple[str, str]:
+    """drift-check over the whole inventory: `name`'s status, and what it printed."""
+    drift = subprocess.run([sys.executable, "-m", "tools.drift_check", "inventories/sandbox.py",
+                            "--out", str(out)], cwd=REPO, env=ENV, capture_output=True,
+                           text=True, timeout=900, stdin=subprocess.DEVNULL)
+    report = json.loads((out / "report.json").read_text())
+    return report["hosts"][name]["status"], drift.stdout[-3000:] + drift.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def converged_tray(sandbox, tmp_path_factory) -> dict:
+    """The last tray deployed as the inventory declares it (the Hub module before this one
+    left the trays on its own data), and in sync by the drift check."""
+    tray = sandbox["hosts"][-1]
+    deployed = subprocess.run([PYINFRA, "-y", "--limit", tray["name"], "inventories/sandbox.py",
+                               "deploy.py"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                              timeout=1500, stdin=subprocess.DEVNULL)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    status, output = drift_of(tray["name"], tmp_path_factory.mktemp("drift"))
+    assert status == "in_sync", output
+    return tray
+
+
+@pytest.mark.parametrize("how", ["shutdown", "power-cut"])
+def test_a_tray_booted_again_serves_with_no_deploy_and_no_drift(hosts, sandbox, converged_tray,
+                                                                tmp_path, how):
+    """A clean shutdown and boot (vLLM drains on the way down), and the power cut (the host's
+    every process killed at once, nothing flushed): vllm.service is enabled, so it starts at
+    boot; the drift check then finds the tray as the deploy left it."""
+    tray = converged_tray
+    host = hosts[tray["name"]]
+    since = time.monotonic()
+    rebooted = sandbox_tool("reboot", tray["name"], *(["--power-cut"] if how == "power-cut"
+                                                      else []))
+    assert rebooted.returncode == 0, rebooted.stdout + rebooted.stderr
+    took = back_to_serving(host, tray["address"], api_key(sandbox), since, -1)
+    print(f"\n{tray['name']} {how} and boot: serving again after {took:.0f}s")
+    assert restarts(host) == 0, "vllm.service started at boot, not by a restart"
+    status, output = drift_of(tray["name"], tmp_path)
+    assert status == "in_sync", output
