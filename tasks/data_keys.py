@@ -39,11 +39,11 @@ NODE_NAME = re.compile(rf"^(?=.{{1,63}}$){_SUBDOMAIN_LABEL}(\.{_SUBDOMAIN_LABEL}
 # The Deployment, Service and Secret names: an RFC 1035 label short enough that
 # NAME-gpu-claim stays one.
 K8S_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,51}[a-z0-9])?$")
-# A Hub repository id: owner/name, each part of letters, digits, -, _ and . (not leading).
 # A full commit hash: a revision that names the same files forever (a branch or tag can move).
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # Addresses only the host itself reaches.
 LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|::1|localhost)$")
+# A Hub repository id: owner/name, each part of letters, digits, -, _ and . (not leading).
 HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # `uname -m` -> the architecture name images carry (OCI / Docker).
 IMAGE_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
