@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from tests.helpers import REPO
@@ -22,9 +23,27 @@ PYINFRA = str(Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "pyi
 ENV = {**os.environ, "SANDBOX_NAME": SANDBOX, "PYTHONUNBUFFERED": "1"}
 
 
-def sandbox_tool(*args: str, name: str = SANDBOX) -> subprocess.CompletedProcess:
+def sandbox_tool(*args: str, name: str = SANDBOX, input: str | None = None
+                 ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness.sandbox", "--name", name, *args],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
+                          input=input)
+
+
+def drift_check(out: Path) -> tuple[int, str, dict]:
+    """drift-check over the sandbox inventory, its report in `out`: exit code, output, report."""
+    result = subprocess.run([sys.executable, "-m", "tools.drift_check",
+                             "inventories/sandbox.py", "--out", str(out)],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900,
+                            stdin=subprocess.DEVNULL)
+    return (result.returncode, result.stdout + result.stderr,
+            json.loads((out / "report.json").read_text()))
+
+
+def passed_cases(junit: Path) -> set[str]:
+    """The test ids a JUnit report lists as passed (not failed, errored or skipped)."""
+    return {case.get("name") for case in ElementTree.parse(junit).iter("testcase")
+            if not {child.tag for child in case} & {"failure", "error", "skipped"}}
 
 
 def pyinfra(*args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, dict]:

@@ -13,14 +13,14 @@ import subprocess
 import sys
 import time
 import urllib.error
-import xml.etree.ElementTree as ElementTree
 from datetime import datetime, timezone
 
 import pytest
 import testinfra
 
 from tasks.bench import WORKLOADS
-from tests.e2e.common import PYINFRA, api_key, call, pyinfra, sandbox_tool, service_start
+from tests.e2e.common import (PYINFRA, api_key, call, passed_cases, pyinfra, sandbox_tool,
+                              service_start)
 from tests.helpers import REPO
 
 NAME = "dock"
@@ -112,8 +112,7 @@ def test_the_infra_suite_passes_on_the_container_host(dock, tmp_path):
          "-rs", "-p", "no:cacheprovider", f"--junitxml={junit}"],
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]
-    passed = {case.get("name") for case in ElementTree.parse(junit).iter("testcase")
-              if not {child.tag for child in case} & {"failure", "error", "skipped"}}
+    passed = passed_cases(junit)
     assert "test_the_container_runs_the_declared_image_on_read_only_weights[dock1]" in passed
     assert "test_chat_completion_answers[dock1]" in passed
 

@@ -5,26 +5,14 @@ changes a host: managed files are compared before and after."""
 
 from __future__ import annotations
 
-import json
 import stat
 import subprocess
-import sys
 import xml.etree.ElementTree as ElementTree
 
-from tests.e2e.common import ENV, api_key, files_snapshot, pyinfra
-from tests.helpers import REPO
+from tests.e2e.common import api_key, drift_check, files_snapshot, pyinfra
 
 DROP_IN = "/etc/systemd/system/vllm.service.d/restart.conf"
 STRAY = "/raid/models/tiny-kimi/notes.txt"
-
-
-def drift_check(out) -> tuple[int, str, dict]:
-    result = subprocess.run([sys.executable, "-m", "tools.drift_check",
-                             "inventories/sandbox.py", "--out", str(out)],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900,
-                            stdin=subprocess.DEVNULL)
-    return (result.returncode, result.stdout + result.stderr,
-            json.loads((out / "report.json").read_text()))
 
 
 def test_in_sync_exits_0_writes_every_report_and_changes_nothing(fleet, tmp_path):

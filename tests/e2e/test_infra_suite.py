@@ -7,7 +7,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 
-from tests.e2e.common import ENV
+from tests.e2e.common import ENV, passed_cases
 from tests.helpers import REPO
 
 
@@ -21,8 +21,7 @@ def test_infra_suite_passes_on_every_host_in_parallel(sandbox, tmp_path):
     assert ("no NVIDIA GPU on the PCI bus, and profile sandbox-tiny runs without: no GPU to "
             "check") in result.stdout
     names = {case.get("name") for case in ElementTree.parse(junit).iter("testcase")}
-    passed = {case.get("name") for case in ElementTree.parse(junit).iter("testcase")
-              if not {child.tag for child in case} & {"failure", "error", "skipped"}}
+    passed = passed_cases(junit)
     for host in sandbox["hosts"]:
         for check in ("test_service_is_active_and_enabled", "test_chat_completion_answers",
                       "test_the_venv_unit_is_hardened_and_leaves_the_gpus_reachable",

@@ -6,14 +6,12 @@ order), on the last tray, out of the others' way."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 import time
 
 import pytest
 
-from tests.e2e.common import ENV, PYINFRA, api_key, chat, sandbox_tool
+from tests.e2e.common import ENV, PYINFRA, api_key, chat, drift_check, sandbox_tool
 from tests.helpers import REPO
 
 HEALTH_WAIT_S = 600
@@ -78,11 +76,8 @@ def test_the_engine_process_killed_alone_serves_again_without_a_deploy(hosts, sa
 
 def drift_of(name: str, out) -> tuple[str, str]:
     """drift-check over the whole inventory: `name`'s status, and what it printed."""
-    drift = subprocess.run([sys.executable, "-m", "tools.drift_check", "inventories/sandbox.py",
-                            "--out", str(out)], cwd=REPO, env=ENV, capture_output=True,
-                           text=True, timeout=900, stdin=subprocess.DEVNULL)
-    report = json.loads((out / "report.json").read_text())
-    return report["hosts"][name]["status"], drift.stdout[-3000:] + drift.stderr[-3000:]
+    _, output, report = drift_check(out)
+    return report["hosts"][name]["status"], output[-6000:]
 
 
 @pytest.fixture(scope="module")

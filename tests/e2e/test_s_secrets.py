@@ -18,7 +18,7 @@ import pytest
 from tasks.settings import ENV_FILE
 from tasks.vllm_service import RELEASE_DIR
 from tasks.weights_job import TOKEN_FILE
-from tests.e2e.common import api_key
+from tests.e2e.common import api_key, sandbox_tool
 from tests.helpers import REPO
 
 # Where a host may hold a secret: the unit's env file, the last good release's copy of it, the
@@ -38,15 +38,12 @@ echo "units: $(systemctl show '*' --no-pager 2>/dev/null | matches -c)"
 """
 
 
-def search_host(sandbox, entry: dict, secrets: list[str]) -> dict[str, object]:
-    """SEARCH on one sandbox host over ssh, the secrets on stdin: {files: [...], journal: n,
-    processes: n, units: n}."""
-    result = subprocess.run(
-        ["ssh", "-i", sandbox["ssh_key"], "-o", f"UserKnownHostsFile={sandbox['known_hosts']}",
-         "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", f"root@{entry['address']}",
-         "bash", "-c", shlex.quote(SEARCH)], input="\n".join(secrets) + "\n",
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{entry['name']}: {result.stderr[-2000:]}"
+def search_host(name: str, secrets: list[str]) -> dict[str, object]:
+    """SEARCH on one sandbox host (`sandbox ssh`), the secrets on stdin: {files: [...],
+    journal: n, processes: n, units: n}."""
+    result = sandbox_tool("ssh", name, "bash", "-c", shlex.quote(SEARCH),
+                          input="\n".join(secrets) + "\n")
+    assert result.returncode == 0, f"{name}: {result.stderr[-2000:]}"
     found: dict[str, object] = {"files": []}
     section = None
     for line in result.stdout.splitlines():
@@ -77,7 +74,7 @@ def test_secrets_on_the_hosts_only_in_root_owned_0600_files(sandbox, fleet, secr
     problems = []
     for entry in sandbox["hosts"] + sandbox["routers"]:
         name, host = entry["name"], fleet[entry["name"]]
-        found = search_host(sandbox, entry, list(secrets.values()))
+        found = search_host(name, list(secrets.values()))
         for place in ("journal", "processes", "units"):
             if found[place]:
                 problems.append(f"{name}: {found[place]} line(s) of {place} hold a secret")
