@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
-from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -18,10 +17,9 @@ from pyinfra.operations import files, systemd
 
 from tasks import data_keys
 from tasks.data_keys import DataError, problem
+from tasks.settings import TEMPLATES, UNIT_DIR
 from tools.drift_check import folder_mode
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
-UNIT_DIR = "/etc/systemd/system"
 SERVICE_UNIT = "drift-check.service"
 TIMER_UNIT = "drift-check.timer"
 # drift-check's own limits add up to 3600 s (two 900 s plans when a host is unreachable, then

@@ -25,6 +25,9 @@ from tasks.data_keys import DataError, Problem, problem
 from tasks.models import PROFILES, ModelProfile, vllm_serve_args
 
 REPO = Path(__file__).resolve().parent.parent
+# The Jinja templates of the units and manifests the tasks render, and where units go on a host.
+TEMPLATES = REPO / "templates"
+UNIT_DIR = "/etc/systemd/system"
 ENV_FILE = "/etc/vllm/vllm.env"
 UNIT_NAME = "vllm.service"
 # Beyond vLLM's --shutdown-timeout, what a stop allows for the engine processes to exit once

@@ -7,7 +7,6 @@ therefore read the same unit whichever runtime a host uses.
 
 import io
 import shlex
-from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy
@@ -20,9 +19,9 @@ from tasks import vllm_container
 from tasks.facts import CpuArchitecture, SystemdVersion
 from tasks.models import systemd_exec_line
 from tasks.operations import content_differs, drop_ins_removed, service_healthy, secret_file_present
-from tasks.settings import ENV_FILE, OFFLINE_ENVIRONMENT, UNIT_NAME, Settings, read_settings
+from tasks.settings import (ENV_FILE, OFFLINE_ENVIRONMENT, TEMPLATES, UNIT_NAME, Settings,
+                            read_settings)
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
 # The offline list, plus folders a read-only system leaves writable.
 SERVICE_ENVIRONMENT = {
