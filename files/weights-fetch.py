@@ -2,7 +2,7 @@
 # Managed by tasks/weights.py: runs on the host, as a transient systemd unit, under the hf venv.
 """Fetch one Hub repo at one commit into a folder with the pinned `hf` CLI, verified, resumable.
 
-    weights-fetch.py --job JOB.json [--verify]
+    weights-fetch.py --job JOB.json [--verify | --audit STATUS.json]
 
 JOB.json is written by the deploy; its fields, the status file this script keeps for the deploy
 to follow and the manifest it leaves in the folder are defined in tasks/weights_job.py. The job
@@ -16,6 +16,12 @@ hashed once against the Hub's checksum, and a bad one is deleted and fetched aga
 
 --verify re-hashes every file instead, reports missing, corrupt and extra files, deletes the
 corrupt ones (so the next deploy fetches them) and exits 1 if any file is missing or corrupt.
+
+--audit (the scheduled deep verify, weights-verify-*.timer) re-hashes every file too but
+deletes nothing: vLLM may be serving from the folder, and a restart must still find every
+shard. It reports in its own status file (STATUS.json, not the fetch's), drops the files it
+finds missing or corrupt from the manifest (so the drift check plans their fetch and the next
+deploy fetches them), and exits 1 if any is; 75 if a fetch holds the folder (skipped).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +45,9 @@ BLOCK = 8 * 1024 * 1024
 POLL_S = 1.0
 # hf answers SIGTERM within a second or two; past this it is stuck in a syscall.
 KILL_AFTER_S = 15
+# Exit status when another run holds the folder's lock (EX_TEMPFAIL): the scheduled verify
+# counts it as skipped, not failed.
+LOCKED = 75
 
 
 def log(message: str) -> None:
@@ -75,7 +85,7 @@ def read_job(path: Path) -> dict:
 
 
 class Fetch:
-    def __init__(self, job: dict):
+    def __init__(self, job: dict, status_file: Path | None = None):
         self.job = job
         paths = job["paths"]
         self.local_dir = Path(job["local_dir"])
@@ -84,7 +94,7 @@ class Fetch:
         self.records_prefix = f"{paths['records_dir']}/"
         self.client_records = self.local_dir / paths["client_records_dir"]
         self.incomplete_glob = paths["incomplete_glob"]
-        self.status_file = self.state_dir / paths["status_file"]
+        self.status_file = status_file or self.state_dir / paths["status_file"]
         self.hf_home = self.state_dir / paths["hf_home"]
         self.no_token = self.state_dir / paths["no_token_file"]
         self.files: dict[str, dict] = job["files"]
@@ -345,6 +355,10 @@ class Fetch:
                 break
             outcome = self.attempt(number, xet)
             outcomes.append(outcome)
+            if outcome != "exited 0":
+                # The next attempt would remove them first anyway; now, they may be what
+                # fills the disk that the manifest is written to next.
+                self.remove_incomplete()
             if outcome == "stalled":
                 xet = False  # reported upstream: Xet hangs on large downloads
             self.forget_rewritten()
@@ -355,7 +369,26 @@ class Fetch:
             log(f"after attempt {number} ({outcome}): {len(missing)} missing, "
                 f"{len(corrupt)} corrupt: {', '.join((missing + corrupt)[:5])}")
             self.report(missing=missing, corrupt=corrupt)
+            if self.out_of_space():
+                return 1  # another attempt would fail the same way
         return self.failed(outcomes)
+
+    def out_of_space(self) -> bool:
+        """When the folder's filesystem cannot hold what is still to fetch (it filled during
+        the download: another writer, a log, a second model), fail saying so: retrying only
+        fills it again. Partial files are gone by now; complete, verified ones stay (the
+        manifest keeps them, so the next run fetches only the rest)."""
+        needed = self.total - self.bytes_done()
+        free = shutil.disk_usage(self.local_dir).free
+        if free >= needed:
+            return False
+        message = (f"no space left for {self.job['repo']}@{self.job['commit'][:12]}: the "
+                   f"filesystem of {self.local_dir} has {free / 1e9:.3f} GB free, "
+                   f"{needed / 1e9:.3f} GB still to fetch; partial files removed, complete "
+                   "ones kept. Free space (or move weights_dir) and deploy again")
+        log(message)
+        self.report(state="failed", message=message)
+        return True
 
     def succeeded(self) -> int:
         self.remove_incomplete()
@@ -392,11 +425,36 @@ class Fetch:
         return 0 if complete else 1
 
 
+    def audit(self) -> int:
+        """The scheduled deep verify: every file re-hashed, none deleted (module docstring)."""
+        self.verified.clear()
+        missing, corrupt, todo = self.triage(list(self.files))
+        corrupt = sorted(corrupt + self.hash_files(todo, "verifying"))
+        extra = self.extra_files()
+        complete = not missing and not corrupt
+        # Only the files that matched stay in the manifest: the deploy fetches the others.
+        self.save_manifest(complete=complete)
+        message = (f"{len(self.files) - len(missing) - len(corrupt)} of {len(self.files)} files "
+                   f"match the Hub's checksums; {len(missing)} missing, {len(corrupt)} corrupt"
+                   f"{'' if complete else ' (kept: the next deploy fetches them again)'}, "
+                   f"{len(extra)} extra")
+        log(message)
+        for key, paths in (("missing", missing), ("corrupt", corrupt)):
+            if paths:
+                log(f"{key}: {', '.join(paths)}")
+        self.report(state="done" if complete else "failed", missing=missing, corrupt=corrupt,
+                    extra=extra, message=message, bytes_done=self.total, bytes_total=self.total,
+                    finished=time.time())
+        return 0 if complete else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", type=Path, required=True)
-    parser.add_argument("--verify", action="store_true")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--verify", action="store_true")
+    mode.add_argument("--audit", type=Path, metavar="STATUS.json")
     args = parser.parse_args()
     job = read_job(args.job)
     state_dir = Path(job["state_dir"])
@@ -406,9 +464,10 @@ def main() -> int:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        log(f"another fetch holds {lock_path}")
-        return 75
-    fetch = Fetch(job)
+        log(f"another fetch holds {lock_path}"
+            f"{': this scheduled verify is skipped' if args.audit else ''}")
+        return LOCKED
+    fetch = Fetch(job, status_file=args.audit)
 
     def terminate(*_):
         fetch.stopping = True
@@ -418,6 +477,8 @@ def main() -> int:
         sys.exit(143)
 
     signal.signal(signal.SIGTERM, terminate)
+    if args.audit:
+        return fetch.audit()
     return fetch.verify() if args.verify else fetch.fetch()
 
 

@@ -352,6 +352,13 @@ KEYS: tuple[Key, ...] = (
         ("weights_verify_full", False, "true or false", boolean,
          "Re-hash every file against the Hub's checksums on this run; fail naming missing, "
          "corrupt (deleted: the next run re-fetches) and extra files. Slow: ~1 s per GB."),
+        ("weights_verify_schedule", "weekly",
+         "None (no scheduled verify) or one line of systemd OnCalendar, not cron",
+         optional(_calendar),
+         "When each Hub-fetched weights folder is re-hashed against the Hub's checksums on the "
+         "host (weights-verify-*.timer, idle IO priority): bit rot keeps a file's size and "
+         "mtime, which is all a deploy or drift check reads. It deletes nothing; a file found "
+         "corrupt is reported by the drift check and fetched again by the next deploy."),
     ),
     *_keys(
         "tasks/hf_cli.py",

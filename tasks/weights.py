@@ -19,16 +19,17 @@ from pathlib import Path
 from pyinfra import host, logger
 from pyinfra.api import (FileUploadCommand, FunctionCommand, QuoteString, StringCommand, deploy,
                          operation)
-from pyinfra.operations import files
+from pyinfra.facts.files import File
+from pyinfra.operations import files, systemd
 
 from tasks import hf_cli
 from tasks.facts import FreeBytes, WeightsTree
 from tasks.operations import secret_file_present, tree_synced, undeclared_files
-from tasks.settings import REPO, Settings, read_settings
+from tasks.settings import REPO, TEMPLATES, UNIT_DIR, Settings, read_settings
 from tasks.weights_host import is_complete, space_problem
 from tasks.weights_hub import HubLookupError, HubSettings, Listing, hub_listing, read_hub_settings
-from tasks.weights_job import (CLIENT_RECORDS_DIR, HOST_SCRIPT, INCOMPLETE_GLOB, JOB_FILE,
-                               STATE_ROOT, STATUS_FILE, TOKEN_FILE, Job)
+from tasks.weights_job import (AUDIT_FILE, CLIENT_RECORDS_DIR, HOST_SCRIPT, INCOMPLETE_GLOB,
+                               JOB_FILE, RECORDS_DIR, STATE_ROOT, STATUS_FILE, TOKEN_FILE, Job)
 
 FETCH_SCRIPT = REPO / "files" / "weights-fetch.py"
 # How often the deploy asks the host how far the download got, and how often it says so.
@@ -36,6 +37,8 @@ POLL_S = 2.0
 REPORT_EVERY_S = 10.0
 # Polls that find the unit gone without a final state before the fetch counts as crashed.
 GONE_POLLS = 3
+# The scheduled deep verify's spread: trays of one rack do not all start hashing at once.
+VERIFY_RANDOMIZED_DELAY_S = 3600
 
 
 # ---- what to fetch where -------------------------------------------------------------------
@@ -69,6 +72,19 @@ class Target:
     @property
     def status_file(self) -> str:
         return f"{self.state_dir}/{STATUS_FILE}"
+
+    @property
+    def verify_unit(self) -> str:
+        """The scheduled deep verify (weights_verify_schedule) and its timer."""
+        return f"weights-verify-{self.slug}.service"
+
+    @property
+    def verify_timer(self) -> str:
+        return f"weights-verify-{self.slug}.timer"
+
+    @property
+    def audit_file(self) -> str:
+        return f"{self.state_dir}/{AUDIT_FILE}"
 
 
 def targets(settings: Settings, hub: HubSettings) -> list[Target]:
@@ -148,7 +164,8 @@ def _start_unit(target: Target, python: str, verify: bool) -> StringCommand:
                   python, HOST_SCRIPT, "--job", QuoteString(target.job_file)]
     if verify:
         run_script.append("--verify")
-    return StringCommand("systemctl", "stop", target.unit, "2>/dev/null;",
+    # A deploy comes before the scheduled verify: stopped, it leaves the manifest as it was.
+    return StringCommand("systemctl", "stop", target.unit, target.verify_unit, "2>/dev/null;",
                          "rm", "-f", QuoteString(target.status_file), ";",
                          "systemctl", "reset-failed", target.unit, "2>/dev/null;",
                          _unit_unloaded(target.unit), *run_script)
@@ -342,6 +359,48 @@ def _fetch_tools_installed(hub: HubSettings) -> str:
     return python
 
 
+def verify_unit_values(target: Target, schedule: str, python: str) -> dict:
+    """What templates/weights-verify.{service,timer}.j2 are rendered with."""
+    return {"service_unit": target.verify_unit, "timer_unit": target.verify_timer,
+            "local_dir": target.local_dir, "records_dir": RECORDS_DIR,
+            "state_dir": target.state_dir, "job_file": target.job_file,
+            "status_file": target.audit_file, "python": python, "script": HOST_SCRIPT,
+            "schedule": schedule, "randomized_delay_s": VERIFY_RANDOMIZED_DELAY_S}
+
+
+def verify_scheduled(target: Target, schedule: str | None, python: str) -> None:
+    """The scheduled deep verify of a Hub-fetched folder (weights-fetch.py --audit on a timer,
+    at idle priority): with no schedule, none left behind."""
+    if schedule is None:
+        verify_unscheduled(target)
+        return
+    values = verify_unit_values(target, schedule, python)
+    units = [files.template(name=f"Install {unit}",
+                            src=str(TEMPLATES / f"weights-verify.{kind}.j2"),
+                            dest=f"{UNIT_DIR}/{unit}", user="root", group="root", mode="644",
+                            **values)
+             for kind, unit in (("service", target.verify_unit), ("timer", target.verify_timer))]
+    # As for the drift check's timer: restarting a changed timer applies a new schedule now.
+    systemd.service(name=f"Enable and start {target.verify_timer}, reload systemd if a unit "
+                    "changed", service=target.verify_timer, running=True, enabled=True,
+                    daemon_reload=any(unit.will_change for unit in units),
+                    restarted=units[1].will_change)
+
+
+def verify_unscheduled(target: Target) -> None:
+    """No scheduled verify of ``target``'s folder: none asked for, or the folder is pushed from
+    the controller (whose sha256 every deploy and drift check compares)."""
+    installed = [unit for unit in (target.verify_timer, target.verify_unit)
+                 if host.get_fact(File, path=f"{UNIT_DIR}/{unit}")]
+    if not installed:
+        return  # nothing to undo, and no need to ask systemd (a controller's @local has none)
+    systemd.service(name=f"Stop and disable {target.verify_timer}", service=target.verify_timer,
+                    running=False, enabled=False)
+    for unit in installed:
+        files.file(name=f"Remove {unit}", path=f"{UNIT_DIR}/{unit}", present=False)
+    systemd.daemon_reload(name="Reload systemd: a weights verify unit was removed")
+
+
 def _target_converged(target: Target, hub: HubSettings, python: str) -> list:
     """Verify (if asked), fetch, then tidy a complete folder; returns the operations whose
     change vLLM must see (the restart trigger)."""
@@ -362,6 +421,7 @@ def _target_converged(target: Target, hub: HubSettings, python: str) -> list:
         changes.append(undeclared_removed(
             name=f"Remove undeclared files from {target.local_dir}",
             local_dir=target.local_dir, paths=undeclared_files(tree["files"], listing.files)))
+    verify_scheduled(target, hub.verify_schedule, python)
     return changes
 
 
@@ -389,11 +449,13 @@ def place():
     Data keys: model_profile, model_revision, model_speculative, model_draft_repo,
     model_draft_revision, model_source_dir, weights_dir, weights_hf_endpoint,
     weights_hf_token_file, weights_include, weights_exclude, weights_max_workers, weights_xet,
-    weights_stall_timeout_s, weights_download_attempts, weights_verify_full, hf_cli_*.
+    weights_stall_timeout_s, weights_download_attempts, weights_verify_full,
+    weights_verify_schedule, hf_cli_*.
     """
     settings = read_settings(host)
     if settings.model_source_dir is not None:
         token_removed()
+        verify_unscheduled(Target("model", "", "", settings.model_dir))
         return tree_synced(name=f"Place {settings.profile.name} weights in {settings.model_dir}",
                            src=settings.model_source_dir, dest=settings.model_dir)
     return _fetched_from_hub(settings, read_hub_settings(host.name, host.data))

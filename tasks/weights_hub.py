@@ -26,6 +26,7 @@ class HubSettings:
     stall_timeout_s: int
     attempts: int
     verify_full: bool
+    verify_schedule: str | None  # OnCalendar of the scheduled deep verify; None: none
     draft_revision: str
 
 
@@ -66,6 +67,7 @@ def read_hub_settings(host_name: str, data, environ=os.environ) -> HubSettings:
                        stall_timeout_s=values["weights_stall_timeout_s"],
                        attempts=values["weights_download_attempts"],
                        verify_full=values["weights_verify_full"],
+                       verify_schedule=values["weights_verify_schedule"],
                        draft_revision=values["model_draft_revision"])
 
 

@@ -53,6 +53,9 @@ STATUS_FILE = "status.json"
 LOCK_FILE = "lock"  # one script per state folder at a time
 HF_HOME = "hf-home"  # the client's HF_HOME: nothing of root's own Hub cache or settings
 NO_TOKEN_FILE = "no-token"  # HF_TOKEN_PATH without a token: never created, so no token is sent
+# The scheduled deep verify's status (weights-fetch.py --audit), beside the fetch's: same schema,
+# plus "finished" (epoch seconds). tasks/weights.py names it on the script's command line.
+AUDIT_FILE = "last-verify.json"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -111,12 +112,20 @@ def mirror(mirrors):
     return mirrors
 
 
-def deploy(mirrors, token_file, check=True, background=False, full=False, **data):
-    env = {**ENV, **OWN_SANDBOX, "HUB_E2E_PORTS": json.dumps({n: m.port for n, m in mirrors.items()}),
-           "HUB_E2E_TOKEN_FILE": str(token_file), "HUB_E2E_RUNBOOK": "full" if full else "",
-           "HUB_E2E_DATA": json.dumps({"weights_dir": WEIGHTS, "weights_stall_timeout_s": 30,
-                                       **data})}
-    command = [PYINFRA, "-y", "--json", "tests/e2e/hub_inventory.py", "tests/e2e/hub_deploy.py"]
+def hub_env(mirrors, token_file, full=False, **data) -> dict:
+    """The environment tests/e2e/hub_inventory.py and hub_deploy.py read."""
+    return {**ENV, **OWN_SANDBOX,
+            "HUB_E2E_PORTS": json.dumps({n: m.port for n, m in mirrors.items()}),
+            "HUB_E2E_TOKEN_FILE": str(token_file), "HUB_E2E_RUNBOOK": "full" if full else "",
+            "HUB_E2E_DATA": json.dumps({"weights_dir": WEIGHTS, "weights_stall_timeout_s": 30,
+                                        **data})}
+
+
+def deploy(mirrors, token_file, check=True, background=False, full=False, dry=False, **data):
+    env = hub_env(mirrors, token_file, full, **data)
+    # -y with --dry plans nothing: pyinfra computes a plan's changes only when it would ask.
+    command = [PYINFRA, "--dry" if dry else "-y", "--json", "tests/e2e/hub_inventory.py",
+               "tests/e2e/hub_deploy.py"]
     if background:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -243,6 +252,60 @@ def test_corrupted_shard_is_fetched_again(hosts, mirror, served, token_file):
         assert set(mirror[name].sent()) == {"model-00001-of-00002.safetensors"}
 
 
+# Bit rot, or a bad copy: one byte flipped in the middle, the size and mtime kept.
+ROT = ("import os, sys; path = sys.argv[1]; st = os.stat(path); f = open(path, 'r+b'); "
+       "f.seek(st.st_size // 2); b = f.read(1); f.seek(-1, 1); f.write(bytes([b[0] ^ 255])); "
+       "f.close(); os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))")
+
+
+def scheduled_verify_check(mirror, token_file) -> subprocess.CompletedProcess:
+    """The infra check the drift check runs for it, against these hosts."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA",
+         "tests/infra/test_host.py", "-k", "scheduled_verify",
+         "--inventory", "tests/e2e/hub_inventory.py"],
+        cwd=REPO, env=hub_env(mirror, token_file), capture_output=True, text=True, timeout=300)
+
+
+def test_bit_rot_is_found_by_the_scheduled_verify_and_the_next_deploy_fetches_it(
+        hosts, mirror, served, token_file):
+    """Fault 6: a deploy and the drift check's plan read sizes and mtimes (a 595 GB tree in a
+    second), so a silent change escapes them; the scheduled deep verify re-hashes every file
+    at idle priority, keeps what it finds (vLLM may be reading it), and hands it on: its unit
+    fails, the drift check names host and file, the next deploy fetches that file alone."""
+    target = Target("model", "", "", TREE)
+    for host in hosts.values():
+        timer = host.service(target.verify_timer)
+        assert timer.is_enabled and timer.is_running
+        assert host.check_output(f"systemctl show -p IOSchedulingClass --value "
+                                 f"{target.verify_unit}") in ("idle", "3")
+        host.check_output(f"python3 -c {shlex.quote(ROT)} {TREE}/{BIG}")
+    assert changed_operations(deploy(mirror, token_file)) == {}  # unnoticed
+    for name, host in hosts.items():
+        started = time.monotonic()
+        assert host.run(f"systemctl start {target.verify_unit}").rc != 0  # the unit fails
+        print(f"\n{name}: scheduled verify of {TREE}: {time.monotonic() - started:.1f} s")
+        report = json.loads(host.check_output(f"cat {target.audit_file}"))
+        assert (report["state"], report["corrupt"], report["missing"]) == ("failed", [BIG], [])
+        assert host.file(f"{TREE}/{BIG}").exists  # kept: the server may be reading it
+    plan = json.loads(deploy(mirror, token_file, dry=True).stdout)
+    planned = {name for op in plan["plan"] for name in op["hosts_with_change"]}
+    assert planned == set(hosts)
+    check = scheduled_verify_check(mirror, token_file)
+    assert check.returncode == 1, check.stdout[-3000:]
+    for name in hosts:
+        assert f"scheduled_verify_found_no_corrupt_weights_or_a_deploy_replaced_them[{name}]" \
+            in check.stdout
+    assert check.stdout.count(f"found corrupt: {BIG}: the next deploy fetches") >= len(hosts)
+    deploy(mirror, token_file)
+    for name, host in hosts.items():
+        assert host_digests(host) == local_digests(served)
+        assert set(mirror[name].sent()) == {BIG}
+        assert host.run(f"systemctl start {target.verify_unit}").rc == 0
+    check = scheduled_verify_check(mirror, token_file)
+    assert check.returncode == 0 and check.stdout.count("PASSED") == len(hosts), check.stdout
+
+
 def test_not_enough_disk_fails_clearly_and_writes_nothing(hosts, mirror, token_file):
     for host in hosts.values():
         host.run("mkdir -p /raid/small && (mountpoint -q /raid/small || "
@@ -258,6 +321,58 @@ def test_not_enough_disk_fails_clearly_and_writes_nothing(hosts, mirror, token_f
     finally:
         for host in hosts.values():
             host.run("umount /raid/small; rmdir /raid/small")
+
+
+def test_disk_filling_mid_download_fails_once_clearly_and_keeps_what_is_complete(
+        hosts, mirror, served, token_file):
+    """Fault 5: the preflight found room, then another writer filled the filesystem while the
+    fetch ran. One attempt, one clear error naming the folder and the bytes; partial files
+    removed; complete files kept and not fetched again once there is room; vLLM untouched."""
+    small, tree = "/raid/small", "/raid/small/tiny-kimi"
+    target = Target("model", "", "", tree)
+    for host in hosts.values():
+        host.check_output(f"mkdir -p {small} && (mountpoint -q {small} || "
+                          f"mount -t tmpfs -o size=64m tmpfs {small})")
+    serving = {name: service_start(host) for name, host in hosts.items()}
+    try:
+        for each in mirror.values():
+            each.call("POST", "/_mirror/faults", {"path": f"{REPO_ID}/{BIG2}",
+                                                  "stall_after_bytes": PIECE + 1,
+                                                  "stall_seconds": 20})
+        running = deploy(mirror, token_file, background=True, weights_dir=small)
+        deadline = time.monotonic() + 120
+        for host in hosts.values():
+            while host.run(f"find {tree}/.cache -name '*.incomplete' -size +1M "
+                           "| grep -q .").rc != 0:
+                assert time.monotonic() < deadline and running.poll() is None, \
+                    "no download in progress to fill the disk under"
+                time.sleep(0.2)
+            host.run(f"dd if=/dev/zero of={small}/filler bs=1M status=none")  # until full
+        output = running.communicate(timeout=600)[0]
+        assert running.returncode != 0, output[-3000:]
+        for name, host in hosts.items():
+            lines = [line for line in output.splitlines()
+                     if name in line and f"no space left for {REPO_ID}@" in line]
+            assert lines and f"the filesystem of {tree} has " in lines[0], output[-3000:]
+            assert host.run(f"find {small} -name '*.incomplete' | grep -q .").rc != 0
+        assert "incomplete after" not in output  # no second attempt into a full disk
+        assert {name: service_start(host) for name, host in hosts.items()} == serving
+        kept = {name: {path for path, digest in host_digests(host, tree).items()
+                       if digest == local_digests(served)[path]}
+                for name, host in hosts.items()}
+        for name, host in hosts.items():
+            host.check_output(f"rm {small}/filler")
+            mirror[name].reset()
+        deploy(mirror, token_file, weights_dir=small)
+        for name, host in hosts.items():
+            assert host_digests(host, tree) == local_digests(served)
+            assert kept[name] and not kept[name] & set(mirror[name].sent())
+    finally:
+        for host in hosts.values():
+            host.run(f"systemctl disable --now {target.verify_timer}; rm -f "
+                     f"/etc/systemd/system/{target.verify_timer} "
+                     f"/etc/systemd/system/{target.verify_unit}; systemctl daemon-reload; "
+                     f"umount {small}; rmdir {small}")
 
 
 def test_wrong_revision_fails_clearly(hosts, mirror, token_file):

@@ -6,6 +6,7 @@ real `hf` CLI (the same script the sandbox hosts run under systemd)."""
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import pytest
 from pyinfra.api import Config, FileUploadCommand, FunctionCommand, Inventory, State
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
+from pyinfra.api.util import get_template
 from pyinfra.facts.files import File
 
 from tasks import facts, operations, weights, weights_host, weights_hub, weights_job
@@ -61,7 +63,8 @@ def mirror(module_mirror):
 
 def hub_settings(**overrides) -> weights_hub.HubSettings:
     values = dict(endpoint=None, token=None, include=(), exclude=(), max_workers=4, xet=True,
-                  stall_timeout_s=30, attempts=3, verify_full=False, draft_revision="main")
+                  stall_timeout_s=30, attempts=3, verify_full=False, verify_schedule="weekly",
+                  draft_revision="main")
     values.update(overrides)
     return weights_hub.HubSettings(**values)
 
@@ -326,6 +329,59 @@ def test_verify_names_missing_corrupt_and_extra_files(mirror, tiny_model, tmp_pa
     assert "removing notes.txt: not in test-org/tiny-kimi@" in result.stderr
 
 
+def silently_corrupted(path: Path) -> None:
+    """Bit rot, or a bad copy: other bytes, the same size and mtime."""
+    stat = path.stat()
+    with open(path, "r+b") as handle:
+        handle.seek(stat.st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_bit_rot_escapes_a_fetch_and_the_audit_finds_it_keeps_it_and_hands_it_on(
+        mirror, tiny_model, tmp_path):
+    """The scheduled deep verify (--audit): a fetch trusts sizes and mtimes (that is how a
+    595 GB tree is recognised in a second), so only re-hashing finds a silent change. The
+    audit deletes nothing (vLLM may be serving the folder), drops the file from the manifest,
+    and the next fetch replaces that file alone."""
+    job_path = job(mirror, tmp_path)
+    assert fetch(job_path).returncode == 0
+    out, audit_file = tmp_path / "out", tmp_path / "state" / weights_job.AUDIT_FILE
+    silently_corrupted(out / SHARD)
+    listing = weights_hub.hub_listing(REPO_ID, "main", mirror.url, mirror.token)
+    assert weights_host.is_complete(listing, tree_of(out))  # what a deploy reads: unnoticed
+    fetch_status = status(tmp_path)
+    result = fetch(job_path, "--audit", str(audit_file))
+    assert result.returncode == 1, result.stderr
+    report = json.loads(audit_file.read_text())
+    assert (report["state"], report["corrupt"], report["missing"]) == ("failed", [SHARD], [])
+    assert report["finished"] > 0 and f"corrupt: {SHARD}" in result.stderr
+    assert (out / SHARD).exists() and digests(out) != digests(tiny_model)  # kept
+    assert status(tmp_path) == fetch_status  # the fetch's report: untouched
+    manifest = json.loads((out / weights_job.MANIFEST).read_text())
+    assert SHARD not in manifest["files"] and not manifest["complete"]
+    assert not weights_host.is_complete(listing, tree_of(out))  # now the deploy fetches it
+    mirror.call("POST", "/_mirror/stats/reset")
+    assert fetch(job_path).returncode == 0
+    assert digests(out) == digests(tiny_model)
+    assert set(mirror.stats()["bytes_sent"]) == {f"{REPO_ID}/{SHARD}"}
+    assert fetch(job_path, "--audit", str(audit_file)).returncode == 0
+    assert json.loads(audit_file.read_text())["state"] == "done"
+
+
+def test_the_audit_skips_a_folder_a_fetch_holds(mirror, tmp_path):
+    job_path = job(mirror, tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    with open(state / weights_job.LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = fetch(job_path, "--audit", str(state / weights_job.AUDIT_FILE))
+    assert result.returncode == 75 and "this scheduled verify is skipped" in result.stderr
+    assert not (state / weights_job.AUDIT_FILE).exists()
+
+
 def test_dropped_connection_mid_shard_still_gives_the_right_bytes(mirror, big_model, tmp_path):
     shard = "model-00002-of-00003.safetensors"
     mirror.add_fault(path=f"{BIG_REPO}/{shard}", reset_after_bytes=CLIENT_PIECE + 12345, times=1)
@@ -461,8 +517,9 @@ def hub_tree(listing: weights_hub.Listing, *extra: str) -> list[str]:
             "::weights-tree::unit", "inactive", "::weights-tree::job"]
 
 
-def test_the_hub_path_removes_undeclared_files_from_a_complete_tree(mirror, tmp_path,
-                                                                   monkeypatch):
+def hub_path(mirror, tmp_path, monkeypatch) -> tuple[dict, weights_hub.Listing, str]:
+    """(the data of a host fetching the sandbox model from the mirror into MODEL_DIR, the
+    listing, the command of its WeightsTree fact)."""
     monkeypatch.setenv("HF_TOKEN", mirror.token)
     wheelhouse = tmp_path / "hf-wheelhouse"
     wheelhouse.mkdir()
@@ -475,6 +532,12 @@ def test_the_hub_path_removes_undeclared_files_from_a_complete_tree(mirror, tmp_
     target = weights.Target("model", SANDBOX_REPO, "main", MODEL_DIR)
     tree = fact_command(facts.WeightsTree, path=MODEL_DIR, state_dir=target.state_dir,
                         unit=target.unit)
+    return data, listing, tree
+
+
+def test_the_hub_path_removes_undeclared_files_from_a_complete_tree(mirror, tmp_path,
+                                                                   monkeypatch):
+    data, listing, tree = hub_path(mirror, tmp_path, monkeypatch)
     plan, restart = plan_place(data, {tree: hub_tree(listing, "notes.txt", "sub/stray.bin")})
     assert plan[f"Remove undeclared files from {MODEL_DIR}"] == [
         f"rm -f -- {MODEL_DIR}/notes.txt {MODEL_DIR}/sub/stray.bin"]
@@ -482,3 +545,54 @@ def test_the_hub_path_removes_undeclared_files_from_a_complete_tree(mirror, tmp_
     assert restart
     plan, restart = plan_place(data, {tree: hub_tree(listing)})
     assert f"Remove undeclared files from {MODEL_DIR}" not in plan and not restart
+
+
+def test_the_hub_path_schedules_a_deep_verify_at_idle_priority_unless_told_not_to(
+        mirror, tmp_path, monkeypatch):
+    data, listing, tree = hub_path(mirror, tmp_path, monkeypatch)
+    target = weights.Target("model", SANDBOX_REPO, "main", MODEL_DIR)
+    service, timer = (f"{weights.UNIT_DIR}/{unit}"
+                      for unit in (target.verify_unit, target.verify_timer))
+    plan, _ = plan_place(data, {tree: hub_tree(listing)})
+    assert f"upload {service}" in plan[f"Install {target.verify_unit}"]
+    assert f"upload {timer}" in plan[f"Install {target.verify_timer}"]
+    assert f"systemctl start {target.verify_timer}" in plan[
+        f"Enable and start {target.verify_timer}, reload systemd if a unit changed"]
+    plan, _ = plan_place({**data, "weights_verify_schedule": None}, {tree: hub_tree(listing)})
+    assert not [name for name in plan if "weights-verify" in name]
+    values = weights.verify_unit_values(target, "Sun *-*-* 03:00", "/opt/hf/bin/python3")
+    rendered = {kind: get_template(str(weights.TEMPLATES / f"weights-verify.{kind}.j2"))
+                .render(values) for kind in ("service", "timer")}
+    assert (f"ExecStart=/opt/hf/bin/python3 {weights_job.HOST_SCRIPT} --job {target.job_file} "
+            f"--audit {target.audit_file}\n") in rendered["service"]
+    for line in ("IOSchedulingClass=idle", "Nice=19", "SuccessExitStatus=75",
+                 f"ReadWritePaths=-{MODEL_DIR}/.cache {target.state_dir}"):
+        assert f"\n{line}\n" in rendered["service"]
+    assert "\nOnCalendar=Sun *-*-* 03:00\n" in rendered["timer"]
+    assert f"\nUnit={target.verify_unit}\n" in rendered["timer"]
+
+
+@pytest.mark.parametrize("schedule", ["0 3 * * 0", "@weekly", "", "weekly\nOnCalendar=daily"])
+def test_a_cron_line_as_verify_schedule_is_refused(schedule):
+    with pytest.raises(DataError) as error:
+        weights_hub.read_hub_settings("h1", {**group_data(), "weights_verify_schedule": schedule},
+                                      environ={})
+    assert "h1: weights_verify_schedule: found " in str(error.value)
+
+
+def test_no_schedule_removes_a_verify_timer_an_earlier_deploy_installed(controller_folders):
+    """The push path (or weights_verify_schedule = None) leaves no scheduled verify behind:
+    its job would check the folder against a listing that no longer applies."""
+    data = push_data(controller_folders)
+    target = weights.Target("model", "", "", MODEL_DIR)
+    units = [f"{weights.UNIT_DIR}/{unit}" for unit in (target.verify_timer, target.verify_unit)]
+    installed = {fact_command(File, path=path): [
+        f"user=root group=root mode=-rw-r--r-- atime=1 mtime=1 ctime=1 size=9 '{path}'"]
+        for path in units}
+    plan, restart = plan_place(data, {**pushed_tree(Path(data["model_source_dir"])),
+                                      **installed})
+    assert plan == {f"Remove {target.verify_timer}": [f"rm -f {units[0]}"],
+                    f"Remove {target.verify_unit}": [f"rm -f {units[1]}"],
+                    "Reload systemd: a weights verify unit was removed": [
+                        "systemctl daemon-reload"]}
+    assert not restart
