@@ -331,6 +331,10 @@ KEYS: tuple[Key, ...] = (
          "Controller file (outside this repository) holding the Hub token; None reads "
          "HF_TOKEN from the controller's environment. On hosts it lives only in a root-owned "
          "0600 file."),
+        ("weights_hf_token_command", None,
+         "None or a command line run on the controller, without a shell", optional(_command),
+         "Instead of weights_hf_token_file: a command (a secret manager's CLI) whose standard "
+         "output is the Hub token, as for vllm_api_key_command."),
         ("weights_include", [], "a list of glob patterns", strings,
          "Glob patterns passed to `hf download --include`; the preflight's size check applies "
          "the same filter."),
@@ -410,6 +414,11 @@ KEYS: tuple[Key, ...] = (
          "Controller file holding the API key clients must send; None leaves the endpoint "
          "open. The key reaches the host only in a root-owned 0600 env file, never a command "
          "line."),
+        ("vllm_api_key_command", None,
+         "None or a command line run on the controller, without a shell", optional(_command),
+         "Instead of vllm_api_key_file: a command (a secret manager's CLI) whose standard "
+         "output is the API key. Run once per deploy on the controller, with no input; a "
+         "failure names the key and the exit status, never the output."),
         ("vllm_health_timeout_s", None, "None or seconds, 10..86400 (a day)",
          optional(integer(10, 86400)),
          "Seconds to wait for /health after a (re)start; None derives it from the checkpoint "

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import data_keys
+from tasks import data_keys, secrets
 from tasks.data_keys import DataError, Problem, problem
 from tasks.models import PROFILES, ModelProfile, vllm_serve_args
 
@@ -192,8 +192,15 @@ def _profile(values: dict) -> ModelProfile:
 
 
 def read_api_key(name: str, values: dict) -> tuple[str | None, list[Problem]]:
-    """The API key from vllm_api_key_file (None: the endpoint is open)."""
-    key_file = values["vllm_api_key_file"]
+    """The API key from vllm_api_key_file or what vllm_api_key_command prints (None: the
+    endpoint is open)."""
+    key_file, command = values["vllm_api_key_file"], values["vllm_api_key_command"]
+    found = secrets.one_source(name, "vllm_api_key_file", key_file, "vllm_api_key_command",
+                               command)
+    if found:
+        return None, found
+    if command is not None:
+        return secrets.from_command(name, "vllm_api_key_command", command)
     if key_file is None:
         return None, []
     path = Path(os.path.expanduser(controller_path(key_file)))
@@ -266,14 +273,16 @@ def _checked_and_derived(host, values: dict) -> Settings:
     problems = data_keys.check(name, host.data)
     bad = {item.key for item in problems}
     problems += _model_problems(name, values, bad)
-    api_key, found = read_api_key(name, values)
+    api_key, found = ((None, []) if {"vllm_api_key_file", "vllm_api_key_command"} & bad
+                      else read_api_key(name, values))
     problems += found
-    if not (found or api_key or values["vllm_accept_open_endpoint"] or "vllm_host" in bad
+    if not (found or api_key or {"vllm_api_key_file", "vllm_api_key_command"} & bad or values["vllm_accept_open_endpoint"] or "vllm_host" in bad
             or data_keys.LOOPBACK.match(values["vllm_host"])):
         problems.append(problem(name, "vllm_api_key_file", None,
-                                f"a key file: vllm_host {values['vllm_host']} serves beyond "
-                                "loopback; or vllm_accept_open_endpoint = True for an endpoint "
-                                "meant to be open"))
+                                f"a key file (or vllm_api_key_command): vllm_host "
+                                f"{values['vllm_host']} serves beyond loopback; or "
+                                "vllm_accept_open_endpoint = True for an endpoint meant to be "
+                                "open"))
     wheelhouse, found = (None, []) if "vllm_runtime" in bad else _wheelhouse(name, values)
     problems += found
     if {"vllm_runtime", "vllm_image", "vllm_image_tarball"} & bad:

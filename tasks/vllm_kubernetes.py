@@ -58,7 +58,7 @@ _VALUE_KEYS = {
     "image_digest": "vllm_image",
     "environment": "vllm_environment, vllm_cpu_threads_bind",
     "service_port": "vllm_port",
-    "api_key": "vllm_api_key_file",
+    "api_key": "vllm_api_key_file, vllm_api_key_command",
 }
 
 

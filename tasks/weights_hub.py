@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import data_keys
+from tasks import data_keys, secrets
 from tasks.data_keys import DataError, Problem, problem
 from tasks.settings import REPO
 
@@ -30,10 +30,13 @@ class HubSettings:
     draft_revision: str
 
 
-def read_hub_token(host_name: str, token_file: str | None,
-                   environ=os.environ) -> tuple[str | None, list[Problem]]:
+def read_hub_token(host_name: str, token_file: str | None, environ=os.environ,
+                   token_command: str | None = None) -> tuple[str | None, list[Problem]]:
     """The Hub token: from weights_hf_token_file (a controller file outside this repository),
-    else HF_TOKEN from the controller's environment; None without either."""
+    or what weights_hf_token_command prints, else HF_TOKEN from the controller's environment;
+    None without any."""
+    if token_command is not None:
+        return secrets.from_command(host_name, "weights_hf_token_command", token_command)
     if token_file is None:
         return (environ.get("HF_TOKEN") or "").strip() or None, []
     path = Path(os.path.expanduser(token_file))
@@ -53,9 +56,13 @@ def read_hub_settings(host_name: str, data, environ=os.environ) -> HubSettings:
     """The Hub client's keys, checked (tasks/data_keys.py), and the token they point at;
     DataError holds every problem."""
     problems = data_keys.check(host_name, data)
-    token_file = data.get("weights_hf_token_file")
-    token, found = (None, []) if "weights_hf_token_file" in {p.key for p in problems} \
-        else read_hub_token(host_name, token_file, environ)
+    token_file, token_command = (data.get("weights_hf_token_file"),
+                                 data.get("weights_hf_token_command"))
+    problems += secrets.one_source(host_name, "weights_hf_token_file", token_file,
+                                   "weights_hf_token_command", token_command)
+    unreadable = {"weights_hf_token_file", "weights_hf_token_command"} & {p.key for p in problems}
+    token, found = (None, []) if unreadable \
+        else read_hub_token(host_name, token_file, environ, token_command)
     if problems or found:
         raise DataError(problems + found)
     values = data_keys.read(host_name, data)

@@ -17,10 +17,11 @@ textfile collector). Runs from cron or a systemd timer: no terminal, no prompt.
 
 No secret reaches a report: the checks print short tracebacks and never hold a key in a form
 pytest prints (tests/infra/conftest.py), and every secret the inventory's data names (the
-files of its *_key_file and *_token_file keys, and HF_TOKEN) is replaced by <redacted> in
-everything written or printed. report.json and junit.xml get --report-mode (default 0600:
-the owner only; tasks/drift_control.py passes drift_report_mode), and a folder --out creates
-that mode with search bits; drift.prom stays 0644 for node_exporter.
+files of its *_key_file and *_token_file keys, what its *_key_command and *_token_command keys
+print, and HF_TOKEN) is replaced by <redacted> in everything written or printed. report.json
+and junit.xml get --report-mode (default 0600: the owner only; tasks/drift_control.py passes
+drift_report_mode), and a folder --out creates that mode with search bits; drift.prom stays
+0644 for node_exporter.
 """
 
 from __future__ import annotations
@@ -68,10 +69,20 @@ def inventory_hosts(inventory: str, overrides: list[str] = (),
 def known_secrets(hosts: dict[str, dict], environ=os.environ) -> set[str]:
     """Every secret value this check could meet: the contents of the controller files the
     hosts' *_key_file and *_token_file keys name (relative paths are relative to the
-    repository, as tasks/settings.py reads them), and the Hub token variables."""
+    repository, as tasks/settings.py reads them), what their *_key_command and
+    *_token_command keys print, and the Hub token variables."""
+    # Here, not at the top: tasks needs the controller's packages, which main() checks first.
+    from tasks.secrets import COMMAND_KEY_ENDINGS, from_command
+
     secrets = {environ.get(name, "").strip() for name in SECRET_VARIABLES}
     for data in hosts.values():
         for key, value in data.items():
+            if key.endswith(COMMAND_KEY_ENDINGS) and isinstance(value, str) and value:
+                try:
+                    secrets.add(from_command("drift-check", key, value)[0] or "")
+                except ValueError:
+                    pass  # no command line (unbalanced quotes): the plan fails on the data
+                continue
             if not (key.endswith(SECRET_FILE_KEYS) and isinstance(value, str) and value):
                 continue
             path = Path(os.path.expanduser(value))

@@ -95,8 +95,9 @@ def test_an_open_endpoint_beyond_loopback_is_refused_unless_meant(sandbox_data, 
     with pytest.raises(DataError) as error:
         read_settings(FakeHost("h", sandbox_data))
     assert str(error.value).splitlines()[1:] == [
-        f"  h: vllm_api_key_file: found None; need a key file: vllm_host {listen} serves "
-        "beyond loopback; or vllm_accept_open_endpoint = True for an endpoint meant to be open"]
+        f"  h: vllm_api_key_file: found None; need a key file (or vllm_api_key_command): "
+        f"vllm_host {listen} serves beyond loopback; or vllm_accept_open_endpoint = True for "
+        "an endpoint meant to be open"]
     sandbox_data["vllm_accept_open_endpoint"] = True
     assert read_settings(FakeHost("h", sandbox_data)).api_key is None
 

@@ -359,7 +359,8 @@ def test_a_differing_secret_is_named_but_not_shown(secrets, tmp_path):
     with pytest.raises(DataError) as raised:
         prepared(secrets, {}, ({}, {"vllm_api_key_file": str(other)}))
     message = str(raised.value)
-    assert "vllm_api_key_file: found api_key: the values differ (secret: not shown)" in message
+    assert ("vllm_api_key_file, vllm_api_key_command: found api_key: the values differ "
+            "(secret: not shown)") in message
     assert API_KEY not in message and "sk-test-other-node-77" not in message
 
 
