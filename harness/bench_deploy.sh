@@ -6,6 +6,8 @@
 #
 #     bench-deploy [HOST_COUNT ...]      (default: 1 4; needs root and `make venv artefacts`)
 #     SANDBOX_RUNTIME=docker bench-deploy 1    (the docker runtime: image pushed and loaded)
+#     BENCH_RESTARTS=3 bench-deploy 1    (also: restart to healthy on the first host, N times
+#                                         with vLLM's compile cache kept, N times cleaned)
 #
 # harness/bench_deploy.py runs this script; the commands it times are the console scripts
 # `make venv` installs into .venv/bin, put first on PATH below.
@@ -19,9 +21,25 @@ counts=("${@:-1}")
 
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+middle() { printf '%s\n' "$@" | sort -n | sed -n "$(( ($# + 1) / 2 ))p"; }
+
+# Seconds from `systemctl start vllm.service` to /health answering on the host, after a stop
+# that keeps the unit's CacheDirectory (vLLM's and Inductor's compile caches) or, with
+# "cleaned", empties it first (`systemctl clean --what=cache`, the unit stopped).
+restart_s() {
+  local host=$1 cache=$2 a b
+  sandbox ssh "$host" systemctl stop vllm.service
+  [ "$cache" = cleaned ] && sandbox ssh "$host" systemctl clean --what=cache vllm.service
+  a=$(now)
+  sandbox ssh "$host" systemctl start vllm.service
+  sandbox ssh "$host" timeout 900 sh -c "'until curl -fs -o /dev/null --max-time 2 \
+    http://127.0.0.1:8000/health; do sleep 0.5; done'"
+  b=$(now)
+  elapsed "$a" "$b"
+}
 
 trap 'sandbox down >/dev/null 2>&1 || true' EXIT
-rows=()
+rows=() restarts=()
 for count in "${counts[@]}"; do
   sandbox down >/dev/null 2>&1 || true
   start=$(now)
@@ -40,7 +58,7 @@ for count in "${counts[@]}"; do
     grep -q "Grand total" /tmp/bench-noop.log
     runs+=("$(elapsed "$a" "$b")")
   done
-  median=$(printf '%s\n' "${runs[@]}" | sort -n | sed -n 3p)
+  median=$(middle "${runs[@]}")
   drifts=()
   for _ in 1 2 3; do
     a=$(now)
@@ -49,10 +67,23 @@ for count in "${counts[@]}"; do
     b=$(now)
     drifts+=("$(elapsed "$a" "$b")")
   done
-  drift=$(printf '%s\n' "${drifts[@]}" | sort -n | sed -n 2p)
+  drift=$(middle "${drifts[@]}")
   rows+=("| $count | $(elapsed "$start" "$booted") s | $(elapsed "$booted" "$deployed") s | $(elapsed "$start" "$answered") s | $median s (runs: ${runs[*]}) | $drift s (runs: ${drifts[*]}) |")
+  if [ "${BENCH_RESTARTS:-0}" -gt 0 ]; then
+    for cache in kept cleaned; do
+      took=()
+      for _ in $(seq "$BENCH_RESTARTS"); do took+=("$(restart_s "${SANDBOX_NAME}1" "$cache")"); done
+      restarts+=("| $count | $cache | $(middle "${took[@]}") s (runs: ${took[*]}) |")
+    done
+  fi
   sandbox down >/dev/null
 done
 echo "| hosts | sandbox up | first deploy | up -> first token | no-op re-run (median of 5) | drift check (median of 3) |"
 echo "|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
+if [ "${#restarts[@]}" -gt 0 ]; then
+  echo
+  echo "| hosts | compile cache | restart to healthy, first host (median of $BENCH_RESTARTS) |"
+  echo "|---|---|---|"
+  printf '%s\n' "${restarts[@]}"
+fi

@@ -28,8 +28,11 @@ failed: bad data, an unreachable host). Each pyinfra run's output is kept under 
 
 The routers' admin routes take no key and listen where the router does (loopback by default):
 the calls run on the router host, over the inventory's own connection (`pyinfra ... exec`).
-A roll-out killed between a batch's removal and its return leaves that tray out of the routers
-until the next roll-out's batch or a restart of vllm-router.service (its unit lists them all).
+Interrupted (Ctrl-C, SIGTERM) while a batch is out of the routers, it puts back each of that
+batch's trays that answers /health, names those it leaves out, and exits 130; run it again
+to roll what is still to change. Killed outright (SIGKILL), it leaves the batch out of the
+routers until the next roll-out's batch or a restart of vllm-router.service (its unit lists
+them all).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -51,6 +55,7 @@ from tools.drift_check import UNREACHABLE, inventory_hosts
 from tools.repository import REPO, missing_packages, venv_command
 
 ROLLED, STOPPED, NOT_STARTED = 0, 1, 2
+INTERRUPTED = 130  # as a shell reports a command Ctrl-C stopped
 
 
 @dataclass
@@ -133,6 +138,18 @@ def add_script(router: Router, urls: list[str]) -> str:
             f"if [ $(date +%s) -ge $deadline ]; then echo 'not every worker healthy within "
             f"{router.health_timeout_s}s:' >&2; cat \"$workers\" >&2; rm -f \"$workers\"; "
             f"exit 1; fi; sleep 1; done; rm -f \"$workers\"")
+
+
+def put_back_script(router: Router, urls: list[str]) -> str:
+    """Shell on the router host after an interrupted batch: take back each of `urls` that
+    answers /health now (a tray whose deploy was cut mid-restart would fail requests until the
+    router's next probe), and say which were put back and which left out."""
+    base = router.local_url
+    return "; ".join(
+        f"if curl -fs -o /dev/null --max-time 5 {shlex.quote(url + '/health')}; then "
+        f"curl -sS -o /dev/null -X POST {shlex.quote(f'{base}/add_worker?url={url}')} && "
+        f"echo {shlex.quote('put back: ' + url)}; else "
+        f"echo {shlex.quote('left out, not healthy: ' + url)}; fi" for url in urls)
 
 
 class Rollout:
@@ -250,8 +267,7 @@ def roll(args) -> int:
     except data_keys.DataError as error:
         print(f"rollout: nothing rolled: {error}", file=sys.stderr)
         return NOT_STARTED
-    rolled, rest, batches = plan.rolled, plan.rest, plan.batches
-    if not rolled and not rest:
+    if not plan.rolled and not plan.rest:
         print("rollout: nothing to roll: the plan changes no host")
         return ROLLED
     print("\n".join(plan.describe()), flush=True)
@@ -259,11 +275,42 @@ def roll(args) -> int:
         print("rollout: --plan: nothing changed")
         return ROLLED
     print(f"rollout: logs in {out}", flush=True)
+    drained: list[tuple[Router, list[str]]] = []  # out of a router right now
+    try:
+        return rolled_out(run, plan, drained, started, out)
+    except KeyboardInterrupt:
+        return put_back(run, drained, out)
+
+
+def put_back(run: Rollout, drained: list[tuple[Router, list[str]]], out: Path) -> int:
+    """After Ctrl-C or SIGTERM: what the roll-out took out of the routers goes back if it
+    serves (put_back_script); every tray is named either way."""
+    print("rollout: INTERRUPTED", file=sys.stderr, flush=True)
+    for router, urls in drained:
+        code, output = run.on_router("put-back", router, put_back_script(router, urls))
+        said = [line.split("] ", 1)[-1].strip() for line in output.splitlines()
+                if "put back: " in line or "left out, not healthy: " in line]
+        for line in said:
+            print(f"rollout: {router.name}: {line}", file=sys.stderr)
+        if code != 0 or len(said) != len(urls):
+            print(f"rollout: {router.name}: could not put back {', '.join(urls)}: they stay "
+                  f"out until the next roll-out or a restart of vllm-router.service",
+                  file=sys.stderr)
+    print(f"rollout: the interrupted batch's deploy may not have finished: run the roll-out "
+          f"again, it rolls what is still to change; logs in {out}", file=sys.stderr)
+    return INTERRUPTED
+
+
+def rolled_out(run: Rollout, plan: Plan, drained: list, started: float, out: Path) -> int:
+    """The batches, then the other hosts; `drained` lists, at every moment, the trays this
+    has taken out of a router and not yet returned."""
+    rolled, rest, batches = plan.rolled, plan.rest, plan.batches
     for index, batch in enumerate(batches, 1):
         label = f"batch {index}/{len(batches)}{' (canary)' if index == 1 else ''}"
         fronting = plan.fronting(batch)
         batch_started = time.monotonic()
         for router, mine in fronting:
+            drained.append((router, mine))
             code, output = run.on_router(f"drain-{index}", router, remove_script(router, mine))
             if code != 0:
                 print(f"rollout: STOPPED at {label}: {router.name} could not take "
@@ -278,6 +325,7 @@ def roll(args) -> int:
             if put != 0:
                 back.append(f"{router.name} has not taken {', '.join(batch)} back:\n"
                             f"{tail(put_output, [router.name])}")
+        drained.clear()
         if code != 0 or back:
             reached = {name for done in batches[:index] for name in done}
             untouched = [name for name in rolled if name not in reached]
@@ -303,6 +351,10 @@ def roll(args) -> int:
     return ROLLED
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,11 +377,19 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(missing, file=sys.stderr)
         return NOT_STARTED
+    # SIGTERM (systemd, a CI job's timeout) ends a roll-out as Ctrl-C does: batch put back.
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         return roll(args)
+    except KeyboardInterrupt:  # a second one, while putting back
+        print("rollout: INTERRUPTED again: a batch may still be out of the routers; the "
+              "next roll-out or a restart of vllm-router.service puts it back", file=sys.stderr)
+        return INTERRUPTED
     except RuntimeError as error:  # the inventory could not be loaded
         print(f"rollout: nothing rolled: {error}", file=sys.stderr)
         return NOT_STARTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import http.server
 import json
+import os
+import signal
 import subprocess
 import threading
+import time
 from urllib.parse import parse_qs, urlparse
 
 import pytest
@@ -205,3 +208,58 @@ def test_each_run_is_logged_for_the_owner_only(tmp_path):
     assert code == 0 and "pyinfra" in output.lower()
     log = out / "01-version.log"
     assert log.read_text() == output and (log.stat().st_mode & 0o777) == 0o600
+
+
+def test_after_an_interruption_only_a_tray_that_serves_is_put_back(admin):
+    """The put-back after Ctrl-C: the stub's own /health stands in for a tray that serves;
+    port 1 on loopback for one whose deploy was cut while vLLM restarted."""
+    AdminStub.workers, AdminStub.healthy_after = [], -1
+    serving, restarting = admin.local_url, "http://127.0.0.1:1"
+    result = subprocess.run(["sh", "-c", rollout.put_back_script(admin, [serving, restarting])],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"put back: {serving}",
+                                          f"left out, not healthy: {restarting}"]
+    assert AdminStub.workers == [serving]
+
+
+class Recorded(rollout.Rollout):
+    """Test double of the pyinfra runs (the real ones are tests/e2e/test_s_rollout.py): the
+    plan restarts t1 and t2, the router calls are recorded and answered, and the canary's
+    deploy is where the operator presses Ctrl-C (or systemd sends SIGTERM)."""
+
+    calls: list[tuple[str, str]] = []
+    signal = signal.SIGINT
+
+    def plan(self):
+        return {"plan": [{"name": RESTART_OPERATION, "hosts_with_change": ["t1", "t2"]}]}, ""
+
+    def deploy(self, label, hosts):
+        type(self).calls.append((label, " ".join(hosts)))
+        os.kill(os.getpid(), self.signal)
+        time.sleep(5)  # the signal arrives here
+        raise AssertionError("no signal arrived")
+
+    def on_router(self, label, router, script):
+        type(self).calls.append((label, script))
+        said = ("put back: http://10.0.0.11:8000" if label == "put-back" else "")
+        return 0, f"[{router.name}] {said}\n"
+
+
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_during_a_batch_puts_it_back_and_exits_130(wheelhouse, monkeypatch, tmp_path,  # noqa: F811
+                                                          capsys, sent):
+    monkeypatch.setattr(rollout, "inventory_hosts", lambda *args: inventory(wheelhouse))
+    monkeypatch.setattr(rollout, "Rollout", Recorded)
+    monkeypatch.setattr(Recorded, "signal", sent)
+    Recorded.calls = []
+    before = signal.getsignal(signal.SIGTERM)
+    assert rollout.main(["inventory.py", "--out", str(tmp_path)]) == rollout.INTERRUPTED
+    assert signal.getsignal(signal.SIGTERM) == before  # pytest's own, back
+    labels = [label for label, _ in Recorded.calls]
+    assert labels == ["drain-1", "deploy-1", "put-back"]  # the canary only; t2 never touched
+    assert "http://10.0.0.11:8000/health" in Recorded.calls[2][1]
+    err = capsys.readouterr().err
+    assert "rollout: INTERRUPTED" in err
+    assert "rollout: r1: put back: http://10.0.0.11:8000" in err
+    assert "run the roll-out again, it rolls what is still to change" in err
