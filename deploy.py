@@ -28,8 +28,12 @@ elif "k8s_control" not in host.groups:
     checked = preflight.check()
 
 if checked and serves(host.groups):
-    # 2. OS packages and the weights folder.
+    # 2. OS packages and the weights folder; if this run restarts vLLM, a mark saying so
+    #    before anything it reads changes (a run killed before the restart leaves it, and the
+    #    next run restarts vLLM).
     system.prepare()
+    restart_due = vllm_service.mark_restart_due() if host.data.vllm_runtime != "kubernetes" \
+        else None
     # 3. Model weights into <weights_dir>/<model> (the seed's `hf download ... --local-dir`).
     model = weights.place()
     # 4. The runtime that runs `vllm serve`: the pinned image on Docker (with the NVIDIA
@@ -42,7 +46,7 @@ if checked and serves(host.groups):
     # 5. vllm.service with the rendered command line; restart only if something above changed.
     #    Kubernetes nodes stop at the weights: the Deployment of step 6 runs vLLM there.
     if host.data.vllm_runtime != "kubernetes":
-        vllm_service.run(restart_triggers=[model, runtime])
+        vllm_service.run(restart_triggers=[model, runtime], restart_due=restart_due)
 
 # pyinfra runs each operation on every host before the next, but orders two hosts' operations
 # only where they share one: this one, which every host passes, puts what follows after

@@ -8,11 +8,11 @@ therefore read the same unit whichever runtime a host uses.
 import io
 import shlex
 
-from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra import host, logger
+from pyinfra.api import StringCommand, deploy, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.api.util import get_template
-from pyinfra.facts.files import Sha1File
+from pyinfra.facts.files import File, Sha1File
 from pyinfra.operations import files, server, systemd
 
 from tasks import vllm_container
@@ -40,6 +40,12 @@ BACKOFF_SYSTEMD = 254
 # nothing removes images). Root only: the env file holds the API key.
 RELEASE_DIR = "/var/lib/vllm-release"
 RELEASE_UNIT, RELEASE_ENV, RELEASE_VENV = "vllm.service", "vllm.env", "venv-link"
+# A run that will restart vLLM marks it due before its first change of what vLLM reads
+# (weights, venv or image, env file, unit), and clears the mark once the restarted server
+# answers /health: a run killed in between leaves the mark, and the next run restarts vLLM
+# although it finds nothing left to change. At worst (killed after the mark, before any
+# change) one restart too many.
+RESTART_MARK = f"{RELEASE_DIR}.restart-due"
 # The operation that (re)starts vLLM, as a plan names it: a host it changes restarts vLLM
 # (tools/rollout.py rolls those hosts batch by batch).
 DEPLOY_NAME = "vLLM service"
@@ -118,8 +124,36 @@ def restore_release_script(venv_link: str, url: str, timeout_s: int) -> str:
             f'echo "$verdict" >&2; fi')
 
 
+@operation()
+def restart_due_marked(decision: dict):
+    """
+    Write RESTART_MARK when this run restarts vLLM; otherwise nothing.
+
+    + decision: {"due": bool}, filled in by vllm_service.run, later in the deploy file
+
+    The decision is read when the operation runs: pyinfra runs an operation's function again
+    at execution, after the whole deploy file has been read. A plan made before that (--dry)
+    shows no change here; it shows the restart itself.
+    """
+    if not decision.get("due"):
+        host.noop(f"no restart of {UNIT_NAME} due from this run, as decided when this runs")
+        return
+    yield StringCommand("touch", RESTART_MARK)
+
+
+@deploy("vLLM restart mark")
+def mark_restart_due() -> dict:
+    """Before anything vLLM reads changes: mark a restart due if this run restarts vLLM, so
+    that a run killed before the restart is finished by the next one (RESTART_MARK). Returns
+    the decision for run() to fill in."""
+    decision = {"due": False}
+    restart_due_marked(name=f"Mark a restart of {UNIT_NAME} due ({RESTART_MARK}), if this "
+                       "run restarts it", decision=decision)
+    return decision
+
+
 @deploy(DEPLOY_NAME)
-def run(restart_triggers: list[OperationMeta]) -> None:
+def run(restart_triggers: list[OperationMeta], restart_due: dict | None = None) -> None:
     """Converge vllm.service: secrets env file, unit, no local drop-in, enabled and running;
     restart it only when what vLLM reads changed (the env file's or the unit's content, a
     drop-in, a trigger: weights, runtime), then wait for /health. A mode or owner fix of a
@@ -141,8 +175,14 @@ def run(restart_triggers: list[OperationMeta]) -> None:
     drop_ins = drop_ins_removed(name=f"Remove local drop-ins of {UNIT_NAME}", unit=UNIT_NAME)
     definition_changed = (content_differs(UNIT_PATH, unit_content, fact=Sha1File)
                           or drop_ins.will_change)
+    interrupted = host.get_fact(File, path=RESTART_MARK) is not None
+    if interrupted:
+        host.log(f"{RESTART_MARK}: a run was stopped before it restarted {UNIT_NAME}; this run "
+                 "restarts it", log_func=logger.warning)
     read_changed = (definition_changed or content_differs(ENV_FILE, env_content)
-                    or any(trigger.will_change for trigger in restart_triggers))
+                    or any(trigger.will_change for trigger in restart_triggers) or interrupted)
+    if restart_due is not None:
+        restart_due["due"] = read_changed  # mark_restart_due's operation reads it when it runs
     service = systemd.service(
         name=RESTART_NAME,
         service=UNIT_NAME, running=True, enabled=True, restarted=read_changed,
@@ -154,4 +194,5 @@ def run(restart_triggers: list[OperationMeta]) -> None:
                                                    settings.health_timeout_s))
     if service.will_change:
         server.shell(name="Keep the release that now serves as the last good one",
-                     commands=[keep_release_script(settings.venv_dir)])
+                     commands=[keep_release_script(settings.venv_dir),
+                               f"rm -f {RESTART_MARK}"])

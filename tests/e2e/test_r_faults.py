@@ -1,17 +1,23 @@
 """Faults the hosts survive on their own, with no deploy: vLLM killed outright, its engine
 process alone killed (the API server then exits 0: why the unit says Restart=always), the tray
-shut down and booted, and its power cut. Each test measures the time back to serving and
-prints it (the README's faults table). Runs on the converged trays after the infra suite (name
+shut down and booted, and its power cut; and a deploy killed between its change and the
+restart. Each test measures the time back to serving and prints it (the README's faults
+table). Runs on the converged trays after the infra suite (name
 order), on the last tray, out of the others' way."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.e2e.common import ENV, PYINFRA, api_key, chat, drift_check, sandbox_tool
+from tasks.vllm_service import RESTART_MARK, UNIT_PATH
+from tests.e2e.common import (ENV, PYINFRA, SANDBOX, api_key, chat, drift_check, sandbox_tool,
+                              service_start)
 from tests.helpers import REPO
 
 HEALTH_WAIT_S = 600
@@ -111,3 +117,50 @@ def test_a_tray_booted_again_serves_with_no_deploy_and_no_drift(hosts, sandbox, 
     assert restarts(host) == 0, "vllm.service started at boot, not by a restart"
     status, output = drift_of(tray["name"], tmp_path)
     assert status == "in_sync", output
+
+
+def test_a_deploy_killed_between_its_change_and_the_restart_is_finished_by_the_next(
+        hosts, sandbox, converged_tray, tmp_path):
+    """Fault 3: the deploy (pyinfra's whole process group) SIGKILLed right after it wrote a
+    changed unit, before the restart: the old release keeps serving, and the next run, which
+    finds nothing left to change on disk, still restarts vLLM once (the restart mark), so the
+    server runs what the unit says. A watcher on the tray names the moment the unit changes."""
+    tray = converged_tray
+    host, name = hosts[tray["name"]], tray["name"]
+    changed = "--shutdown-timeout 29"
+    deploy = [PYINFRA, "-y", "--limit", name, "--data", "vllm_shutdown_timeout_s=29",
+              "inventories/sandbox.py", "deploy.py"]
+    before = service_start(host)
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "harness.sandbox", "--name", SANDBOX, "ssh", name,
+         f"until grep -qF -- '{changed}' {UNIT_PATH}; do sleep 0.005; done; echo changed"],
+        cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    running = subprocess.Popen(deploy, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True,
+                               stdin=subprocess.DEVNULL)
+    assert watcher.stdout.readline().strip() == "changed"
+    os.killpg(running.pid, signal.SIGKILL)
+    running.wait()
+    watcher.wait(timeout=30)
+    assert host.file(RESTART_MARK).exists
+    assert service_start(host) == before, "the kill came after the restart had begun"
+    status, body = chat(tray["address"], api_key(sandbox))  # the old release serves
+    assert status == 200 and body["usage"]["completion_tokens"] > 0
+    assert changed not in exec_line(host)
+    rerun = subprocess.run(deploy, cwd=REPO, env=ENV, capture_output=True, text=True,
+                           timeout=1500, stdin=subprocess.DEVNULL)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "a run was stopped before it restarted vllm.service" in rerun.stdout + rerun.stderr
+    assert service_start(host) != before and changed in exec_line(host)
+    assert not host.file(RESTART_MARK).exists
+    # Back to the inventory's own data: one more restart, and in sync.
+    back = subprocess.run(deploy[:4] + deploy[6:], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=1500, stdin=subprocess.DEVNULL)
+    assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
+    status, output = drift_of(name, tmp_path)
+    assert status == "in_sync", output
+
+
+def exec_line(host) -> str:
+    """The command line vllm.service runs now, as systemd loaded it."""
+    return host.check_output("systemctl show -p ExecStart --value vllm")

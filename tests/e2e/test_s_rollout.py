@@ -1,11 +1,14 @@
 """tools/rollout.py on the e2e fleet (three trays behind the router e2er1), with a steady stream
 of chat requests through the router the whole time: a rolling config change loses no request,
 and a release vLLM rejects stops at the canary, which is put back on its last good release
-while the trays not reached keep serving. Runs after the infra suite (name order)."""
+while the trays not reached keep serving; Ctrl-C mid-batch puts the batch back. Runs after
+the infra suite (name order)."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -85,6 +88,45 @@ def test_a_release_vllm_rejects_stops_at_the_canary_which_serves_the_last_good_o
     assert "--no-such-flag" not in canary.file("/etc/systemd/system/vllm.service").content_string
     for name in ("e2e2", "e2e3"):
         assert (service_start(hosts[name]), exec_start(hosts[name])) == before[name]
+    [router] = routers.values()
+    assert workers(router, address) == {f"http://{host.backend.hostname}:8000": True
+                                        for host in hosts.values()}
+
+
+def test_ctrl_c_mid_batch_puts_the_canary_back_and_a_second_run_finishes(hosts, routers,
+                                                                        stream_target):
+    """Ctrl-C (SIGINT to the roll-out's process group, as a terminal sends it) while the canary
+    is out of the router and its deploy runs: the canary goes back if it serves (else it is
+    named as left out), exit 130, no request lost; the same command again rolls everything."""
+    address, key = stream_target
+    change = ("--data", "vllm_shutdown_timeout_s=31")
+    with Stream(address, key, ROUTER_PORT) as stream:
+        running = subprocess.Popen([sys.executable, "-m", "tools.rollout", "inventories/sandbox.py",
+                                    *change], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                   stdin=subprocess.DEVNULL)
+        seen = []
+        for line in running.stdout:
+            seen.append(line)
+            if "(canary): e2e1 out of e2er1; deploying" in line:
+                break
+        time.sleep(2)  # the canary's deploy has started
+        os.killpg(running.pid, signal.SIGINT)
+        output = "".join(seen) + running.stdout.read()
+        assert running.wait(timeout=300) == 130, output[-5000:]
+        time.sleep(5)
+    print(f"\ninterrupted roll-out: {stream.answered} requests answered, "
+          f"{len(stream.failures)} failed")
+    assert "rollout: INTERRUPTED" in output
+    assert ("rollout: e2er1: put back: http://" in output
+            or "rollout: e2er1: left out, not healthy: http://" in output), output[-3000:]
+    assert stream.failures == [], stream.failures[:5]
+    assert not [name for name in ("e2e2", "e2e3")
+                if "--shutdown-timeout 31" in exec_start(hosts[name])]
+    result, _ = rollout(*change)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    for host in hosts.values():
+        assert "--shutdown-timeout 31" in exec_start(host)
     [router] = routers.values()
     assert workers(router, address) == {f"http://{host.backend.hostname}:8000": True
                                         for host in hosts.values()}

@@ -350,7 +350,44 @@ def test_a_rotated_key_rewrites_the_env_file_and_restarts(tmp_path):
     # itself as the last good release.
     assert "restoring the last good release from /var/lib/vllm-release" in \
         plan["Wait for vLLM /health"][0]
-    assert plan[KEEP] == [vllm_service.keep_release_script("/opt/vllm/venv")]
+    assert plan[KEEP] == [vllm_service.keep_release_script("/opt/vllm/venv"),
+                          f"rm -f {vllm_service.RESTART_MARK}"]
+
+
+def test_a_run_killed_before_its_restart_leaves_a_mark_and_the_next_restarts_vllm():
+    """Killed after it changed the unit (or the weights, the venv, the image) and before the
+    restart, a run leaves the tray with nothing left to change: only the mark says vLLM still
+    runs the old release. The plan restarts it, and the kept release clears the mark."""
+    data = docker_data()
+    marked = {fact_command(File, path=vllm_service.RESTART_MARK): [
+        stat_answer(vllm_service.RESTART_MARK, "-rw-r--r--", 0)]}
+    plan = service_plan(data, {**served_tray(data), **marked})
+    assert list(plan) == [START, "Wait for vLLM /health", KEEP]
+    assert plan[START] == ["systemctl restart vllm.service"]
+    assert plan[KEEP][-1] == f"rm -f {vllm_service.RESTART_MARK}"
+
+
+def test_the_mark_is_written_before_the_first_change_only_by_a_run_that_restarts(tmp_path):
+    """The mark's operation comes before the weights and the runtime; whether it writes is
+    decided when it runs, after vllm_service.run (later in the deploy file) has decided the
+    restart (a --dry plan, made as the file is read, shows no change there). Checked as
+    pyinfra executes it: the operation's commands generated once the whole file is read."""
+    key = tmp_path / "key"
+    key.write_text("new-key\n")
+    data = docker_data(vllm_api_key_file=str(key))
+
+    def deploy():
+        due = vllm_service.mark_restart_due()
+        vllm_service.run(restart_triggers=[vllm_container.install()], restart_due=due)
+    rotated = served_tray(data, env_content=vllm_service.env_file_content("old-key"))
+    mark = (f"Mark a restart of vllm.service due ({vllm_service.RESTART_MARK}), if this run "
+            "restarts it")
+    for answers, restarts in ((rotated, True), (served_tray(data), False)):
+        plan = planned(data, image={"id": ARM_ID, "architecture": "arm64"}, deploy=deploy,
+                       answers=answers)
+        assert (START in plan) == restarts
+        assert plan.get(mark) == ([f"touch {vllm_service.RESTART_MARK}"] if restarts else None)
+        assert not restarts or list(plan)[0] == mark  # before every change
 
 
 def test_a_local_drop_in_is_removed_then_systemd_reloaded_and_vllm_restarted():
