@@ -34,8 +34,10 @@ if checked and serves(host.groups):
     system.prepare()
     restart_due = vllm_service.mark_restart_due() if host.data.vllm_runtime != "kubernetes" \
         else None
-    # 3. Model weights into <weights_dir>/<model> (the seed's `hf download ... --local-dir`).
-    model = weights.place()
+    # 3. Model weights into <weights_dir>/<model>: pushed from the controller, or fetched from
+    #    the Hub (the seed's `hf download ... --local-dir`) in a unit of their own, which runs
+    #    on while step 4 installs the runtime.
+    placing = weights.place()
     # 4. The runtime that runs `vllm serve`: the pinned image on Docker (with the NVIDIA
     #    toolkit on GPU hosts), or a venv built from a wheelhouse.
     if host.data.vllm_runtime == "docker":
@@ -43,8 +45,10 @@ if checked and serves(host.groups):
         runtime = vllm_container.install()
     elif host.data.vllm_runtime == "venv":
         runtime = vllm_venv.install()
-    # 5. vllm.service with the rendered command line; restart only if something above changed.
-    #    Kubernetes nodes stop at the weights: the Deployment of step 6 runs vLLM there.
+    # 5. The weights complete (the fetch followed to its end), then vllm.service with the
+    #    rendered command line; restart only if something above changed. Kubernetes nodes
+    #    stop at the weights: the Deployment of step 6 runs vLLM there.
+    model = weights.ready(placing)
     if host.data.vllm_runtime != "kubernetes":
         vllm_service.run(restart_triggers=[model, runtime], restart_due=restart_due)
 

@@ -13,7 +13,7 @@ import hashlib
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyinfra import host, logger
@@ -259,8 +259,9 @@ def hub_tree_fetched(target: Target, listing: Listing, hub: HubSettings, python:
     + python: the hf venv's interpreter on the host
 
     A complete tree (manifest + unchanged sizes and mtimes) yields no command. Otherwise the job
-    is pushed, the unit started (or, if a previous deploy's unit still runs the same job,
-    joined), and the deploy follows its status file until it ends, logging bytes and rate.
+    is pushed and the unit started (or, if a previous deploy's unit still runs the same job,
+    joined); the unit runs on while the deploy does other work, and hub_tree_followed, later
+    in the run, follows its status file until it ends, logging bytes and rate.
 
     **Example:**
 
@@ -277,9 +278,29 @@ def hub_tree_fetched(target: Target, listing: Listing, hub: HubSettings, python:
         return
     job = job_for(target, listing, hub, python)
     if tree["unit_active"] and tree["job_sha256"] == hashlib.sha256(job.to_json()).hexdigest():
-        host.noop(f"{target.unit} is already fetching this job: following it")
-    else:
-        yield from _job_started(target, job, python, verify=False)
+        host.noop(f"{target.unit} is already fetching this job: joined")
+        return
+    yield from _job_started(target, job, python, verify=False)
+
+
+@operation()
+def hub_tree_followed(target: Target, running: bool):
+    """
+    Follow ``target``'s fetch unit until it ends, logging bytes, rate and attempt; fail, naming
+    the missing and corrupt files and the cause, if the fetch failed.
+
+    + target: as for hub_tree_fetched
+    + running: whether this run started or joined a fetch of it (hub_tree_fetched's plan)
+
+    **Example:**
+
+    .. code:: python
+
+        hub_tree_followed(name="Wait for the model fetch", target=target, running=True)
+    """
+    if not running:
+        host.noop(f"{target.local_dir}: no fetch to wait for")
+        return
     yield FunctionCommand(_follow, (target, False), {})
 
 
@@ -401,50 +422,60 @@ def verify_unscheduled(target: Target) -> None:
     systemd.daemon_reload(name="Reload systemd: a weights verify unit was removed")
 
 
-def _target_converged(target: Target, hub: HubSettings, python: str) -> list:
-    """Verify (if asked), fetch, then tidy a complete folder; returns the operations whose
-    change vLLM must see (the restart trigger)."""
+@dataclass
+class Placing:
+    """What place() set going: the operations whose change vLLM must see so far (the restart
+    trigger), and each Hub fetch with whether it runs (started or joined by this run)."""
+
+    changes: list
+    fetches: list[tuple[Target, bool]] = field(default_factory=list)
+
+
+def _target_converged(target: Target, hub: HubSettings, python: str, placing: Placing) -> None:
+    """Verify (if asked), start the fetch, tidy a complete folder, schedule the deep verify;
+    adds to ``placing`` what vLLM must see change and the fetch to follow."""
     listing = listing_of(target, hub)
     if hub.verify_full:
         hub_tree_verified(name=f"Verify {target.label} {target.local_dir} against the Hub",
                           target=target, listing=listing, hub=hub, python=python)
-    changes = [hub_tree_fetched(
+    placing.changes.append(hub_tree_fetched(
         name=f"Fetch {target.label} {target.repo}@{target.revision} into {target.local_dir}",
-        target=target, listing=listing, hub=hub, python=python)]
+        target=target, listing=listing, hub=hub, python=python))
     tree = tree_of(target)
+    complete = is_complete(listing, tree) and not tree["unit_active"]
+    placing.fetches.append((target, not complete))
     # An incomplete tree is the fetch's job (it removes them first); a complete one with
     # orphans was touched by hand, and cleaning it must not restart vLLM.
-    if is_complete(listing, tree) and not tree["unit_active"]:
+    if complete:
         orphans_removed(name=f"Remove orphaned .incomplete files in {target.local_dir}",
                         local_dir=target.local_dir, incomplete_bytes=tree["incomplete_bytes"])
         # Files placed by hand beside a complete tree: vLLM reads them (a restart follows).
-        changes.append(undeclared_removed(
+        placing.changes.append(undeclared_removed(
             name=f"Remove undeclared files from {target.local_dir}",
             local_dir=target.local_dir, paths=undeclared_files(tree["files"], listing.files)))
     verify_scheduled(target, hub.verify_schedule, python)
-    return changes
 
 
-def _fetched_from_hub(settings: Settings, hub: HubSettings):
+def _fetched_from_hub(settings: Settings, hub: HubSettings) -> Placing:
     found = problems(host, settings, hub)
     for line in found:
         logger.warning(f"weights: {line}")
     hub_tree_checked(name="Check Hub revision and free space for the weights", problems=found)
+    placing = Placing(changes=[])
     if found:
-        return ChangedIfAny([])
+        return placing
     python = _fetch_tools_installed(hub)
-    changes = []  # what vLLM reads: the restart trigger
     for target in targets(settings, hub):
-        changes += _target_converged(target, hub, python)
-    return changes[0] if len(changes) == 1 else ChangedIfAny(changes)
+        _target_converged(target, hub, python, placing)
+    return placing
 
 
 @deploy("Model weights")
-def place():
+def place() -> Placing:
     """Converge the model folder (and the EAGLE-3 draft's, when speculative decoding is on) to
     the controller's copy or to the Hub repo at the pinned revision, and to nothing else (files
     nobody declared are removed: vLLM reads the folder), with no Hub token left on a host that
-    needs none; returns what changed them (the restart trigger).
+    needs none. A Hub fetch is started in its own unit and runs on: ready() waits for it.
 
     Data keys: model_profile, model_revision, model_speculative, model_draft_repo,
     model_draft_revision, model_source_dir, weights_dir, weights_hf_endpoint,
@@ -456,6 +487,19 @@ def place():
     if settings.model_source_dir is not None:
         token_removed()
         verify_unscheduled(Target("model", "", "", settings.model_dir))
-        return tree_synced(name=f"Place {settings.profile.name} weights in {settings.model_dir}",
-                           src=settings.model_source_dir, dest=settings.model_dir)
+        return Placing(changes=[tree_synced(
+            name=f"Place {settings.profile.name} weights in {settings.model_dir}",
+            src=settings.model_source_dir, dest=settings.model_dir)])
     return _fetched_from_hub(settings, read_hub_settings(host.name, host.data))
+
+
+@deploy("Model weights")
+def ready(placing: Placing):
+    """Wait for the Hub fetches place() started (they ran while the deploy did other work) and
+    fail if one failed; returns what changed the weights (the restart trigger)."""
+    changes = list(placing.changes)
+    for target, running in placing.fetches:
+        changes.append(hub_tree_followed(
+            name=f"Wait for the {target.label} fetch into {target.local_dir}", target=target,
+            running=running))
+    return changes[0] if len(changes) == 1 else ChangedIfAny(changes)

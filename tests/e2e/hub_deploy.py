@@ -14,4 +14,4 @@ if os.environ.get("HUB_E2E_RUNBOOK") == "full":
     runpy.run_path(str(Path(__file__).resolve().parents[2] / "deploy.py"))
 elif preflight.check():
     system.prepare()
-    weights.place()
+    weights.ready(weights.place())

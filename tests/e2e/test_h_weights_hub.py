@@ -385,6 +385,31 @@ def test_wrong_revision_fails_clearly(hosts, mirror, token_file):
     assert "Traceback" not in result.output
 
 
+def overlapped_with_the_runtime(hosts, mirrors, token_file, data) -> None:
+    """The whole runbook's first fetch into a new folder, from a mirror that stalls 20 s
+    inside a shard: the fetch unit starts before the runtime's step and is still downloading
+    when the deploy, the runtime done, starts waiting for it (issue 14, part 4)."""
+    shard = "model-00001-of-00002.safetensors"
+    for mirror in mirrors.values():
+        mirror.call("POST", "/_mirror/faults", {"path": f"{REPO_ID}/{shard}",
+                                                "stall_after_bytes": 1000, "stall_seconds": 20})
+    unit = Target("model", "", "", f"{data['weights_dir']}/tiny-kimi").unit
+    running = deploy(mirrors, token_file, full=True, background=True, **data)
+    seen, downloading = [], {}
+    for line in running.stdout:
+        seen.append(line)
+        if "Starting operation: Model weights | Wait for the model fetch" in line:
+            downloading = {name: host.run(f"systemctl is-active -q {unit}").rc == 0
+                           for name, host in hosts.items()}
+    output = "".join(seen)
+    assert running.wait() == 0, output[-4000:]
+    marks = [output.index(f"Starting operation: {name}") for name in (
+        "Model weights | Fetch model", "vLLM venv |", "Model weights | Wait for the model fetch",
+        "vLLM service |")]
+    assert marks == sorted(marks), output[-4000:]
+    assert downloading and all(downloading.values()), downloading
+
+
 def test_changed_revision_restarts_vllm_exactly_once(hosts, mirrors, tmp_path_factory,
                                                      token_file, sandbox):
     """The whole runbook, weights into a folder of their own: first from the mirror at
@@ -400,7 +425,7 @@ def test_changed_revision_restarts_vllm_exactly_once(hosts, mirrors, tmp_path_fa
                for h in sandbox["hosts"]}
     try:
         data = {"weights_dir": "/raid/hub-revisions"}
-        deploy(started, token_file, full=True, **data)
+        overlapped_with_the_runtime(hosts, started, token_file, data)
         before = {name: service_start(host) for name, host in hosts.items()}
         again = deploy(started, token_file, full=True, **data)
         assert changed_operations(again) == {}

@@ -29,6 +29,7 @@ IMAGE = "vllm/vllm-openai:v0.19.1-cu130"
 PREFLIGHT = "Preflight | Check data, GPUs, disk and port"
 HUB_CHECK = "Model weights | Check Hub revision and free space for the weights"
 FETCH = "Model weights | Fetch model moonshotai/Kimi-K2.6@main into /raid/models/kimi-k2.6"
+WAIT = "Model weights | Wait for the model fetch into /raid/models/kimi-k2.6"
 MANIFEST_DIR = "/etc/vllm-kubernetes"
 
 
@@ -159,6 +160,21 @@ def test_docker_fetches_the_weights_then_runs_and_waits_for_vllm_service(docker)
         assert ops.index(FETCH) < ops.index(unit) < ops.index(start) < ops.index(health)
 
 
+def test_docker_pulls_the_image_while_the_weights_download_and_waits_before_the_unit(docker):
+    """The critical path (issue 14, part 4): the 595 GB fetch starts in its own unit before
+    Docker, the NVIDIA toolkit and the ~20 GB image, which run while it downloads; the deploy
+    waits for it only before vllm.service, which needs the weights."""
+    toolkit = "NVIDIA container host | Install Docker and the NVIDIA Container Toolkit"
+    image = f"vLLM container image | Image {IMAGE} present (pulled)"
+    unit = "vLLM service | Install vllm.service unit (docker runtime)"
+    for tray in TRAYS:
+        ops = list(ops_of(docker, tray))
+        assert ops.index(FETCH) < ops.index(toolkit) < ops.index(image) < ops.index(WAIT) \
+            < ops.index(unit)
+        assert ops_of(docker, tray)[WAIT] == ["call _follow"]
+        assert not [command for command in ops_of(docker, tray)[FETCH] if "_follow" in command]
+
+
 def test_docker_keeps_the_release_that_answered_and_would_restore_it(docker):
     keep = "vLLM service | Keep the release that now serves as the last good one"
     health = "vLLM service | Wait for vLLM /health"
@@ -207,9 +223,11 @@ def test_kubernetes_trays_stop_after_the_weights(kubernetes):
     assert kubernetes["changes"][FETCH] == TRAYS
     for tray in TRAYS:
         ops = list(ops_of(kubernetes, tray))
-        # The fetch, then the scheduled deep verify of what it fetched: the tray's last steps.
-        assert FETCH in ops and ops[-1].startswith("Model weights | Enable and start "
-                                                   "weights-verify-kimi-k2.6-")
+        # The fetch started, its deep verify scheduled, then the wait: the tray's last step.
+        assert ops.index(FETCH) < [index for index, name in enumerate(ops) if name.startswith(
+            "Model weights | Enable and start weights-verify-kimi-k2.6-")][0]
+        assert ops[-1] == WAIT
+        assert ops_of(kubernetes, tray)[WAIT] == ["call _follow"]
         assert not [name for name in ops if name.startswith(
             ("vLLM service |", "vLLM container image |", "NVIDIA container host |"))]
 

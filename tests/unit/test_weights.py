@@ -460,7 +460,7 @@ def plan_place(data: dict, answers: dict) -> tuple[dict, bool]:
     state = State(inventory, Config())
     connect_all(state)
     restart = []
-    add_deploy(state, lambda: restart.append(weights.place().will_change))
+    add_deploy(state, lambda: restart.append(weights.ready(weights.place()).will_change))
     return planned_commands(state, inventory.get_host("@fake/h1"), describe), restart[0]
 
 
