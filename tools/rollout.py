@@ -286,16 +286,23 @@ def put_back(run: Rollout, drained: list[tuple[Router, list[str]]], out: Path) -
     """After Ctrl-C or SIGTERM: what the roll-out took out of the routers goes back if it
     serves (put_back_script); every tray is named either way."""
     print("rollout: INTERRUPTED", file=sys.stderr, flush=True)
-    for router, urls in drained:
-        code, output = run.on_router("put-back", router, put_back_script(router, urls))
-        said = [line.split("] ", 1)[-1].strip() for line in output.splitlines()
-                if "put back: " in line or "left out, not healthy: " in line]
-        for line in said:
-            print(f"rollout: {router.name}: {line}", file=sys.stderr)
-        if code != 0 or len(said) != len(urls):
-            print(f"rollout: {router.name}: could not put back {', '.join(urls)}: they stay "
-                  f"out until the next roll-out or a restart of vllm-router.service",
-                  file=sys.stderr)
+    try:
+        for router, urls in drained:
+            code, output = run.on_router("put-back", router, put_back_script(router, urls))
+            said = [line.split("] ", 1)[-1].strip() for line in output.splitlines()
+                    if "put back: " in line or "left out, not healthy: " in line]
+            for line in said:
+                print(f"rollout: {router.name}: {line}", file=sys.stderr)
+            if code != 0 or len(said) != len(urls):
+                print(f"rollout: {router.name}: could not put back {', '.join(urls)}: they "
+                      "stay out until the next roll-out or a restart of vllm-router.service",
+                      file=sys.stderr)
+    except KeyboardInterrupt:
+        print("rollout: INTERRUPTED again while putting the batch back: "
+              f"{', '.join(url for _, urls in drained for url in urls)} may still be out of the "
+              "routers until the next roll-out or a restart of vllm-router.service",
+              file=sys.stderr)
+        return INTERRUPTED
     print(f"rollout: the interrupted batch's deploy may not have finished: run the roll-out "
           f"again, it rolls what is still to change; logs in {out}", file=sys.stderr)
     return INTERRUPTED
@@ -381,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         return roll(args)
-    except KeyboardInterrupt:  # a second one, while putting back
-        print("rollout: INTERRUPTED again: a batch may still be out of the routers; the "
-              "next roll-out or a restart of vllm-router.service puts it back", file=sys.stderr)
+    except KeyboardInterrupt:  # while loading the inventory or planning (roll() takes the rest)
+        print("rollout: INTERRUPTED before any tray left a router: nothing rolled",
+              file=sys.stderr)
         return INTERRUPTED
     except RuntimeError as error:  # the inventory could not be loaded
         print(f"rollout: nothing rolled: {error}", file=sys.stderr)
