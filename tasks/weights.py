@@ -165,7 +165,8 @@ def _start_unit(target: Target, python: str, verify: bool) -> StringCommand:
     if verify:
         run_script.append("--verify")
     # A deploy comes before the scheduled verify: stopped, it leaves the manifest as it was.
-    return StringCommand("systemctl", "stop", target.unit, target.verify_unit, "2>/dev/null;",
+    return StringCommand("systemctl", "stop", target.verify_unit, "2>/dev/null;",
+                         "systemctl", "stop", target.unit, "2>/dev/null;",
                          "rm", "-f", QuoteString(target.status_file), ";",
                          "systemctl", "reset-failed", target.unit, "2>/dev/null;",
                          _unit_unloaded(target.unit), *run_script)
