@@ -146,7 +146,6 @@ def test_a_deploy_killed_between_its_change_and_the_restart_is_finished_by_the_n
     assert service_start(host) == before, "the kill came after the restart had begun"
     status, body = chat(tray["address"], api_key(sandbox))  # the old release serves
     assert status == 200 and body["usage"]["completion_tokens"] > 0
-    assert changed not in exec_line(host)
     rerun = subprocess.run(deploy, cwd=REPO, env=ENV, capture_output=True, text=True,
                            timeout=1500, stdin=subprocess.DEVNULL)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
