@@ -110,6 +110,7 @@ def test_ctrl_c_mid_batch_puts_the_canary_back_and_a_second_run_finishes(hosts, 
             seen.append(line)
             if "(canary): e2e1 out of e2er1; deploying" in line:
                 break
+        assert running.poll() is None, "".join(seen)[-3000:]  # the canary is out: mid-batch
         time.sleep(2)  # the canary's deploy has started
         os.killpg(running.pid, signal.SIGINT)
         output = "".join(seen) + running.stdout.read()
