@@ -183,10 +183,12 @@ def run(restart_triggers: list[OperationMeta], restart_due: dict | None = None) 
                     or any(trigger.will_change for trigger in restart_triggers) or interrupted)
     if restart_due is not None:
         restart_due["due"] = read_changed  # mark_restart_due's operation reads it when it runs
+    # After an interrupted run the unit on disk may be newer than what systemd loaded (killed
+    # before its daemon-reload): reload then too, or the restart would run the old definition.
     service = systemd.service(
         name=RESTART_NAME,
         service=UNIT_NAME, running=True, enabled=True, restarted=read_changed,
-        daemon_reload=definition_changed)
+        daemon_reload=definition_changed or interrupted)
     # A release that does not come up is replaced by the last good one (still a failure).
     service_healthy(name="Wait for vLLM /health", url=settings.health_url,
                     timeout_s=settings.health_timeout_s, unit=UNIT_NAME, when=service.will_change,

@@ -289,8 +289,12 @@ def put_back(run: Rollout, drained: list[tuple[Router, list[str]]], out: Path) -
     try:
         for router, urls in drained:
             code, output = run.on_router("put-back", router, put_back_script(router, urls))
-            said = [line.split("] ", 1)[-1].strip() for line in output.splitlines()
-                    if "put back: " in line or "left out, not healthy: " in line]
+            # What the script printed, as pyinfra shows a command's output: "[host] text" (the
+            # operation's name, which quotes the script, is on other lines).
+            prefix = f"[{router.name}] "
+            said = [line.strip()[len(prefix):] for line in output.splitlines()
+                    if line.strip().startswith((prefix + "put back: ",
+                                                 prefix + "left out, not healthy: "))]
             for line in said:
                 print(f"rollout: {router.name}: {line}", file=sys.stderr)
             if code != 0 or len(said) != len(urls):

@@ -8,6 +8,7 @@ order), on the last tray, out of the others' way."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -138,6 +139,10 @@ def test_a_deploy_killed_between_its_change_and_the_restart_is_finished_by_the_n
     running = subprocess.Popen(deploy, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True,
                                stdin=subprocess.DEVNULL)
+    while not select.select([watcher.stdout], [], [], 1)[0]:
+        if running.poll() is not None:  # ended without writing the unit: say so, never hang
+            watcher.kill()
+            pytest.fail(f"the deploy exited {running.returncode} before it changed the unit")
     assert watcher.stdout.readline().strip() == "changed"
     os.killpg(running.pid, signal.SIGKILL)
     running.wait()

@@ -242,8 +242,10 @@ class Recorded(rollout.Rollout):
 
     def on_router(self, label, router, script):
         type(self).calls.append((label, script))
+        # As pyinfra prints it: the operation's name quotes the script, then the output.
         said = ("put back: http://10.0.0.11:8000" if label == "put-back" else "")
-        return 0, f"[{router.name}] {said}\n"
+        return 0, (f"--> Starting operation: server.shell (sh -c {script!r})\n"
+                   f"[{router.name}] {said}\n")
 
 
 @pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
@@ -262,4 +264,5 @@ def test_ctrl_c_during_a_batch_puts_it_back_and_exits_130(wheelhouse, monkeypatc
     err = capsys.readouterr().err
     assert "rollout: INTERRUPTED" in err
     assert "rollout: r1: put back: http://10.0.0.11:8000" in err
+    assert "could not put back" not in err and err.count("put back: ") == 1
     assert "run the roll-out again, it rolls what is still to change" in err

@@ -363,7 +363,8 @@ def test_a_run_killed_before_its_restart_leaves_a_mark_and_the_next_restarts_vll
         stat_answer(vllm_service.RESTART_MARK, "-rw-r--r--", 0)]}
     plan = service_plan(data, {**served_tray(data), **marked})
     assert list(plan) == [START, "Wait for vLLM /health", KEEP]
-    assert plan[START] == ["systemctl restart vllm.service"]
+    # Reloaded first: the killed run may have written the unit and not reloaded systemd.
+    assert plan[START] == ["systemctl daemon-reload", "systemctl restart vllm.service"]
     assert plan[KEEP][-1] == f"rm -f {vllm_service.RESTART_MARK}"
 
 
