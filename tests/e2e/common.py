@@ -76,6 +76,12 @@ def service_start(host) -> tuple[str, str]:
     return values["ActiveEnterTimestampMonotonic"], values["MainPID"]
 
 
+def exec_start(host) -> str:
+    """vllm.service's command line as systemd holds it (less its run-time status)."""
+    shown = host.check_output("systemctl show -p ExecStart --value vllm")
+    return shown.split("argv[]=", 1)[1].split(" ;", 1)[0]
+
+
 def files_snapshot(host) -> str:
     """A digest of every managed file's path, size and mtime: any write changes it (a router
     host has no /opt/vllm nor /raid)."""

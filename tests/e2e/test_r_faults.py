@@ -17,8 +17,8 @@ import time
 import pytest
 
 from tasks.vllm_service import RESTART_MARK, UNIT_PATH
-from tests.e2e.common import (ENV, PYINFRA, SANDBOX, api_key, chat, drift_check, sandbox_tool,
-                              service_start)
+from tests.e2e.common import (ENV, PYINFRA, SANDBOX, api_key, chat, drift_check, exec_start,
+                              sandbox_tool, service_start)
 from tests.helpers import REPO
 
 HEALTH_WAIT_S = 600
@@ -155,7 +155,7 @@ def test_a_deploy_killed_between_its_change_and_the_restart_is_finished_by_the_n
                            timeout=1500, stdin=subprocess.DEVNULL)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert "a run was stopped before it restarted vllm.service" in rerun.stdout + rerun.stderr
-    assert service_start(host) != before and changed in exec_line(host)
+    assert service_start(host) != before and changed in exec_start(host)
     assert not host.file(RESTART_MARK).exists
     # Back to the inventory's own data: one more restart, and in sync.
     back = subprocess.run(deploy[:4] + deploy[6:], cwd=REPO, env=ENV, capture_output=True,
@@ -163,8 +163,3 @@ def test_a_deploy_killed_between_its_change_and_the_restart_is_finished_by_the_n
     assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
     status, output = drift_of(name, tmp_path)
     assert status == "in_sync", output
-
-
-def exec_line(host) -> str:
-    """The command line vllm.service runs now, as systemd loaded it."""
-    return host.check_output("systemctl show -p ExecStart --value vllm")

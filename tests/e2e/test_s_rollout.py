@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from tests.e2e.common import ENV, ROUTER_PORT, Stream, api_key, service_start
+from tests.e2e.common import ENV, ROUTER_PORT, Stream, api_key, exec_start, service_start
 from tests.helpers import REPO
 
 
@@ -25,12 +25,6 @@ def rollout(*args: str) -> tuple[subprocess.CompletedProcess, float]:
                              *args], cwd=REPO, env=ENV, capture_output=True, text=True,
                             timeout=1500, stdin=subprocess.DEVNULL)
     return result, time.monotonic() - started
-
-
-def exec_start(host) -> str:
-    """vllm.service's command line as systemd holds it (less its run-time status)."""
-    shown = host.check_output("systemctl show -p ExecStart --value vllm")
-    return shown.split("argv[]=", 1)[1].split(" ;", 1)[0]
 
 
 def workers(router, address: str) -> dict[str, bool]:
