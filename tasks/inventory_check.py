@@ -9,7 +9,11 @@ distinct), so each inventory file calls `refuse_duplicates` on its own groups.
 
 from __future__ import annotations
 
+import re
+
 SSH_PORT = 22
+# A connector's prefix on an inventory name (`@fake/gb200-tray-01`): not part of the address.
+CONNECTOR_PREFIX = re.compile(r"^@[^/]*/")
 # Groups whose hosts serve no model: the drift check's and Kubernetes' control hosts, routers.
 NOT_SERVING = frozenset({"router", "drift_control", "k8s_control"})
 
@@ -18,6 +22,11 @@ def serves(groups) -> bool:
     """Whether a host of these inventory groups runs vLLM (or, on Kubernetes, holds its
     weights): every host outside NOT_SERVING."""
     return not NOT_SERVING & {str(group) for group in groups}
+
+
+def address_of(name: str, values: dict) -> str:
+    """How other hosts reach a host of the inventory: its ssh_hostname, else its name."""
+    return values.get("ssh_hostname") or CONNECTOR_PREFIX.sub("", name)
 
 
 def _entries(groups: dict) -> list[tuple[str, str, dict]]:

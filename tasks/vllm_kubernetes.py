@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import posixpath
-import re
 import shlex
 
 from pyinfra import host, logger
@@ -33,6 +32,7 @@ from pyinfra.operations import files
 from tasks import data_keys
 from tasks.data_keys import NODE_NAME, DataError, Problem, problem
 from tasks.facts import KubernetesObjectsDiffer
+from tasks.inventory_check import CONNECTOR_PREFIX
 from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, ManifestValues,
                                  ManifestValuesError, render_manifests, rollout_deadline_s)
 from tasks.operations import secret_file_present
@@ -42,8 +42,6 @@ SECRET_MANIFEST = "secret.yaml"
 # GB200 trays are Grace (aarch64): the image for that architecture, as the docker runtime
 # picks it by `uname -m`; the Deployment's nodeSelector asks for kubernetes.io/arch: arm64.
 NODE_ARCH = "aarch64"
-# A connector's prefix on an inventory name (`@fake/gb200-tray-01`): not part of the machine's.
-_CONNECTOR_PREFIX = re.compile(r"^@[^/]*/")
 # Which data keys feed each input of the objects, to name them when two nodes disagree.
 _VALUE_KEYS = {
     "serve_args": "model_*, vllm_host, vllm_port, vllm_tensor_parallel_size, "
@@ -118,7 +116,7 @@ def node_names(nodes) -> tuple[str, ...]:
     names, problems, owner = [], [], {}
     for node in nodes:
         given = node.data.get("k8s_node_name")
-        name = given if given is not None else _CONNECTOR_PREFIX.sub("", node.name)
+        name = given if given is not None else CONNECTOR_PREFIX.sub("", node.name)
         if not isinstance(name, str) or not NODE_NAME.match(name):
             default = "" if given is not None else f" (its inventory name, {name!r}, is none)"
             problems.append(problem(node.name, "k8s_node_name", given,

@@ -15,7 +15,6 @@ itself (`curl -X POST 'http://127.0.0.1:30000/remove_worker?url=...'` drains a t
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from pyinfra.operations import files, systemd
 from tasks import data_keys, system
 from tasks.data_keys import LOOPBACK, DataError, Problem, problem
 from tasks.facts import CpuArchitecture, PythonVersion
-from tasks.inventory_check import serves
+from tasks.inventory_check import address_of, serves
 from tasks.models import systemd_exec_line
 from tasks.operations import (content_differs, drop_ins_removed, service_healthy,
                               wheelhouse_venv_installed)
@@ -41,8 +40,6 @@ UNIT_NAME = "vllm-router.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "vllm-router.service.j2"
 PACKAGES = ["python3-venv", "curl"]
-# A connector's prefix on an inventory name (`@fake/gb200-tray-01`): not part of the address.
-CONNECTOR_PREFIX = re.compile(r"^@[^/]*/")
 # How long the router waits at start for its backends before serving with those that answer.
 WORKER_STARTUP_TIMEOUT_S = 30
 # The deploy's wait for every backend healthy behind the router: two probe rounds and margin.
@@ -80,8 +77,7 @@ def backend_url(name: str, data) -> str:
     values = data_keys.as_dict(data)
     if values.get("vllm_backend_url"):
         return values["vllm_backend_url"]
-    address = values.get("ssh_hostname") or CONNECTOR_PREFIX.sub("", name)
-    return f"http://{address}:{values.get('vllm_port', data_keys.DEFAULTS['vllm_port'])}"
+    return f"http://{address_of(name, values)}:{values.get('vllm_port', data_keys.DEFAULTS['vllm_port'])}"
 
 
 def backends_of(group: str | None, hosts: Iterable[tuple[str, set[str], object]]) -> list:
