@@ -7,6 +7,11 @@
 model_profile = "kimi-k2.6"
 preflight_accept_low_gpu_memory = True
 weights_dir = "/raid/models"
+# 595 GB from the Hub once per rack, not once per tray: the first tray fetches, the others copy
+# tray to tray (each file checked against the Hub's sha256), falling back to the Hub. Each tray
+# serves its verified weights on weights_peer_port at its ssh_hostname: if that is not on the
+# trays' private network, set weights_peer_address per tray in inventories/gb200.py.
+weights_peer_copy = True
 vllm_port = 8000
 # What nvidia-smi reports on a GB200 tray (the seed's table).
 nvidia_gpu_model = "NVIDIA GB200"

@@ -363,6 +363,20 @@ KEYS: tuple[Key, ...] = (
          "host (weights-verify-*.timer, idle IO priority): bit rot keeps a file's size and "
          "mtime, which is all a deploy or drift check reads. It deletes nothing; a file found "
          "corrupt is reported by the drift check and fetched again by the next deploy."),
+        ("weights_peer_copy", False, "true or false", boolean,
+         "Fetch from the Hub once per fleet: the serving hosts with this key on, in inventory "
+         "order, form a tree; the first fetches from the Hub, host i copies from host "
+         "(i-1)//2 and then that host's own sources, and each serves its verified files on "
+         "weights_peer_port. Every copy is checked against the Hub's checksums; what no peer "
+         "gives (down, dead mid-copy, a bad file) comes from the Hub."),
+        ("weights_peer_port", 8790, "a TCP port 1024..65535", integer(1024, 65535),
+         "Port of this host's weights server (weights-peer.service) when weights_peer_copy is "
+         "on."),
+        ("weights_peer_address", None,
+         "None (ssh_hostname, else the inventory name) or an address of this host",
+         optional(text),
+         "Address the weights server binds to and peers reach it at: the trays' private "
+         "network. It takes no key: whoever reaches it can read the weights."),
     ),
     *_keys(
         "tasks/hf_cli.py",

@@ -22,8 +22,9 @@ from pyinfra.api import (FileUploadCommand, FunctionCommand, QuoteString, String
 from pyinfra.facts.files import File
 from pyinfra.operations import files, systemd
 
-from tasks import hf_cli
+from tasks import data_keys, hf_cli
 from tasks.facts import FreeBytes, WeightsTree
+from tasks.inventory_check import address_of, serves
 from tasks.operations import secret_file_present, tree_synced, undeclared_files
 from tasks.settings import REPO, TEMPLATES, UNIT_DIR, Settings, read_settings
 from tasks.weights_host import is_complete, space_problem
@@ -39,6 +40,8 @@ REPORT_EVERY_S = 10.0
 GONE_POLLS = 3
 # The scheduled deep verify's spread: trays of one rack do not all start hashing at once.
 VERIFY_RANDOMIZED_DELAY_S = 3600
+# weights_peer_copy: the server every copying host runs (templates/weights-peer.service.j2).
+PEER_UNIT = "weights-peer.service"
 
 
 # ---- what to fetch where -------------------------------------------------------------------
@@ -106,15 +109,50 @@ def tree_of(target: Target) -> dict:
                          unit=target.unit)
 
 
-def job_for(target: Target, listing: Listing, hub: HubSettings, python: str) -> Job:
+def job_for(target: Target, listing: Listing, hub: HubSettings, python: str,
+            peers: list[str] = ()) -> Job:
     return Job(
         repo=listing.repo, commit=listing.commit, local_dir=target.local_dir,
         state_dir=target.state_dir, unit=target.unit, endpoint=hub.endpoint,
         include=list(hub.include), exclude=list(hub.exclude), max_workers=hub.max_workers,
         xet=hub.xet, stall_timeout_s=hub.stall_timeout_s, attempts=hub.attempts,
         token_file=TOKEN_FILE if hub.token else None, hf=str(Path(python).parent / "hf"),
-        files=listing.files,
+        files=listing.files, peers=list(peers),
     )
+
+
+# ---- fetched once per fleet ----------------------------------------------------------------
+
+def peer_url(name: str, data) -> str:
+    """The base URL a host's weights server is reached at (and binds to)."""
+    values = data_keys.as_dict(data)
+    address = values.get("weights_peer_address") or address_of(name, values)
+    port = values.get("weights_peer_port", data_keys.DEFAULTS["weights_peer_port"])
+    return f"http://{address}:{port}"
+
+
+def peers_of(name: str, hosts) -> list[str]:
+    """Where host ``name`` copies its weights from, in order: its sources in a binary tree of
+    the serving hosts (name, groups, data) with weights_peer_copy on, in inventory order.
+    The first fetches from the Hub (no peers); host i copies from host (i-1)//2, then from
+    that host's sources. Each host serves at most two others, so the Hub's bytes reach N
+    hosts in log2(N) hops, each file passed on as soon as it is verified."""
+    copiers = [(other, data) for other, groups, data in hosts
+               if serves(groups) and data_keys.as_dict(data).get("weights_peer_copy")]
+    index = [other for other, _ in copiers].index(name)
+    found = []
+    while index > 0:
+        index = (index - 1) // 2
+        found.append(peer_url(*copiers[index]))
+    return found
+
+
+def host_peers(hub: HubSettings) -> list[str]:
+    """peers_of the current host, from every host of the inventory (not only a --limit's)."""
+    if not hub.peer_copy:
+        return []
+    return peers_of(host.name, [(other.name, set(map(str, other.groups)), other.data)
+                                for other in host.inventory])
 
 
 def problems(host_obj, settings: Settings, hub: HubSettings) -> list[str]:
@@ -249,15 +287,18 @@ def hub_tree_checked(problems: list[str]):
 
 
 @operation()
-def hub_tree_fetched(target: Target, listing: Listing, hub: HubSettings, python: str):
+def hub_tree_fetched(target: Target, listing: Listing, hub: HubSettings, python: str,
+                     peers: list[str] | None = None):
     """
     Make ``target.local_dir`` hold ``target.repo`` at the resolved commit, every file checked
-    against the Hub's checksum, fetched by ``hf download`` in a transient systemd unit.
+    against the Hub's checksum, copied from peers or fetched by ``hf download``, in a transient
+    systemd unit.
 
     + target: repo, revision, local folder (and the unit and state folder derived from it)
     + listing: the Hub's listing of the target (listing_of): commit, sizes, checksums
     + hub: endpoint, token, patterns, workers, Xet, watchdog and attempts
     + python: the hf venv's interpreter on the host
+    + peers: weights servers to copy from before the Hub, in order (host_peers)
 
     A complete tree (manifest + unchanged sizes and mtimes) yields no command. Otherwise the job
     is pushed and the unit started (or, if a previous deploy's unit still runs the same job,
@@ -277,7 +318,7 @@ def hub_tree_fetched(target: Target, listing: Listing, hub: HubSettings, python:
         host.noop(f"{target.local_dir} holds {target.repo}@{listing.commit[:12]}: "
                   f"{len(listing.files)} files, {listing.total_bytes / 1e9:.2f} GB, verified")
         return
-    job = job_for(target, listing, hub, python)
+    job = job_for(target, listing, hub, python, peers or [])
     if tree["unit_active"] and tree["job_sha256"] == hashlib.sha256(job.to_json()).hexdigest():
         host.noop(f"{target.unit} is already fetching this job: joined")
         return
@@ -369,16 +410,18 @@ def token_removed() -> None:
     files.file(name=f"Remove Hub token {TOKEN_FILE}", path=TOKEN_FILE, present=False)
 
 
-def _fetch_tools_installed(hub: HubSettings) -> str:
-    """The hf CLI, the token (or its absence) and the fetch script; returns the hf python."""
+def _fetch_tools_installed(hub: HubSettings):
+    """The hf CLI, the token (or its absence) and the fetch script; returns the hf python and
+    the script's operation."""
     python = hf_cli.install()
     if hub.token:
         secret_file_present(name=f"Install Hub token {TOKEN_FILE}", dest=TOKEN_FILE, content=hub.token)
     else:
         token_removed()
-    files.put(name="Install the weights fetch script", src=str(FETCH_SCRIPT), dest=HOST_SCRIPT,
-              user="root", group="root", mode="755", create_remote_dir=True)
-    return python
+    script = files.put(name="Install the weights fetch script", src=str(FETCH_SCRIPT),
+                       dest=HOST_SCRIPT, user="root", group="root", mode="755",
+                       create_remote_dir=True)
+    return python, script
 
 
 def verify_unit_values(target: Target, schedule: str, python: str) -> dict:
@@ -441,7 +484,7 @@ def _target_converged(target: Target, hub: HubSettings, python: str, placing: Pl
                           target=target, listing=listing, hub=hub, python=python)
     placing.changes.append(hub_tree_fetched(
         name=f"Fetch {target.label} {target.repo}@{target.revision} into {target.local_dir}",
-        target=target, listing=listing, hub=hub, python=python))
+        target=target, listing=listing, hub=hub, python=python, peers=host_peers(hub)))
     tree = tree_of(target)
     complete = is_complete(listing, tree) and not tree["unit_active"]
     placing.fetches.append((target, not complete))
@@ -457,6 +500,36 @@ def _target_converged(target: Target, hub: HubSettings, python: str, placing: Pl
     verify_scheduled(target, hub.verify_schedule, python)
 
 
+def peer_served(targets_: list[Target], hub: HubSettings, python: str, script) -> None:
+    """weights_peer_copy: this host serves its verified weights to the hosts that copy from
+    it (weights-peer.service), started before any fetch asks it; without it, no server."""
+    if not hub.peer_copy:
+        peer_unserved()
+        return
+    listen = peer_url(host.name, host.data).removeprefix("http://")
+    unit = files.template(name=f"Install {PEER_UNIT} (this host's weights to its peers)",
+                          src=str(TEMPLATES / "weights-peer.service.j2"),
+                          dest=f"{UNIT_DIR}/{PEER_UNIT}",
+                          user="root", group="root", mode="644", python=python,
+                          script=HOST_SCRIPT, listen=listen,
+                          job_files=[target.job_file for target in targets_])
+    systemd.service(name=f"Enable and start {PEER_UNIT}, restart it if it changed",
+                    service=PEER_UNIT, running=True, enabled=True,
+                    daemon_reload=unit.will_change,
+                    restarted=unit.will_change or script.will_change)
+
+
+def peer_unserved() -> None:
+    """No weights server left on a host that copies from no peer (or is pushed its weights)."""
+    path = f"{UNIT_DIR}/{PEER_UNIT}"
+    if not host.get_fact(File, path=path):
+        return
+    systemd.service(name=f"Stop and disable {PEER_UNIT}", service=PEER_UNIT, running=False,
+                    enabled=False)
+    files.file(name=f"Remove {PEER_UNIT}", path=path, present=False)
+    systemd.daemon_reload(name=f"Reload systemd: {PEER_UNIT} was removed")
+
+
 def _fetched_from_hub(settings: Settings, hub: HubSettings) -> Placing:
     found = problems(host, settings, hub)
     for line in found:
@@ -465,7 +538,8 @@ def _fetched_from_hub(settings: Settings, hub: HubSettings) -> Placing:
     placing = Placing(changes=[])
     if found:
         return placing
-    python = _fetch_tools_installed(hub)
+    python, script = _fetch_tools_installed(hub)
+    peer_served(targets(settings, hub), hub, python, script)
     for target in targets(settings, hub):
         _target_converged(target, hub, python, placing)
     return placing
@@ -482,12 +556,14 @@ def place() -> Placing:
     model_draft_revision, model_source_dir, weights_dir, weights_hf_endpoint,
     weights_hf_token_file, weights_include, weights_exclude, weights_max_workers, weights_xet,
     weights_stall_timeout_s, weights_download_attempts, weights_verify_full,
-    weights_verify_schedule, hf_cli_*.
+    weights_verify_schedule, weights_peer_copy, weights_peer_port, weights_peer_address,
+    hf_cli_*.
     """
     settings = read_settings(host)
     if settings.model_source_dir is not None:
         token_removed()
         verify_unscheduled(Target("model", "", "", settings.model_dir))
+        peer_unserved()
         return Placing(changes=[tree_synced(
             name=f"Place {settings.profile.name} weights in {settings.model_dir}",
             src=settings.model_source_dir, dest=settings.model_dir)])

@@ -28,6 +28,9 @@ class HubSettings:
     verify_full: bool
     verify_schedule: str | None  # OnCalendar of the scheduled deep verify; None: none
     draft_revision: str
+    peer_copy: bool  # fetched once per fleet (tasks.weights.peers_of)
+    peer_port: int
+    peer_address: str | None  # None: ssh_hostname, else the inventory name
 
 
 def read_hub_token(host_name: str, token_file: str | None, environ=os.environ,
@@ -75,7 +78,10 @@ def read_hub_settings(host_name: str, data, environ=os.environ) -> HubSettings:
                        attempts=values["weights_download_attempts"],
                        verify_full=values["weights_verify_full"],
                        verify_schedule=values["weights_verify_schedule"],
-                       draft_revision=values["model_draft_revision"])
+                       draft_revision=values["model_draft_revision"],
+                       peer_copy=values["weights_peer_copy"],
+                       peer_port=values["weights_peer_port"],
+                       peer_address=values["weights_peer_address"])
 
 
 # ---- the Hub's listing, asked from the controller ------------------------------------------

@@ -92,6 +92,9 @@ class Job:
     token_file: str | None  # TOKEN_FILE, or None without a token
     hf: str  # the pinned `hf` CLI
     files: dict  # the Hub's listing: PATH -> {"size": N, "sha256": HEX | None, "git_sha1": HEX}
+    # Hosts to copy from before the Hub, in order, as base URLs of their `--serve`
+    # (weights_peer_copy); empty: the Hub only.
+    peers: list = field(default_factory=list)
     paths: dict = field(default_factory=lambda: asdict(Paths()))
 
     def to_json(self) -> bytes:

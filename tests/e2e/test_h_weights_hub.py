@@ -378,6 +378,102 @@ def test_disk_filling_mid_download_fails_once_clearly_and_keeps_what_is_complete
                      f"umount {small}; rmdir {small}")
 
 
+PEERS = "/raid/hub-peers"  # the fetch-once tests' weights_dir
+# Their data: no scheduled verify of a folder the module removes.
+PEER_DATA = {"weights_dir": PEERS, "weights_peer_copy": True, "weights_verify_schedule": None}
+
+
+def fetched_once(hosts, mirror, token_file, during=None) -> tuple[dict[str, dict], float]:
+    """A deploy into an empty PEERS with weights_peer_copy on: (bytes each host's mirror
+    sent, the deploy's wall time). ``during(running)`` runs while the deploy does."""
+    for host in hosts.values():
+        host.run(f"rm -rf {PEERS}")
+    started = time.monotonic()
+    running = deploy(mirror, token_file, background=True, **PEER_DATA)
+    if during:
+        during(running)
+    output = running.communicate(timeout=600)[0]
+    assert running.returncode == 0, output[-4000:]
+    return {name: each.sent() for name, each in mirror.items()}, time.monotonic() - started
+
+
+def copied_clean(hosts, served) -> None:
+    for host in hosts.values():
+        assert host_digests(host, f"{PEERS}/tiny-kimi") == local_digests(served)
+        assert host.run(f"find {PEERS} -name '*.incomplete' | grep -q .").rc != 0
+
+
+def fetch_log(host) -> str:
+    unit = Target("model", "", "", f"{PEERS}/tiny-kimi").unit
+    return host.check_output(f"journalctl -u {unit} -o cat --no-pager")
+
+
+def test_the_fleet_fetches_from_the_hub_once_and_copies_tray_to_tray(hosts, mirror, served,
+                                                                     token_file):
+    """Issue 14, part 3: the first tray fetches from the Hub (its mirror), the others copy
+    from it over the trays' own network, each file verified against the Hub's checksum. The
+    mirror stalls 8 s in a shard for the first tray, so the others start while it fetches:
+    they wait for it and take each file as it is verified."""
+    for each in mirror.values():
+        each.call("POST", "/_mirror/faults", {"path": f"{REPO_ID}/{BIG}",
+                                              "stall_after_bytes": PIECE, "stall_seconds": 8})
+    sent, wall = fetched_once(hosts, mirror, token_file)
+    copied_clean(hosts, served)
+    size = sum(p.stat().st_size for p in served.iterdir())
+    # Hub egress: the repository once, all of it to the first tray.
+    first, *others = hosts
+    assert sum(sum(by_file.values()) for by_file in sent.values()) == size, sent
+    assert sum(sent[first].values()) == size and not any(sent[name] for name in others)
+    for name in others:
+        assert "hf download" not in fetch_log(hosts[name])
+    print(f"fetch-once: {len(hosts)} trays, Hub egress {size} bytes (1.0x), {wall:.1f} s")
+    # Again: nothing to fetch, copy or restart; the peer servers stay as they are.
+    for each in mirror.values():
+        each.reset()
+    result = deploy(mirror, token_file, **PEER_DATA)
+    assert changed_operations(result) == {}
+    assert all(each.sent() == {} for each in mirror.values())
+
+
+def test_a_peer_dying_mid_fetch_leaves_the_others_to_the_hub_and_nothing_corrupt(
+        hosts, mirror, served, token_file):
+    """The first tray's weights server stops while it is still fetching (its mirror stalls
+    20 s in the second big shard): the others have copied what it had verified, fall back to
+    the Hub for the rest, and hold the right bytes, with no partial file left."""
+    first, *others = hosts
+    for each in mirror.values():
+        each.call("POST", "/_mirror/faults", {"path": f"{REPO_ID}/{BIG2}",
+                                              "stall_after_bytes": PIECE, "stall_seconds": 20})
+    tree = f"{PEERS}/tiny-kimi"
+
+    def kill_the_first_peer_once_the_others_copied(running):
+        deadline = time.monotonic() + 120
+        for name in others:
+            while hosts[name].run(f"test -s {tree}/{BIG}").rc != 0:
+                assert running.poll() is None and time.monotonic() < deadline
+                time.sleep(0.5)
+        hosts[first].run("systemctl kill -s KILL weights-peer.service; "
+                         "systemctl stop weights-peer.service")
+
+    sent, _ = fetched_once(hosts, mirror, token_file, kill_the_first_peer_once_the_others_copied)
+    copied_clean(hosts, served)
+    for name in others:
+        log = fetch_log(hosts[name])
+        assert "the Hub fetches the rest" in log, log[-2000:]
+        # What the first tray had verified came from it, not from the Hub.
+        assert BIG not in sent[name] and BIG2 in sent[name], sent[name]
+    # Back as declared: the next deploy starts the server again.
+    deploy(mirror, token_file, **PEER_DATA)
+    assert hosts[first].service("weights-peer.service").is_running
+
+
+def test_no_peer_copy_leaves_no_weights_server(hosts, mirror, token_file):
+    deploy(mirror, token_file, **{**PEER_DATA, "weights_peer_copy": False})
+    for host in hosts.values():
+        assert not host.file("/etc/systemd/system/weights-peer.service").exists
+        host.run(f"rm -rf {PEERS}")
+
+
 def test_wrong_revision_fails_clearly(hosts, mirror, token_file):
     result = deploy(mirror, token_file, check=False, model_revision="0" * 40)
     assert result.returncode != 0

@@ -47,7 +47,8 @@ def test_pyinfra_loads_group_data_all_as_the_defaults():
     data = json.JSONDecoder().raw_decode(first)[0]
     gb200 = {"model_profile", "preflight_accept_low_gpu_memory", "weights_dir", "vllm_port",
              "nvidia_gpu_model", "vllm_runtime", "hf_cli_wheelhouse_dir",
-             "model_accept_moving_revision", "vllm_accept_open_endpoint"}
+             "model_accept_moving_revision", "vllm_accept_open_endpoint",
+             "weights_peer_copy"}
     connection = {"ssh_hostname", "ssh_user"}
     assert set(data) == set(DEFAULTS) | connection
     for name in set(DEFAULTS) - gb200:

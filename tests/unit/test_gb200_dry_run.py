@@ -175,6 +175,19 @@ def test_docker_pulls_the_image_while_the_weights_download_and_waits_before_the_
         assert not [command for command in ops_of(docker, tray)[FETCH] if "_follow" in command]
 
 
+def test_every_tray_serves_its_weights_to_its_peers_before_any_fetch_starts(docker):
+    """weights_peer_copy (group_data/gb200.py): the server each tray's peers copy from is
+    installed and started before the fetch, whose job names them (tests/unit/test_weights.py:
+    the tree of peers; the operation cases: the job)."""
+    install = "Model weights | Install weights-peer.service (this host's weights to its peers)"
+    start = "Model weights | Enable and start weights-peer.service, restart it if it changed"
+    for tray in TRAYS:
+        ops = ops_of(docker, tray)
+        assert "upload /etc/systemd/system/weights-peer.service" in ops[install]
+        assert "systemctl start weights-peer.service" in ops[start]
+        assert list(ops).index(install) < list(ops).index(start) < list(ops).index(FETCH)
+
+
 def test_docker_keeps_the_release_that_answered_and_would_restore_it(docker):
     keep = "vLLM service | Keep the release that now serves as the last good one"
     health = "vLLM service | Wait for vLLM /health"

@@ -8,12 +8,17 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -64,7 +69,7 @@ def mirror(module_mirror):
 def hub_settings(**overrides) -> weights_hub.HubSettings:
     values = dict(endpoint=None, token=None, include=(), exclude=(), max_workers=4, xet=True,
                   stall_timeout_s=30, attempts=3, verify_full=False, verify_schedule="weekly",
-                  draft_revision="main")
+                  draft_revision="main", peer_copy=False, peer_port=8790, peer_address=None)
     values.update(overrides)
     return weights_hub.HubSettings(**values)
 
@@ -438,6 +443,209 @@ def test_killed_fetch_leaves_an_orphan_that_the_rerun_removes(mirror, big_model,
     assert digests(out) == digests(big_model)
     assert not list(out.rglob("*.incomplete"))
     assert not done & {key.split("/")[-1] for key in mirror.stats()["bytes_sent"]}
+
+
+# ---- fetched once per fleet: peers ----------------------------------------------------------
+
+class Peer:
+    """weights-fetch.py --serve on loopback, over the folders of the given jobs."""
+
+    def __init__(self, *job_paths: Path):
+        command = [sys.executable, str(weights.FETCH_SCRIPT), "--serve", "127.0.0.1:0"]
+        for job_path in job_paths:
+            command += ["--job", str(job_path)]
+        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        line = self.process.stderr.readline()
+        assert "serving verified weights" in line, line
+        self.url = "http://" + line.rsplit(" on ", 1)[1].strip()
+
+    def stop(self) -> str:
+        self.process.terminate()
+        return self.process.communicate(timeout=10)[1]
+
+
+def sent_by_mirror(mirror) -> int:
+    return sum(mirror.stats()["bytes_sent"].values())
+
+
+def seeded(mirror, tmp_path, repo=BIG_REPO) -> Path:
+    """A host that fetched ``repo`` from the mirror: its job."""
+    (tmp_path / "seed").mkdir()
+    seed_job = job(mirror, tmp_path / "seed", repo=repo)
+    assert fetch(seed_job).returncode == 0
+    return seed_job
+
+
+def test_a_fleet_fetches_from_the_hub_once_and_copies_the_rest_from_peers(mirror, big_model,
+                                                                        tmp_path):
+    """The seed still fetching (a stalled shard at the mirror) when the copies start: they wait
+    for it, take each shard as the seed verifies it, and the last copies from the one before."""
+    shard = "model-00002-of-00003.safetensors"
+    mirror.add_fault(path=f"{BIG_REPO}/{shard}", stall_after_bytes=1, stall_seconds=3, times=1)
+    for name in ("seed", "a", "b"):
+        (tmp_path / name).mkdir()
+    seed_job = job(mirror, tmp_path / "seed", repo=BIG_REPO)
+    seed, a = Peer(seed_job), None
+    try:
+        a_job = job(mirror, tmp_path / "a", repo=BIG_REPO, peers=[seed.url])
+        a = Peer(a_job)
+        b_job = job(mirror, tmp_path / "b", repo=BIG_REPO, peers=[a.url, seed.url])
+        runs = [subprocess.Popen([sys.executable, str(weights.FETCH_SCRIPT), "--job", str(path)],
+                                 stderr=subprocess.PIPE, text=True)
+                for path in (seed_job, a_job, b_job)]
+        logs = [run.communicate(timeout=120)[1] for run in runs]
+        assert [run.returncode for run in runs] == [0, 0, 0], logs
+    finally:
+        sent = {"seed": seed.stop(), "a": a.stop() if a else ""}
+    for name in ("seed", "a", "b"):
+        assert digests(tmp_path / name / "out") == digests(big_model)
+        assert not list((tmp_path / name / "out").rglob("*.incomplete"))
+    # The Hub (the mirror) sent the repository once: to the seed.
+    total = sum(p.stat().st_size for p in big_model.iterdir())
+    assert sent_by_mirror(mirror) == total
+    assert "hf download" not in logs[1] + logs[2]
+    # b copied from a, its first peer; a from the seed.
+    assert sent["a"].count("sent ") == len(list(big_model.iterdir()))
+    assert sent["seed"].count("sent ") == len(list(big_model.iterdir()))
+    copier = weights_host.is_complete(
+        weights_hub.hub_listing(BIG_REPO, "main", mirror.url, mirror.token),
+        tree_of(tmp_path / "b" / "out"))
+    assert copier
+
+
+class DyingPeer(http.server.ThreadingHTTPServer):
+    """Test double of a peer that dies in the middle of a file: the real server cannot be made
+    to stop at a chosen byte. It offers every file of ``listing`` with the Hub's checksum and
+    sends half of each before closing the connection."""
+
+    def __init__(self, folder: Path, listing):
+        files = {path: want.get("sha256") or want["git_sha1"]
+                 for path, want in listing.files.items()}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.endswith("/offer"):
+                    body = json.dumps({"files": files, "fetching": False,
+                                       "bytes_done": 0}).encode()
+                else:
+                    data = (folder / self.path.split("/files/", 1)[1]).read_bytes()
+                    body = data[:len(data) // 2]
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_a_peer_with_a_bad_file_or_dying_mid_copy_is_left_and_the_hub_gets_the_rest(
+        mirror, big_model, tmp_path):
+    seed_job = seeded(mirror, tmp_path)
+    rotten = "model-00003-of-00003.safetensors"
+    silently_corrupted(tmp_path / "seed" / "out" / rotten)  # still in the seed's manifest
+    listing = weights_hub.hub_listing(BIG_REPO, "main", mirror.url, mirror.token)
+    seed, dying = Peer(seed_job), DyingPeer(big_model, listing)
+    mirror.call("POST", "/_mirror/stats/reset")
+    try:
+        (tmp_path / "copy").mkdir()
+        result = fetch(job(mirror, tmp_path / "copy", repo=BIG_REPO,
+                           peers=[seed.url, dying.url]))
+    finally:
+        seed.stop()
+        dying.shutdown()
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "copy" / "out"
+    assert digests(out) == digests(big_model)
+    assert not list(out.rglob("*.incomplete"))
+    assert f"{rotten} from peer {seed.url}" in result.stderr
+    assert f"peer {seed.url} failed a copy; next: peer {dying.url}" in result.stderr
+    assert f"peer {dying.url} failed a copy; the Hub fetches the rest" in result.stderr
+    # Only the file no peer could give came from the Hub.
+    assert mirror.stats()["bytes_sent"] == {f"{BIG_REPO}/{rotten}": 3 * CLIENT_PIECE}
+
+
+def test_an_unreachable_peer_is_left_at_once_and_a_complete_one_gives_everything(
+        mirror, big_model, tmp_path):
+    seed_job = seeded(mirror, tmp_path)
+    seed = Peer(seed_job)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    mirror.call("POST", "/_mirror/stats/reset")
+    try:
+        (tmp_path / "copy").mkdir()
+        started = time.monotonic()
+        result = fetch(job(mirror, tmp_path / "copy", repo=BIG_REPO, peers=[nobody, seed.url]))
+    finally:
+        seed.stop()
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 20
+    assert f"peer {nobody} left: unreachable" in result.stderr
+    assert digests(tmp_path / "copy" / "out") == digests(big_model)
+    assert sent_by_mirror(mirror) == 0
+
+
+def test_the_peer_server_offers_only_verified_unchanged_files_of_the_commit_asked(
+        mirror, big_model, tmp_path):
+    seed_job = seeded(mirror, tmp_path)
+    commit = json.loads(seed_job.read_text())["commit"]
+    touched = tmp_path / "seed" / "out" / "config.json"
+    touched.write_text(touched.read_text())  # same bytes, a new mtime: not verified since
+    seed = Peer(seed_job)
+    try:
+        def get(path):
+            try:
+                with urllib.request.urlopen(seed.url + path, timeout=10) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as error:
+                return error.code, error.read()
+
+        code, body = get(f"/v1/{commit}/offer")
+        assert code == 200
+        offer = json.loads(body)
+        assert set(offer["files"]) == {p.name for p in big_model.iterdir()} - {"config.json"}
+        assert offer["fetching"] is False
+        assert get(f"/v1/{commit}/files/config.json")[0] == 404
+        assert get(f"/v1/{'0' * 40}/offer")[0] == 404
+        shard = "model-00001-of-00003.safetensors"
+        assert get(f"/v1/{commit}/files/{shard}") == (200, (big_model / shard).read_bytes())
+        assert get(f"/v1/{commit}/files/../job.json")[0] == 404
+    finally:
+        log = seed.stop()
+    assert f"sent {shard} ({3 * CLIENT_PIECE} bytes)" in log
+
+
+@pytest.mark.parametrize("count, name, peers", [
+    (1, "t0", []), (5, "t1", ["t0"]), (5, "t2", ["t0"]), (5, "t3", ["t1", "t0"]),
+    (5, "t4", ["t1", "t0"]), (8, "t7", ["t3", "t1", "t0"]),
+])
+def test_peers_form_a_binary_tree_in_inventory_order(count, name, peers):
+    hosts = [(f"t{i}", {"gb200"}, {"weights_peer_copy": True, "ssh_hostname": f"t{i}.rack"})
+             for i in range(count)]
+    # A router, and a tray that does not copy, take no place in the tree.
+    hosts.insert(1, ("r0", {"router"}, {"weights_peer_copy": True}))
+    hosts.insert(2, ("solo", {"gb200"}, {}))
+    assert weights.peers_of(name, hosts) == [f"http://{p}.rack:8790" for p in peers]
+
+
+def test_a_peer_url_is_its_address_key_else_its_ssh_address_else_its_name():
+    assert weights.peer_url("@ssh/t1", {}) == "http://t1:8790"
+    assert weights.peer_url("t1", {"ssh_hostname": "10.0.0.1"}) == "http://10.0.0.1:8790"
+    assert weights.peer_url("t1", {"ssh_hostname": "10.0.0.1", "weights_peer_address":
+                                   "192.168.7.1", "weights_peer_port": 9000}) == \
+        "http://192.168.7.1:9000"
 
 
 # ---- the deploy's plan on @fake: undeclared files, a token no longer needed -----------------
