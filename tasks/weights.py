@@ -19,8 +19,8 @@ from pathlib import Path
 from pyinfra import host, logger
 from pyinfra.api import (FileUploadCommand, FunctionCommand, QuoteString, StringCommand, deploy,
                          operation)
-from pyinfra.facts.files import File
-from pyinfra.operations import files, systemd
+from pyinfra.facts.files import File, FindFiles
+from pyinfra.operations import files, server, systemd
 
 from tasks import data_keys, hf_cli
 from tasks.facts import FreeBytes, WeightsTree
@@ -40,6 +40,8 @@ REPORT_EVERY_S = 10.0
 GONE_POLLS = 3
 # The scheduled deep verify's spread: trays of one rack do not all start hashing at once.
 VERIFY_RANDOMIZED_DELAY_S = 3600
+# The scheduled deep verifies' unit files (Target.verify_unit, verify_timer), as find matches.
+VERIFY_UNITS = "weights-verify-*"
 # weights_peer_copy: the server every copying host runs (templates/weights-peer.service.j2).
 PEER_UNIT = "weights-peer.service"
 
@@ -139,8 +141,10 @@ def peers_of(name: str, hosts) -> list[str]:
     hosts in log2(N) hops, each file passed on as soon as it is verified."""
     copiers = [(other, data) for other, groups, data in hosts
                if serves(groups) and data_keys.as_dict(data).get("weights_peer_copy")]
-    index = [other for other, _ in copiers].index(name)
-    found = []
+    names = [other for other, _ in copiers]
+    if name not in names:
+        return []  # not a serving host: it fetches from the Hub, and serves no one
+    index, found = names.index(name), []
     while index > 0:
         index = (index - 1) // 2
         found.append(peer_url(*copiers[index]))
@@ -435,9 +439,8 @@ def verify_unit_values(target: Target, schedule: str, python: str) -> dict:
 
 def verify_scheduled(target: Target, schedule: str | None, python: str) -> None:
     """The scheduled deep verify of a Hub-fetched folder (weights-fetch.py --audit on a timer,
-    at idle priority): with no schedule, none left behind."""
+    at idle priority); with no schedule none, and verifies_pruned removes an earlier one."""
     if schedule is None:
-        verify_unscheduled(target)
         return
     values = verify_unit_values(target, schedule, python)
     units = [files.template(name=f"Install {unit}",
@@ -452,18 +455,22 @@ def verify_scheduled(target: Target, schedule: str | None, python: str) -> None:
                     restarted=units[1].will_change)
 
 
-def verify_unscheduled(target: Target) -> None:
-    """No scheduled verify of ``target``'s folder: none asked for, or the folder is pushed from
-    the controller (whose sha256 every deploy and drift check compares)."""
-    installed = [unit for unit in (target.verify_timer, target.verify_unit)
-                 if host.get_fact(File, path=f"{UNIT_DIR}/{unit}")]
-    if not installed:
+def verifies_pruned(keep: list[Target]) -> None:
+    """No scheduled verify on the host but those of ``keep``: none of a folder pushed from the
+    controller (every deploy and drift check compares its sha256), none with
+    weights_verify_schedule = None, and none of a folder no longer declared (a moved
+    weights_dir, the draft turned off), whose timer would re-hash weights nobody serves."""
+    wanted = {unit for target in keep for unit in (target.verify_timer, target.verify_unit)}
+    found = host.get_fact(FindFiles, path=UNIT_DIR, maxdepth=1, fname=VERIFY_UNITS) or []
+    stale = sorted({Path(path).name for path in found} - wanted)
+    if not stale:
         return  # nothing to undo, and no need to ask systemd (a controller's @local has none)
-    systemd.service(name=f"Stop and disable {target.verify_timer}", service=target.verify_timer,
-                    running=False, enabled=False)
-    for unit in installed:
-        files.file(name=f"Remove {unit}", path=f"{UNIT_DIR}/{unit}", present=False)
-    systemd.daemon_reload(name="Reload systemd: a weights verify unit was removed")
+    timers = [QuoteString(unit) for unit in stale if unit.endswith(".timer")]
+    commands = [StringCommand("systemctl", "disable", "--now", *timers)] if timers else []
+    server.shell(name="Remove the scheduled verifies of weights folders not declared here",
+                 commands=[*commands, StringCommand("rm", "-f", *(
+                     QuoteString(f"{UNIT_DIR}/{unit}") for unit in stale)),
+                     "systemctl daemon-reload"])
 
 
 @dataclass
@@ -542,6 +549,7 @@ def _fetched_from_hub(settings: Settings, hub: HubSettings) -> Placing:
     peer_served(targets(settings, hub), hub, python, script)
     for target in targets(settings, hub):
         _target_converged(target, hub, python, placing)
+    verifies_pruned(targets(settings, hub) if hub.verify_schedule is not None else [])
     return placing
 
 
@@ -562,7 +570,7 @@ def place() -> Placing:
     settings = read_settings(host)
     if settings.model_source_dir is not None:
         token_removed()
-        verify_unscheduled(Target("model", "", "", settings.model_dir))
+        verifies_pruned([])
         peer_unserved()
         return Placing(changes=[tree_synced(
             name=f"Place {settings.profile.name} weights in {settings.model_dir}",

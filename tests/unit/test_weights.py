@@ -26,7 +26,7 @@ from pyinfra.api import Config, FileUploadCommand, FunctionCommand, Inventory, S
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
 from pyinfra.api.util import get_template
-from pyinfra.facts.files import File
+from pyinfra.facts.files import File, FindFiles
 
 from tasks import facts, operations, weights, weights_host, weights_hub, weights_job
 from tasks.facts import TreeDigests
@@ -788,19 +788,38 @@ def test_a_cron_line_as_verify_schedule_is_refused(schedule):
     assert "h1: weights_verify_schedule: found " in str(error.value)
 
 
+def installed_verifies(*targets: weights.Target) -> dict:
+    """The FindFiles answer of a host with these folders' scheduled verifies installed."""
+    return {fact_command(FindFiles, path=weights.UNIT_DIR, maxdepth=1,
+                         fname=weights.VERIFY_UNITS): [
+        f"{weights.UNIT_DIR}/{unit}" for target in targets
+        for unit in (target.verify_unit, target.verify_timer)]}
+
+
 def test_no_schedule_removes_a_verify_timer_an_earlier_deploy_installed(controller_folders):
     """The push path (or weights_verify_schedule = None) leaves no scheduled verify behind:
     its job would check the folder against a listing that no longer applies."""
     data = push_data(controller_folders)
     target = weights.Target("model", "", "", MODEL_DIR)
-    units = [f"{weights.UNIT_DIR}/{unit}" for unit in (target.verify_timer, target.verify_unit)]
-    installed = {fact_command(File, path=path): [
-        f"user=root group=root mode=-rw-r--r-- atime=1 mtime=1 ctime=1 size=9 '{path}'"]
-        for path in units}
     plan, restart = plan_place(data, {**pushed_tree(Path(data["model_source_dir"])),
-                                      **installed})
-    assert plan == {f"Remove {target.verify_timer}": [f"rm -f {units[0]}"],
-                    f"Remove {target.verify_unit}": [f"rm -f {units[1]}"],
-                    "Reload systemd: a weights verify unit was removed": [
-                        "systemctl daemon-reload"]}
+                                      **installed_verifies(target)})
+    assert plan == {"Remove the scheduled verifies of weights folders not declared here": [
+        f"systemctl disable --now {target.verify_timer}",
+        f"rm -f {weights.UNIT_DIR}/{target.verify_unit} {weights.UNIT_DIR}/{target.verify_timer}",
+        "systemctl daemon-reload"]}
     assert not restart
+
+
+def test_a_moved_weights_dir_leaves_no_verify_of_the_old_folder(mirror, tmp_path, monkeypatch):
+    data, listing, tree = hub_path(mirror, tmp_path, monkeypatch)
+    current = weights.Target("model", SANDBOX_REPO, "main", MODEL_DIR)
+    old = weights.Target("model", SANDBOX_REPO, "main", "/raid/old-models/tiny-kimi")
+    plan, restart = plan_place(data, {tree: hub_tree(listing),
+                                      **installed_verifies(current, old)})
+    assert plan["Remove the scheduled verifies of weights folders not declared here"] == [
+        f"systemctl disable --now {old.verify_timer}",
+        f"rm -f {weights.UNIT_DIR}/{old.verify_unit} {weights.UNIT_DIR}/{old.verify_timer}",
+        "systemctl daemon-reload"]
+    assert not restart
+    plan, _ = plan_place(data, {tree: hub_tree(listing), **installed_verifies(current)})
+    assert "Remove the scheduled verifies of weights folders not declared here" not in plan
