@@ -77,7 +77,8 @@ def backend_url(name: str, data) -> str:
     values = data_keys.as_dict(data)
     if values.get("vllm_backend_url"):
         return values["vllm_backend_url"]
-    return f"http://{address_of(name, values)}:{values.get('vllm_port', data_keys.DEFAULTS['vllm_port'])}"
+    port = values.get("vllm_port", data_keys.DEFAULTS["vllm_port"])
+    return f"http://{address_of(name, values)}:{port}"
 
 
 def backends_of(group: str | None, hosts: Iterable[tuple[str, set[str], object]]) -> list:
