@@ -106,6 +106,11 @@ def file_checksum(path: Path, want: dict) -> str:
     return digest.hexdigest()
 
 
+def manifest_entry(stat: os.stat_result, checksum: str) -> dict:
+    """A file's manifest entry: its checksum, and the size and mtime it had when hashed."""
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "checksum": checksum}
+
+
 def expected_checksum(want: dict) -> str:
     return want.get("sha256") or want["git_sha1"]
 
@@ -311,8 +316,7 @@ class Fetch:
             for future in futures:
                 path, checksum, stat = future.result()
                 if checksum == expected_checksum(self.files[path]):
-                    self.verified[path] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                           "checksum": checksum}
+                    self.verified[path] = manifest_entry(stat, checksum)
                 else:
                     log(f"{path}: checksum {checksum}, the Hub lists "
                         f"{expected_checksum(self.files[path])}")
@@ -402,11 +406,10 @@ class Fetch:
                 hasher.submit(self.hash_arrival, path, stat)
 
     def hash_arrival(self, path: str, before: os.stat_result) -> None:
-        checksum = file_checksum(self.local_dir / path, self.files[path])
-        if checksum == expected_checksum(self.files[path]) and self.unchanged(
-                path, {"size": before.st_size, "mtime_ns": before.st_mtime_ns}):
-            self.record(path, {"size": before.st_size, "mtime_ns": before.st_mtime_ns,
-                               "checksum": checksum})
+        entry = manifest_entry(before, file_checksum(self.local_dir / path, self.files[path]))
+        if entry["checksum"] == expected_checksum(self.files[path]) \
+                and self.unchanged(path, entry):
+            self.record(path, entry)
 
     def rate(self, now: float, done: int) -> float:
         """Bytes per second over the last samples (a moving window: the rate of now, not of
@@ -532,9 +535,7 @@ class Fetch:
         target = self.local_dir / path
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, target)
-        stat = target.stat()
-        self.record(path, {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                           "checksum": expected_checksum(want)})
+        self.record(path, manifest_entry(target.stat(), expected_checksum(want)))
         return True
 
     # --- the two modes --------------------------------------------------------------------

@@ -546,10 +546,11 @@ def _fetched_from_hub(settings: Settings, hub: HubSettings) -> Placing:
     if found:
         return placing
     python, script = _fetch_tools_installed(hub)
-    peer_served(targets(settings, hub), hub, python, script)
-    for target in targets(settings, hub):
+    declared = targets(settings, hub)
+    peer_served(declared, hub, python, script)
+    for target in declared:
         _target_converged(target, hub, python, placing)
-    verifies_pruned(targets(settings, hub) if hub.verify_schedule is not None else [])
+    verifies_pruned(declared if hub.verify_schedule is not None else [])
     return placing
 
 
