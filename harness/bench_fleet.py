@@ -31,6 +31,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from harness import hub_mirror
 from tools.repository import REPO
 
 SANDBOX = "fbench"
@@ -64,26 +65,15 @@ class Fleet:
 
     def __exit__(self, *_) -> None:
         for process in self.mirrors:
-            process.terminate()
-            process.wait(timeout=10)
+            hub_mirror.stop(process)
         subprocess.run([*SANDBOX_TOOL, "down"], cwd=REPO, env=ENV, capture_output=True)
 
     def start_mirror(self, address: str) -> str:
-        state = self.workdir / f"mirror-{address}.json"
-        state.unlink(missing_ok=True)
-        with open(self.workdir / f"mirror-{address}.log", "wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "harness.hub_mirror", "--listen", f"{address}:0",
-                 "--repo", f"sandbox/tiny-kimi={self.repo}", "--state-file", str(state),
-                 "--hash-cache", str(self.workdir / "hash-cache.json")],
-                cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+        process, url = hub_mirror.launch(
+            self.workdir, {"sandbox/tiny-kimi": self.repo}, listen=f"{address}:0",
+            hash_cache=self.workdir / "hash-cache.json", who="bench-fleet", start_timeout_s=120)
         self.mirrors.append(process)
-        deadline = time.monotonic() + 120
-        while not state.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"bench-fleet: hub-mirror on {address} did not start")
-            time.sleep(0.1)
-        return json.loads(state.read_text())["url"]
+        return url
 
     def deploy(self, data: dict) -> tuple[float, float]:
         """(wall seconds, the controller's CPU seconds) of one deploy."""

@@ -42,9 +42,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
+from harness import hub_mirror
 from tools.repository import REPO, group_data, missing_packages, venv_command
 
 # The inventory this tool plans: inventories/gb200.py's hosts, faked.
@@ -141,37 +141,6 @@ def write_repo(root: Path, repo_id: str, total_bytes: int, shards: int, cache: d
         stat = path.stat()
         cache[str(path.resolve())] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                                       "sha256": fake_sha256(repo_id, name), "git_blob_id": None}
-
-
-def start_mirror(work: Path, repos: dict[str, Path], cache: Path) -> tuple[subprocess.Popen, str]:
-    state = work / "mirror.json"
-    command = [sys.executable, "-m", "harness.hub_mirror", "--listen", "127.0.0.1:0",
-               "--state-file", str(state), "--hash-cache", str(cache)]
-    for repo_id, root in repos.items():
-        command += ["--repo", f"{repo_id}={root}"]
-    log = open(work / "mirror.log", "w")
-    mirror = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
-                              stderr=log)
-    deadline = time.monotonic() + MIRROR_START_S
-    while time.monotonic() < deadline:
-        if state.exists():
-            return mirror, json.loads(state.read_text())["url"]
-        if mirror.poll() is not None:
-            break
-        time.sleep(0.05)
-    stop(mirror)
-    raise SystemExit("gb200-dry-run: hub-mirror did not start:\n"
-                     + (work / "mirror.log").read_text())
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 # What the seed's tray runs (Ubuntu 24.04 on Grace): the wheelhouses must be built for it.
@@ -307,7 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         command = [venv_command("pyinfra"), FAKE_INVENTORY, "deploy.py", "--dry"]
         if repos:
             (work / "hash-cache.json").write_text(json.dumps(cache))
-            mirror, url = start_mirror(work, repos, work / "hash-cache.json")
+            mirror, url = hub_mirror.launch(work, repos, hash_cache=work / "hash-cache.json",
+                                            who="gb200-dry-run",
+                                            start_timeout_s=MIRROR_START_S)
             command += ["--data", f"weights_hf_endpoint={url}"]
         for keys, group_values in zip(WHEELHOUSES, (values, host_values("router", overrides))):
             wheelhouse = stand_in_wheelhouse(work, group_values, *keys)
@@ -346,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return returncode
     finally:
         if mirror is not None:
-            stop(mirror)
+            hub_mirror.stop(mirror)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -48,6 +48,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -694,6 +695,46 @@ def write_state(path: Path, state: dict) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(state) + "\n")
     partial.replace(path)  # readers never see half a file
+
+
+def launch(work: Path, repos: dict[str, Path], *, listen: str = "127.0.0.1:0",
+           hash_cache: Path | None = None, who: str = "hub-mirror",
+           start_timeout_s: float = 60) -> tuple[subprocess.Popen, str]:
+    """Run hub-mirror in a process of its own serving ``repos`` (id -> folder) on ``listen``,
+    its state and log in ``work`` (named after the address); (the process, its base URL) once
+    it listens. A mirror that does not start is stopped, and ``who`` fails showing its log."""
+    label = listen.rsplit(":", 1)[0]
+    state, log_file = work / f"mirror-{label}.json", work / f"mirror-{label}.log"
+    state.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "harness.hub_mirror", "--listen", listen,
+               "--state-file", str(state)]
+    if hash_cache is not None:
+        command += ["--hash-cache", str(hash_cache)]
+    for repo_id, root in repos.items():
+        command += ["--repo", f"{repo_id}={root}"]
+    with open(log_file, "w") as log:
+        mirror = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent,
+                                  stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    deadline = time.monotonic() + start_timeout_s
+    while time.monotonic() < deadline:
+        if state.exists():
+            return mirror, json.loads(state.read_text())["url"]
+        if mirror.poll() is not None:
+            break
+        time.sleep(0.05)
+    stop(mirror)
+    raise SystemExit(f"{who}: hub-mirror did not start on {listen}:\n{log_file.read_text()}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a mirror launch() started: SIGTERM, then SIGKILL after 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
