@@ -28,9 +28,11 @@ failed: bad data, an unreachable host). Each pyinfra run's output is kept under 
 
 The routers' admin routes take no key and listen where the router does (loopback by default):
 the calls run on the router host, over the inventory's own connection (`pyinfra ... exec`).
-Interrupted (Ctrl-C, SIGTERM) while a batch is out of the routers, it puts back each of that
-batch's trays that answers /health, names those it leaves out, and exits 130; run it again
-to roll what is still to change. Killed outright (SIGKILL), it leaves the batch out of the
+Interrupted (Ctrl-C, SIGTERM) while a batch is out of the routers, it waits for any restart
+the batch's deploy had begun to end (systemd finishes it without pyinfra), puts back each of
+the batch's trays that answers /health within the router's health timeout, names those it
+leaves out, and exits 130 (Ctrl-C again leaves them out at once); run it again to roll what
+is still to change. Killed outright (SIGKILL), it leaves the batch out of the
 routers until the next roll-out's batch or a restart of vllm-router.service (its unit lists
 them all).
 """
@@ -39,10 +41,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,12 +54,17 @@ from pathlib import Path
 from tasks import data_keys
 from tasks.vllm_router import GROUP as ROUTER_GROUP
 from tasks.vllm_router import backend_url, backends_of, settings_from
-from tasks.vllm_service import RESTART_OPERATION
+from tasks.vllm_service import RESTART_OPERATION, UNIT_NAME
 from tools.drift_check import UNREACHABLE, inventory_hosts
 from tools.repository import REPO, missing_packages, venv_command
 
 ROLLED, STOPPED, NOT_STARTED = 0, 1, 2
 INTERRUPTED = 130  # as a shell reports a command Ctrl-C stopped
+# What pyinfra prints when SIGINT stops it (and then it exits 0).
+PYINFRA_INTERRUPTED = "Exiting upon user request!"
+# After an interrupted batch, how long to wait for a restart its deploy had begun: systemd's
+# own stop timeout (vllm_shutdown_timeout_s and a margin) bounds it first.
+SETTLE_TIMEOUT_S = 900
 
 
 @dataclass
@@ -140,12 +149,26 @@ def add_script(router: Router, urls: list[str]) -> str:
             f"exit 1; fi; sleep 1; done; rm -f \"$workers\"")
 
 
-def put_back_script(router: Router, urls: list[str]) -> str:
-    """Shell on the router host after an interrupted batch: take back each of `urls` that
-    answers /health now (a tray whose deploy was cut mid-restart would fail requests until the
-    router's next probe), and say which were put back and which left out."""
+def settled_script(timeout_s: int = SETTLE_TIMEOUT_S) -> str:
+    """Shell on a tray after an interrupted batch: wait (at most `timeout_s`) until systemd
+    runs no job of vllm.service. A restart the killed deploy had asked for goes on without it,
+    and until its stop ends the old server still answers /health: put back then, the tray
+    would fail the requests the router sends it in the meantime."""
+    return (f"deadline=$(( $(date +%s) + {timeout_s} )); "
+            f"while [ -n \"$(systemctl list-jobs --no-legend {UNIT_NAME})\" ] "
+            f"&& [ $(date +%s) -lt $deadline ]; do sleep 1; done")
+
+
+def put_back_script(router: Router, urls: list[str], wait_s: int | None = None) -> str:
+    """Shell on the router host after an interrupted batch (each tray settled first:
+    settled_script): take back each of `urls` that answers /health within `wait_s` (default
+    the router's health timeout: a restart the deploy began loads its model meanwhile), and
+    say which were put back and which left out."""
     base = router.local_url
-    return "; ".join(
+    wait_s = router.health_timeout_s if wait_s is None else wait_s
+    return f"deadline=$(( $(date +%s) + {wait_s} )); " + "; ".join(
+        f"until curl -fs -o /dev/null --max-time 5 {shlex.quote(url + '/health')} "
+        f"|| [ $(date +%s) -ge $deadline ]; do sleep 1; done; "
         f"if curl -fs -o /dev/null --max-time 5 {shlex.quote(url + '/health')}; then "
         f"curl -sS -o /dev/null -X POST {shlex.quote(f'{base}/add_worker?url={url}')} && "
         f"echo {shlex.quote('put back: ' + url)}; else "
@@ -160,15 +183,22 @@ class Rollout:
         self.runs = 0
 
     def pyinfra(self, label: str, *args: str) -> tuple[int, str, str]:
-        """One pyinfra run, kept in out/NN-label.log: (exit status, stdout, all output)."""
+        """One pyinfra run, kept in out/NN-label.log as it goes (stdout, then stderr), so that
+        an interrupted run leaves what it did: (exit status, stdout, all output)."""
         self.runs += 1
-        result = subprocess.run([venv_command("pyinfra"), *args], cwd=REPO, text=True,
-                                stdin=subprocess.DEVNULL, capture_output=True)
-        output = result.stdout + result.stderr
         log = self.out / f"{self.runs:02d}-{label}.log"
-        log.touch(mode=0o600)  # vLLM's log lines of a failed batch: the owner only
-        log.write_text(output)
-        return result.returncode, result.stdout, output
+        # vLLM's log lines of a failed batch: the owner only.
+        with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as sink, \
+                tempfile.TemporaryFile("w+") as errors:
+            try:
+                code = subprocess.run([venv_command("pyinfra"), *args], cwd=REPO, text=True,
+                                      stdin=subprocess.DEVNULL, stdout=sink,
+                                      stderr=errors).returncode
+            finally:
+                errors.seek(0)
+                stdout, stderr = log.read_text(), errors.read()
+                sink.write(stderr)
+        return code, stdout, stdout + stderr
 
     def plan(self) -> tuple[dict | None, str]:
         code, stdout, output = self.pyinfra("plan", self.inventory, "deploy.py", "--dry",
@@ -182,12 +212,19 @@ class Rollout:
         limits = [arg for name in hosts for arg in ("--limit", name)]
         code, _, output = self.pyinfra(label, "-y", *limits, self.inventory, "deploy.py",
                                        *self.data_args)
+        if code == 0 and PYINFRA_INTERRUPTED in output:
+            code = INTERRUPTED  # pyinfra exits 0 on SIGINT, whatever it left unfinished
+        return code, output
+
+    def on_hosts(self, label: str, names: list[str], script: str) -> tuple[int, str]:
+        """`script` run by sh on each of `names`, over the inventory's own connections."""
+        limits = [arg for name in names for arg in ("--limit", name)]
+        code, _, output = self.pyinfra(label, *limits, self.inventory, "exec", "--", "sh",
+                                       "-c", shlex.quote(script))
         return code, output
 
     def on_router(self, label: str, router: Router, script: str) -> tuple[int, str]:
-        code, _, output = self.pyinfra(label, "--limit", router.name, self.inventory, "exec",
-                                       "--", "sh", "-c", shlex.quote(script))
-        return code, output
+        return self.on_hosts(label, [router.name], script)
 
 
 def tail(output: str, hosts: list[str], lines: int = 80) -> str:
@@ -279,14 +316,23 @@ def roll(args) -> int:
     try:
         return rolled_out(run, plan, drained, started, out)
     except KeyboardInterrupt:
-        return put_back(run, drained, out)
+        return put_back(run, plan, drained, out)
 
 
-def put_back(run: Rollout, drained: list[tuple[Router, list[str]]], out: Path) -> int:
-    """After Ctrl-C or SIGTERM: what the roll-out took out of the routers goes back if it
-    serves (put_back_script); every tray is named either way."""
+def put_back(run: Rollout, plan: Plan, drained: list[tuple[Router, list[str]]],
+             out: Path) -> int:
+    """After Ctrl-C or SIGTERM: what the roll-out took out of the routers goes back once any
+    restart its deploy began has ended (settled_script) and it serves (put_back_script);
+    every tray is named either way."""
     print("rollout: INTERRUPTED", file=sys.stderr, flush=True)
+    out_urls = {url for _, urls in drained for url in urls}
+    trays = [name for name, url in plan.urls.items() if url in out_urls]
     try:
+        if trays:
+            print(f"rollout: waiting for {', '.join(trays)} to end any restart begun before "
+                  "the interrupt and to answer /health, then putting them back (Ctrl-C again "
+                  "to leave them out)", file=sys.stderr, flush=True)
+            run.on_hosts("settle", trays, settled_script())
         for router, urls in drained:
             code, output = run.on_router("put-back", router, put_back_script(router, urls))
             # What the script printed, as pyinfra shows a command's output: "[host] text" (the
@@ -330,6 +376,8 @@ def rolled_out(run: Rollout, plan: Plan, drained: list, started: float, out: Pat
         print(f"rollout: {label}: {', '.join(batch)} out of "
               f"{', '.join(r.name for r, _ in fronting) or 'no router'}; deploying", flush=True)
         code, output = run.deploy(f"deploy-{index}", batch)
+        if code == INTERRUPTED:  # SIGINT reached pyinfra alone: a restart may still be going
+            raise KeyboardInterrupt
         back = []
         for router, mine in fronting:
             put, put_output = run.on_router(f"return-{index}", router, add_script(router, mine))

@@ -33,6 +33,11 @@ def workers(router, address: str) -> dict[str, bool]:
     return {worker["url"]: worker["is_healthy"] for worker in answer["workers"]}
 
 
+def journal(host, unit: str, lines: int = 40) -> str:
+    """A unit's last log lines with their times, to read beside a stream's failures."""
+    return host.run(f"journalctl -u {unit} -n {lines} -o short-precise --no-pager").stdout
+
+
 @pytest.fixture(scope="module")
 def stream_target(sandbox):
     return sandbox["routers"][0]["address"], api_key(sandbox)
@@ -90,22 +95,28 @@ def test_a_release_vllm_rejects_stops_at_the_canary_which_serves_the_last_good_o
 def test_ctrl_c_mid_batch_puts_the_canary_back_and_a_second_run_finishes(hosts, routers,
                                                                         stream_target):
     """Ctrl-C (SIGINT to the roll-out's process group, as a terminal sends it) while the canary
-    is out of the router and its deploy runs: the canary goes back if it serves (else it is
-    named as left out), exit 130, no request lost; the same command again rolls everything."""
+    is out of the router and its deploy runs (pyinfra dies; a restart it asked for goes on in
+    systemd): the canary goes back once it serves, exit 130, no request lost; the same command
+    again rolls everything."""
     address, key = stream_target
     change = ("--data", "vllm_shutdown_timeout_s=31")
+    # The roll-out takes SIGINT as a terminal's foreground job does, even where this run was
+    # started in the background (`cmd &` starts it with SIGINT ignored, and children inherit
+    # that): a handler here is reset to the default in the child.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with Stream(address, key, ROUTER_PORT) as stream:
         running = subprocess.Popen([sys.executable, "-m", "tools.rollout", "inventories/sandbox.py",
                                     *change], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                    stdin=subprocess.DEVNULL)
+        signal.signal(signal.SIGINT, previous)
         seen = []
         for line in running.stdout:
             seen.append(line)
             if "(canary): e2e1 out of e2er1; deploying" in line:
                 break
         assert running.poll() is None, "".join(seen)[-3000:]  # the canary is out: mid-batch
-        time.sleep(2)  # the canary's deploy has started
+        time.sleep(2)  # the canary's deploy has started (it reaches the restart in ~3 s)
         os.killpg(running.pid, signal.SIGINT)
         output = "".join(seen) + running.stdout.read()
         assert running.wait(timeout=300) == 130, output[-5000:]
@@ -113,15 +124,17 @@ def test_ctrl_c_mid_batch_puts_the_canary_back_and_a_second_run_finishes(hosts, 
     print(f"\ninterrupted roll-out: {stream.answered} requests answered, "
           f"{len(stream.failures)} failed")
     assert "rollout: INTERRUPTED" in output
-    assert ("rollout: e2er1: put back: http://" in output
-            or "rollout: e2er1: left out, not healthy: http://" in output), output[-3000:]
-    assert stream.failures == [], stream.failures[:5]
+    # Whether the interrupt came before the canary's restart or during it, the canary serves
+    # (the old release, or the new one once its restart ended) and goes back.
+    assert "rollout: e2er1: put back: http://" in output, output[-3000:]
+    [router] = routers.values()
+    assert stream.failures == [], (stream.failures[:5], output[-3000:],
+                                   journal(router, "vllm-router"), journal(hosts["e2e1"], "vllm"))
     assert not [name for name in ("e2e2", "e2e3")
                 if "--shutdown-timeout 31" in exec_start(hosts[name])]
     result, _ = rollout(*change)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     for host in hosts.values():
         assert "--shutdown-timeout 31" in exec_start(host)
-    [router] = routers.values()
     assert workers(router, address) == {f"http://{host.backend.hostname}:8000": True
                                         for host in hosts.values()}

@@ -210,17 +210,73 @@ def test_each_run_is_logged_for_the_owner_only(tmp_path):
     assert log.read_text() == output and (log.stat().st_mode & 0o777) == 0o600
 
 
+def test_an_interrupted_run_keeps_what_it_printed_in_its_log(tmp_path, monkeypatch):
+    """Ctrl-C during a batch's deploy: its log still says how far pyinfra got. Test double:
+    a script in pyinfra's place that prints and waits to be stopped."""
+    fake = tmp_path / "pyinfra"
+    fake.write_text("#!/bin/sh\necho '--> Starting operation: Enable and start vllm.service'\n"
+                    "echo 'a warning' >&2\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(rollout, "venv_command", lambda name: str(fake))
+    out = tmp_path / "run"
+    out.mkdir(mode=0o700)
+    run = rollout.Rollout("inventory.py", [], [], out)
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        run.pyinfra("deploy-1", "-y", "inventory.py", "deploy.py")
+    log = out / "01-deploy-1.log"
+    assert log.read_text() == ("--> Starting operation: Enable and start vllm.service\n"
+                               "a warning\n")
+    assert log.stat().st_mode & 0o777 == 0o600
+
+
 def test_after_an_interruption_only_a_tray_that_serves_is_put_back(admin):
-    """The put-back after Ctrl-C: the stub's own /health stands in for a tray that serves;
-    port 1 on loopback for one whose deploy was cut while vLLM restarted."""
-    AdminStub.workers, AdminStub.healthy_after = [], -1
+    """The put-back after Ctrl-C: the stub's own /health stands in for a tray that serves
+    after two probes (a restart the deploy began, loading); port 1 on loopback for one that
+    never comes back within the wait."""
+    AdminStub.workers, AdminStub.healthy_after = [], 2
     serving, restarting = admin.local_url, "http://127.0.0.1:1"
-    result = subprocess.run(["sh", "-c", rollout.put_back_script(admin, [serving, restarting])],
+    started = time.monotonic()
+    result = subprocess.run(["sh", "-c", rollout.put_back_script(admin, [serving, restarting],
+                                                                 wait_s=4)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"put back: {serving}",
                                           f"left out, not healthy: {restarting}"]
     assert AdminStub.workers == [serving]
+    assert time.monotonic() - started >= 3  # it waited for the dead one, once (one deadline)
+
+
+def test_after_an_interruption_a_tray_settles_before_its_health_is_believed(tmp_path):
+    """settled_script waits while systemd lists a job of vllm.service (a restart the killed
+    deploy began: the old server still answers /health while it stops). Test double:
+    `systemctl` on PATH lists a running restart twice, then none (real systemd runs it in the
+    e2e, tests/e2e/test_s_rollout.py)."""
+    count = tmp_path / "count"
+    fake = tmp_path / "systemctl"
+    fake.write_text(f"#!/bin/sh\necho x >> {count}\n"
+                    f"[ $(wc -l < {count}) -le 2 ] && echo '7 vllm.service restart running'\n"
+                    "exit 0\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    result = subprocess.run(["sh", "-c", rollout.settled_script()], env=env, timeout=30)
+    assert result.returncode == 0
+    assert len(count.read_text().splitlines()) == 3  # asked until no job was left
+    count.write_text("")
+    fake.write_text("#!/bin/sh\necho '7 vllm.service restart running'\n")  # stuck
+    started = time.monotonic()
+    subprocess.run(["sh", "-c", rollout.settled_script(timeout_s=2)], env=env, timeout=30)
+    assert 1 <= time.monotonic() - started < 10  # bounded
+
+
+def test_a_deploy_pyinfra_ended_on_sigint_is_not_taken_for_done(tmp_path, monkeypatch):
+    """pyinfra exits 0 when SIGINT stops it mid-run: the roll-out reads its words instead."""
+    run = rollout.Rollout("inventory.py", [], [], tmp_path)
+    monkeypatch.setattr(run, "pyinfra", lambda *args: (0, "", "--> Starting operation: "
+                                                       "Enable ...\nExiting upon user request!\n"))
+    assert run.deploy("deploy-1", ["t1"])[0] == rollout.INTERRUPTED
+    monkeypatch.setattr(run, "pyinfra", lambda *args: (0, "", "--> Disconnecting\n"))
+    assert run.deploy("deploy-1", ["t1"])[0] == 0
 
 
 class Recorded(rollout.Rollout):
@@ -229,6 +285,7 @@ class Recorded(rollout.Rollout):
     deploy is where the operator presses Ctrl-C (or systemd sends SIGTERM)."""
 
     calls: list[tuple[str, str]] = []
+    where: list[tuple[str, list[str]]] = []
     signal = signal.SIGINT
 
     def plan(self):
@@ -236,31 +293,37 @@ class Recorded(rollout.Rollout):
 
     def deploy(self, label, hosts):
         type(self).calls.append((label, " ".join(hosts)))
+        if self.signal is None:  # SIGINT reached pyinfra alone, which exits 0 (Rollout.deploy)
+            return rollout.INTERRUPTED, "Exiting upon user request!"
         os.kill(os.getpid(), self.signal)
         time.sleep(5)  # the signal arrives here
         raise AssertionError("no signal arrived")
 
-    def on_router(self, label, router, script):
+    def on_hosts(self, label, names, script):
         type(self).calls.append((label, script))
+        type(self).where.append((label, names))
         # As pyinfra prints it: the operation's name quotes the script, then the output.
         said = ("put back: http://10.0.0.11:8000" if label == "put-back" else "")
-        return 0, (f"--> Starting operation: server.shell (sh -c {script!r})\n"
-                   f"[{router.name}] {said}\n")
+        return 0, "".join(f"--> Starting operation: server.shell (sh -c {script!r})\n"
+                          f"[{name}] {said}\n" for name in names)
 
 
-@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM, None])
 def test_ctrl_c_during_a_batch_puts_it_back_and_exits_130(wheelhouse, monkeypatch, tmp_path,  # noqa: F811
                                                           capsys, sent):
     monkeypatch.setattr(rollout, "inventory_hosts", lambda *args: inventory(wheelhouse))
     monkeypatch.setattr(rollout, "Rollout", Recorded)
     monkeypatch.setattr(Recorded, "signal", sent)
-    Recorded.calls = []
+    Recorded.calls, Recorded.where = [], []
     before = signal.getsignal(signal.SIGTERM)
     assert rollout.main(["inventory.py", "--out", str(tmp_path)]) == rollout.INTERRUPTED
     assert signal.getsignal(signal.SIGTERM) == before  # pytest's own, back
-    labels = [label for label, _ in Recorded.calls]
-    assert labels == ["drain-1", "deploy-1", "put-back"]  # the canary only; t2 never touched
-    assert "http://10.0.0.11:8000/health" in Recorded.calls[2][1]
+    # The canary only (t2 never touched): out of r1, deployed, settled on t1, put back by r1.
+    assert Recorded.where == [("drain-1", ["r1"]), ("settle", ["t1"]), ("put-back", ["r1"])]
+    assert [label for label, _ in Recorded.calls] == ["drain-1", "deploy-1", "settle",
+                                                      "put-back"]
+    assert "systemctl list-jobs --no-legend vllm.service" in Recorded.calls[2][1]
+    assert "http://10.0.0.11:8000/health" in Recorded.calls[3][1]
     err = capsys.readouterr().err
     assert "rollout: INTERRUPTED" in err
     assert "rollout: r1: put back: http://10.0.0.11:8000" in err
