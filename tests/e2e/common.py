@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -124,8 +126,12 @@ class Stream:
                     port=self.port)
                 ok = status == 200 and body["usage"]["completion_tokens"] > 0
                 error = None if ok else f"HTTP {status}"
+            except urllib.error.HTTPError as failure:  # the router's or vLLM's own words
+                ok, error = False, f"HTTP {failure.code}: {failure.read()[:300]!r}"
             except Exception as failure:  # noqa: BLE001 (every failure is counted)
                 ok, error = False, f"{type(failure).__name__}: {failure}"
+            if error:
+                error = f"{time.strftime('%H:%M:%S')} {error}"  # to read beside the logs
             with self._lock:
                 if ok:
                     self.answered += 1
