@@ -31,6 +31,7 @@ from tasks.data_keys import DataError, problem
 from tasks.facts import CpuArchitecture
 from tasks.operations import service_healthy
 from tasks.settings import ENV_FILE, OFFLINE_ENVIRONMENT, REPO, UNIT_NAME, Settings, read_settings
+from tasks.tls import CA_FILE, TLS_DIR
 from tasks.vllm_container import DOCKER, GPU_ARGS, image_reference
 
 
@@ -115,6 +116,11 @@ def serve_args_digest(serve_args: list[str]) -> str:
     return hashlib.sha256(json.dumps(serve_args).encode()).hexdigest()[:16]
 
 
+def local_curl(settings: Settings) -> str:
+    """curl on the host for vLLM's local_url (trusting its CA over TLS), 30 s at most."""
+    return " ".join(["curl", "-fsS", "--max-time", "30", *settings.local_curl_options])
+
+
 def client_argv(settings: Settings, result_dir: str, image: str | None) -> list[str]:
     """The command that is vLLM's CLI for the client on this host, with CLIENT_ENVIRONMENT.
 
@@ -131,13 +137,19 @@ def client_argv(settings: Settings, result_dir: str, image: str | None) -> list[
     PATH. `--env OPENAI_API_KEY` names the variable only: docker copies its value from the
     calling shell's environment, so no argv holds the key.
     """
+    environment = dict(CLIENT_ENVIRONMENT)
+    ca = f"{TLS_DIR}/{CA_FILE}"
+    if settings.tls is not None:
+        environment["SSL_CERT_FILE"] = ca  # the client (aiohttp) trusts vLLM's CA
     if settings.runtime == "venv":
-        return ["env", *(f"{key}={value}" for key, value in CLIENT_ENVIRONMENT.items()),
+        return ["env", *(f"{key}={value}" for key, value in environment.items()),
                 f"{settings.venv_dir}/bin/vllm"]
     argv = [DOCKER, "run", "--rm", "--name", BENCH_CONTAINER, "--pull", "never",
             *GPU_ARGS[settings.container_gpus], "--network", "host", "--env", "OPENAI_API_KEY"]
-    for key, value in CLIENT_ENVIRONMENT.items():
+    for key, value in environment.items():
         argv += ["--env", f"{key}={value}"]
+    if settings.tls is not None:  # the CA alone: never the folder that holds the key
+        argv += ["--volume", f"{ca}:{ca}:ro"]
     return argv + ["--volume", f"{settings.model_dir}:{settings.model_dir}:ro",
                    "--volume", f"{result_dir}:{result_dir}", "--entrypoint", "vllm", image]
 
@@ -148,7 +160,7 @@ def bench_serve_args(settings: Settings, workload: Workload, result_dir: str) ->
     the metadata."""
     args = ["bench", "serve",
             "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
-            "--base-url", f"http://127.0.0.1:{settings.port}",
+            "--base-url", settings.local_url,
             "--model", settings.model_dir,
             "--served-model-name", settings.profile.served_name,
             "--dataset-name", "random",
@@ -212,7 +224,8 @@ def context_check_script(settings: Settings, bench: BenchSettings,
     limit passes here and its requests fail, which the benchmark's own check reports.
     """
     workload = bench.workload
-    url = f"http://127.0.0.1:{settings.port}/v1/models"
+    url = f"{settings.local_url}/v1/models"
+    curl = local_curl(settings)
     too_long = _format(
         f"{settings.host_name}: bench_profile: found '{workload.name}', {workload.input_len} "
         f"input + {workload.output_len} output = {workload.context_len} tokens per request; "
@@ -228,7 +241,7 @@ def context_check_script(settings: Settings, bench: BenchSettings,
         *api_key_exported(env_file),
         'models=$(if [ -n "${OPENAI_API_KEY:-}" ]; then '
         "printf 'Authorization: Bearer %s\\n' \"$OPENAI_API_KEY\"; fi "
-        f"| curl -fsS --max-time 30 -H @- {url}) "
+        f"| {curl} -H @- {url}) "
         f"|| {{ echo {shlex.quote(unanswered)} >&2; exit 1; }}",
         "max_len=$(printf '%s' \"$models\" | grep -o '\"max_model_len\": *[0-9][0-9]*' "
         "| grep -o '[0-9][0-9]*$' | sort -n | head -n 1)",
@@ -275,7 +288,8 @@ def bench_script(settings: Settings, bench: BenchSettings, image: str | None = N
     """
     q = shlex.quote
     out = bench.host_dir
-    base_url = f"http://127.0.0.1:{settings.port}"
+    base_url = settings.local_url
+    curl = local_curl(settings)
     metadata = [q(f"{key}={value}") for key, value in
                 bench_metadata(settings, bench, image).items()]
     metadata += ['"vllm_version=$version"', '"date=$started"']
@@ -288,16 +302,16 @@ def bench_script(settings: Settings, bench: BenchSettings, image: str | None = N
         f"|| {{ echo '{UNIT_NAME} is not active: no benchmark' >&2; exit 1; }}",
         f"rm -rf {q(out)} && mkdir -p {q(out)}",
         *api_key_exported(),
-        f"version=$(curl -fsS --max-time 30 {base_url}/version "
+        f"version=$({curl} {base_url}/version "
         "| sed -n 's/.*\"version\": *\"\\([^\"]*\\)\".*/\\1/p')",
         'version=${version:-unknown}',
         "started=$(date -u +%Y-%m-%dT%H:%M:%SZ)",
-        f"curl -fsS --max-time 30 -o {q(out + '/metrics-before.prom')} {base_url}/metrics",
+        f"{curl} -o {q(out + '/metrics-before.prom')} {base_url}/metrics",
         f"{client} --metadata {' '.join(metadata)} "
         f"> {q(out + '/bench.log')} 2>&1 "
         f"|| {{ tail -n 40 {q(out + '/bench.log')} >&2; exit 1; }}",
         "scraped=yes",
-        f"curl -fsS --max-time 30 -o {q(out + '/metrics-after.prom')} {base_url}/metrics "
+        f"{curl} -o {q(out + '/metrics-after.prom')} {base_url}/metrics "
         "|| scraped=no",
         # A stop waits for requests in flight: the unit may still be deactivating here.
         f'if [ "$(systemctl show -p InvocationID --value {UNIT_NAME})" != "$invocation" ] '
@@ -327,7 +341,8 @@ def run() -> None:
              if settings.runtime == "docker" else None)
     # Never measure a server that is still (re)starting: wait as long as a deploy would.
     service_healthy(name="Wait for vLLM /health before benchmarking", url=settings.health_url,
-                       timeout_s=settings.health_timeout_s, unit=UNIT_NAME)
+                    curl_options=settings.local_curl_options,
+                    timeout_s=settings.health_timeout_s, unit=UNIT_NAME)
     server.shell(name=f"Check that workload {bench.workload.name} fits the served context",
                  commands=[f"sh -c {shlex.quote(context_check_script(settings, bench))}"])
     server.shell(name=f"Benchmark the endpoint with workload {bench.workload.name}",

@@ -433,6 +433,20 @@ KEYS: tuple[Key, ...] = (
          "Instead of vllm_api_key_file: a command (a secret manager's CLI) whose standard "
          "output is the API key. Run once per deploy on the controller, with no input; a "
          "failure names the key and the exit status, never the output."),
+        ("vllm_tls_cert_file", None, "None or a PEM file on the controller", optional(text),
+         "vLLM's own TLS (--ssl-certfile): the server certificate, then its chain; its "
+         "subjectAltName must name the host's address (ssh_hostname, else its name), which "
+         "every client uses. None serves plain HTTP. With vllm_tls_key_file; not yet with "
+         "vllm_runtime kubernetes."),
+        ("vllm_tls_key_file", None, "None or a PEM file on the controller, outside this "
+         "repository", optional(text),
+         "The certificate's private key (--ssl-keyfile), unencrypted PEM; on the host only in "
+         "a root-owned 0600 file."),
+        ("vllm_tls_ca_file", None, "None (the certificate itself) or a PEM file on the "
+         "controller", optional(text),
+         "What clients of the endpoint trust (the health wait, the infra checks, bench, the "
+         "router, which gets it as SSL_CERT_FILE): the CA that signed vllm_tls_cert_file; "
+         "None trusts the certificate itself (self-signed)."),
         ("vllm_health_timeout_s", None, "None or seconds, 10..86400 (a day)",
          optional(integer(10, 86400)),
          "Seconds to wait for /health after a (re)start; None derives it from the checkpoint "

@@ -123,6 +123,7 @@ def vllm_serve_args(
     gpu_memory_utilization: float | None = None,
     num_speculative_tokens: int | None = None,
     shutdown_timeout_s: int | None = None,
+    tls_flags: list[str] | tuple[str, ...] = (),
     extra_args: list[str] | tuple[str, ...] = (),
 ) -> list[str]:
     """The `vllm serve` argument list (without the `vllm` executable), in the seed's order.
@@ -134,6 +135,8 @@ def vllm_serve_args(
       profile's value
     + shutdown_timeout_s: seconds in-flight requests get to finish on SIGTERM
       (`--shutdown-timeout`); None leaves vLLM's default (abort at once), as the seed does
+    + tls_flags: `--ssl-certfile`/`--ssl-keyfile` where the runtime sees the files
+      (tasks.tls.serve_flags); empty: plain HTTP
     + extra_args: appended verbatim (data key `vllm_extra_args`)
     """
     tp = tensor_parallel_size if tensor_parallel_size is not None else profile.tensor_parallel_size
@@ -160,7 +163,7 @@ def vllm_serve_args(
     args += ["--host", host, "--port", str(port)]
     if shutdown_timeout_s is not None:
         args += ["--shutdown-timeout", str(shutdown_timeout_s)]
-    return args + list(extra_args)
+    return args + list(tls_flags) + list(extra_args)
 
 
 def systemd_exec_line(argv: list[str]) -> str:

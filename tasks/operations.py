@@ -146,7 +146,8 @@ def wheelhouse_venv_installed(wheelhouse_dir: str, venv_link: str, python: str =
 
 
 @operation(is_idempotent=False)
-def service_healthy(url: str, timeout_s: int, unit: str, when: bool = True, restore: str = ""):
+def service_healthy(url: str, timeout_s: int, unit: str, when: bool = True, restore: str = "",
+                    curl_options: list[str] | None = None):
     """
     Wait on the host until ``url`` answers 2xx; fail with the unit's last log lines once the
     timeout passes or the unit exits (``Restart=always`` would start it again: a server that
@@ -159,11 +160,13 @@ def service_healthy(url: str, timeout_s: int, unit: str, when: bool = True, rest
       host yields no command)
     + restore: shell commands run on the host after a failure, before the operation fails
       (tasks/vllm_service.py puts the last good release back)
+    + curl_options: more curl options (TLS: the CA to trust, the name resolved to loopback)
     """
     if not when:
         host.noop(f"{unit} was not restarted; no need to wait for {url}")
         return
     quoted_url, quoted_unit = shlex.quote(url), shlex.quote(unit)
+    options = "".join(f"{shlex.quote(option)} " for option in curl_options or [])
     timed_out = shlex.quote(f"{host.name}: {unit} did not answer {url} within "
                             f"{int(timeout_s)}s; its last log lines:")
     exited = shlex.quote(f"{host.name}: {unit} exited before it answered {url}; its last "
@@ -171,7 +174,7 @@ def service_healthy(url: str, timeout_s: int, unit: str, when: bool = True, rest
     restarts = f"systemctl show --value -p NRestarts {quoted_unit}"
     script = (
         f"deadline=$(( $(date +%s) + {int(timeout_s)} )); restarts=$({restarts}); "
-        f"until curl -fs -o /dev/null --max-time 5 {quoted_url}; do why=; "
+        f"until curl -fs -o /dev/null --max-time 5 {options}{quoted_url}; do why=; "
         f'if [ "$({restarts})" != "$restarts" ] || '
         f"systemctl show --value -p SubState {quoted_unit} | grep -qx 'auto-restart\\|failed'; "
         f"then why={exited}; "

@@ -22,7 +22,10 @@ from pathlib import Path
 
 from tasks import data_keys, secrets
 from tasks.data_keys import DataError, Problem, problem
+from tasks.inventory_check import address_of
 from tasks.models import PROFILES, ModelProfile, vllm_serve_args
+from tasks.tls import KEYS as TLS_KEYS
+from tasks.tls import CA_FILE, TLS_DIR, Tls, read_tls, serve_flags
 
 REPO = Path(__file__).resolve().parent.parent
 # The Jinja templates of the units and manifests the tasks render, and where units go on a host.
@@ -78,6 +81,10 @@ class Settings:
     container_gpus: str  # docker runtime: one of CONTAINER_GPU_MODES
     # serve_args_at(model_path=..., draft_path=...): serve_args with the weights at other paths
     serve_args_at: Callable[..., list[str]]
+    tls: Tls | None = None  # vLLM's own TLS (tasks/tls.py); None: plain HTTP
+    # With TLS, the name every client reaches vLLM by: the host's address, which the
+    # preflight checked its certificate names (client_address).
+    tls_name: str | None = None
 
     @property
     def stop_timeout_s(self) -> int:
@@ -85,8 +92,24 @@ class Settings:
         return self.shutdown_timeout_s + STOP_MARGIN_S
 
     @property
+    def local_url(self) -> str:
+        """vLLM's base URL as the host itself reaches it: with TLS by tls_name (curl sends
+        it to loopback: local_curl_options)."""
+        if self.tls is None:
+            return f"http://127.0.0.1:{self.port}"
+        return f"https://{self.tls_name}:{self.port}"
+
+    @property
     def health_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/health"
+        return f"{self.local_url}/health"
+
+    @property
+    def local_curl_options(self) -> list[str]:
+        """curl's options for local_url: trust the CA, send the name to loopback."""
+        if self.tls is None:
+            return []
+        return ["--cacert", f"{TLS_DIR}/{CA_FILE}",
+                "--resolve", f"{self.tls_name}:{self.port}:127.0.0.1"]
 
     def image_for(self, arch: str) -> str | None:
         """The image a host of CPU `arch` (`uname -m`) runs; None when the data names none."""
@@ -285,6 +308,10 @@ def _checked_and_derived(host, values: dict) -> Settings:
                                 "open"))
     wheelhouse, found = (None, []) if "vllm_runtime" in bad else _wheelhouse(name, values)
     problems += found
+    tls, found = read_tls(name, values) if not set(TLS_KEYS) & bad else (None, [])
+    problems += found
+    if tls is not None:
+        problems += _tls_problems(name, host.data, values, tls)
     if {"vllm_runtime", "vllm_image", "vllm_image_tarball"} & bad:
         tarball, archive = None, None
     else:
@@ -292,11 +319,37 @@ def _checked_and_derived(host, values: dict) -> Settings:
         problems += found
     if problems:
         raise DataError(problems)
-    return _derive(host.name, values, api_key, wheelhouse, tarball, archive)
+    return _derive(host.name, values, api_key, wheelhouse, tarball, archive, tls,
+                   client_address(name, host.data) if tls else None)
+
+
+def client_address(name: str, data) -> str:
+    """The address the controller reaches a host by: its ssh_hostname, else its name;
+    loopback for @local."""
+    if name.startswith("@local"):
+        return "127.0.0.1"
+    return address_of(name, data_keys.as_dict(data))
+
+
+def _tls_problems(name: str, data, values: dict, tls: Tls) -> list[Problem]:
+    """What TLS needs beyond good files: a certificate that names the address the
+    controller's checks reach the host by, and a runtime it is built for."""
+    found = []
+    address = client_address(name, data)
+    if address not in tls.names:
+        found.append(problem(name, "vllm_tls_cert_file", values["vllm_tls_cert_file"],
+                             f"a certificate naming {address}, the address the controller "
+                             f"reaches this host by (it names {', '.join(tls.names)})"))
+    if values["vllm_runtime"] == "kubernetes":
+        found.append(problem(name, "vllm_tls_cert_file", values["vllm_tls_cert_file"],
+                             "None with vllm_runtime kubernetes (TLS in the pod is not built "
+                             "yet)"))
+    return found
 
 
 def _derive(name: str, values: dict, api_key: str | None, wheelhouse: str | None,
-            tarball: str | None, archive: dict | None) -> Settings:
+            tarball: str | None, archive: dict | None, tls: Tls | None = None,
+            tls_name: str | None = None) -> Settings:
     profile = _profile(values)
     weights_dir = values["weights_dir"].rstrip("/")
     model_dir = f"{weights_dir}/{profile.local_name}"
@@ -311,6 +364,7 @@ def _derive(name: str, values: dict, api_key: str | None, wheelhouse: str | None
         tensor_parallel_size=tp, gpu_memory_utilization=memory,
         num_speculative_tokens=values["model_num_speculative_tokens"],
         shutdown_timeout_s=values["vllm_shutdown_timeout_s"],
+        tls_flags=serve_flags(values["vllm_runtime"]) if tls else (),
         extra_args=values["vllm_extra_args"])
     env = {**profile.environment, **values["vllm_environment"]}
     if values["vllm_cpu_threads_bind"] is not None:
@@ -342,4 +396,4 @@ def _derive(name: str, values: dict, api_key: str | None, wheelhouse: str | None
         wheelhouse_platform=wheelhouse_platform(wheelhouse),
         images=dict(values["vllm_image"] or {}), image_tarball=tarball,
         image_archive=archive, container_gpus=values["vllm_container_gpus"],
-        serve_args_at=serve_args_at)
+        serve_args_at=serve_args_at, tls=tls, tls_name=tls_name)

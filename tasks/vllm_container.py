@@ -15,6 +15,7 @@ from tasks.data_keys import IMAGE_ARCH, DataError, problem
 from tasks.facts import CpuArchitecture
 from tasks.operations import docker_image_present
 from tasks.settings import ENV_FILE, Settings, read_settings
+from tasks.tls import TLS_DIR
 
 DOCKER = "/usr/bin/docker"
 CONTAINER_NAME = "vllm"
@@ -63,6 +64,8 @@ def container_argv(settings: Settings, image: str, environment: dict[str, str],
             argv += ["--volume", f"{folder}:{folder}:ro"]
     for folder in WRITABLE_DIRS:
         argv += ["--volume", f"{folder}:{folder}"]
+    if settings.tls is not None:
+        argv += ["--volume", f"{TLS_DIR}:{TLS_DIR}:ro"]  # root-only files: root reads them
     return argv + ["--entrypoint", "vllm", image, *settings.serve_args]
 
 

@@ -25,7 +25,7 @@ from pyinfra.api.util import get_template
 from pyinfra.facts.files import Sha1File
 from pyinfra.operations import files, systemd
 
-from tasks import data_keys, system
+from tasks import data_keys, system, tls
 from tasks.data_keys import LOOPBACK, DataError, Problem, problem
 from tasks.facts import CpuArchitecture, PythonVersion
 from tasks.inventory_check import address_of, serves
@@ -38,6 +38,8 @@ from tasks.settings import pinned_wheelhouse, wheelhouse_platform
 GROUP = "router"
 UNIT_NAME = "vllm-router.service"
 UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
+# The CAs of the backends that serve TLS: public certificates, no key.
+BACKENDS_CA = "/etc/vllm-router/backends-ca.pem"
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "vllm-router.service.j2"
 PACKAGES = ["python3-venv", "curl"]
 # How long the router waits at start for its backends before serving with those that answer.
@@ -59,6 +61,7 @@ class RouterSettings:
     health_interval_s: int
     prometheus_port: int
     backends: tuple[str, ...]  # the serving hosts' base URLs, in inventory order
+    backends_ca: str = ""  # PEM: the CAs of the backends that serve TLS (tasks/tls.py), if any
 
     @property
     def local_url(self) -> str:
@@ -73,12 +76,14 @@ class RouterSettings:
 
 def backend_url(name: str, data) -> str:
     """A serving host's base URL as the router reaches it: vllm_backend_url, else
-    http://<ssh_hostname or its inventory name>:<vllm_port>."""
+    http(s)://<ssh_hostname or its inventory name>:<vllm_port> (https when it serves TLS: the
+    preflight checked that its certificate names that address)."""
     values = data_keys.as_dict(data)
     if values.get("vllm_backend_url"):
         return values["vllm_backend_url"]
     port = values.get("vllm_port", data_keys.DEFAULTS["vllm_port"])
-    return f"http://{address_of(name, values)}:{port}"
+    scheme = "https" if values.get("vllm_tls_cert_file") else "http"
+    return f"{scheme}://{address_of(name, values)}:{port}"
 
 
 def backends_of(group: str | None, hosts: Iterable[tuple[str, set[str], object]]) -> list:
@@ -104,8 +109,12 @@ def settings_from(name: str, data, backends: list[tuple[str, dict]]) -> RouterSe
     if not backends:
         problems.append(problem(name, "router_backend_group", values["router_backend_group"],
                                 "a group with serving hosts in this inventory (it has none)"))
-    urls = []
+    urls, cas = [], []
     for backend, backend_data in backends:
+        ca, found = tls.client_ca(backend, data_keys.as_dict(backend_data))
+        problems += found
+        if ca and ca not in cas:
+            cas.append(ca)
         runtime = data_keys.as_dict(backend_data).get("vllm_runtime")
         if runtime == "kubernetes":
             problems.append(problem(backend, "vllm_runtime", runtime, "docker or venv on a "
@@ -122,7 +131,8 @@ def settings_from(name: str, data, backends: list[tuple[str, dict]]) -> RouterSe
         wheelhouse=wheelhouse, host=values["router_host"], port=values["router_port"],
         policy=values["router_policy"],
         health_interval_s=values["router_health_check_interval_s"],
-        prometheus_port=values["router_prometheus_port"], backends=tuple(urls))
+        prometheus_port=values["router_prometheus_port"], backends=tuple(urls),
+        backends_ca="".join(cas))
 
 
 def read_router_settings(router) -> RouterSettings:
@@ -149,7 +159,21 @@ def router_argv(settings: RouterSettings) -> list[str]:
 
 def unit_text(settings: RouterSettings) -> str:
     return get_template(str(TEMPLATE)).render(
-        exec_start=systemd_exec_line(router_argv(settings)), backends=len(settings.backends))
+        exec_start=systemd_exec_line(router_argv(settings)), backends=len(settings.backends),
+        backends_ca=BACKENDS_CA if settings.backends_ca else None)
+
+
+def backends_ca_placed(settings: RouterSettings) -> bool:
+    """The backends' CAs where the router's TLS client reads them (SSL_CERT_FILE: vllm-router
+    verifies https backends with OpenSSL's default paths), or no file without TLS backends;
+    whether this run changes it."""
+    if not settings.backends_ca:
+        return files.file(name=f"No CA file of TLS backends {BACKENDS_CA}", path=BACKENDS_CA,
+                          present=False).will_change
+    files.put(name=f"Install the CAs of the TLS backends {BACKENDS_CA}",
+              src=io.StringIO(settings.backends_ca), dest=BACKENDS_CA, user="root",
+              group="root", mode="644")
+    return content_differs(BACKENDS_CA, settings.backends_ca, fact=Sha1File)
 
 
 def router_problems(router) -> list[str]:
@@ -189,11 +213,12 @@ def install() -> None:
     files.put(name=f"Install {UNIT_NAME} unit ({len(settings.backends)} backends)",
               src=io.StringIO(content), dest=UNIT_PATH, user="root", group="root", mode="644")
     drop_ins = drop_ins_removed(name=f"Remove local drop-ins of {UNIT_NAME}", unit=UNIT_NAME)
+    ca_changed = backends_ca_placed(settings)
     changed = content_differs(UNIT_PATH, content, fact=Sha1File) or drop_ins.will_change
     service = systemd.service(
         name=f"Enable and start {UNIT_NAME}, restart if its unit or venv changed",
         service=UNIT_NAME, running=True, enabled=True,
-        restarted=changed or venv.will_change, daemon_reload=changed)
+        restarted=changed or venv.will_change or ca_changed, daemon_reload=changed)
     service_healthy(name="Wait for the router to report every backend healthy",
                     url=f"{settings.local_url}/health", timeout_s=settings.health_timeout_s,
                     unit=UNIT_NAME, when=service.will_change)

@@ -15,7 +15,7 @@ from pyinfra.api.util import get_template
 from pyinfra.facts.files import File, Sha1File
 from pyinfra.operations import files, server, systemd
 
-from tasks import vllm_container
+from tasks import tls, vllm_container
 from tasks.facts import CpuArchitecture, SystemdVersion
 from tasks.models import systemd_exec_line
 from tasks.operations import content_differs, drop_ins_removed, service_healthy, secret_file_present
@@ -40,6 +40,8 @@ BACKOFF_SYSTEMD = 254
 # nothing removes images). Root only: the env file holds the API key.
 RELEASE_DIR = "/var/lib/vllm-release"
 RELEASE_UNIT, RELEASE_ENV, RELEASE_VENV = "vllm.service", "vllm.env", "venv-link"
+RELEASE_TLS = "tls"  # the TLS folder the release served with (tasks/tls.py), if any
+RELEASE_PROBE = "health-probe"  # how the release answers /health (plain HTTP or TLS)
 # A run that will restart vLLM marks it due before its first change of what vLLM reads
 # (weights, venv or image, env file, unit), and clears the mark once the restarted server
 # answers /health: a run killed in between leaves the mark, and the next run restarts vLLM
@@ -65,6 +67,7 @@ def unit_template(settings: Settings) -> tuple[str, dict]:
             "exec_start": systemd_exec_line(argv)}
     return "vllm.service.j2", {
         "env_file": ENV_FILE, "environment": sorted(environment.items()),
+        "credentials": tls.credentials() if settings.tls else [],
         "exec_start": systemd_exec_line([f"{settings.venv_dir}/bin/vllm", *settings.serve_args])}
 
 
@@ -84,42 +87,56 @@ def unit_text(settings: Settings) -> str:
         restart_backoff=(host.get_fact(SystemdVersion) or 0) >= BACKOFF_SYSTEMD, **context)
 
 
-def keep_release_script(venv_link: str) -> str:
-    """Shell: copy what vllm.service runs now into RELEASE_DIR, replacing the release kept
-    before only once the new copy is whole."""
+def health_probe(url: str, curl_options: list[str] = ()) -> str:
+    """The shell command that asks a release's /health once (5 s at most)."""
+    return shlex.join(["curl", "-fs", "-o", "/dev/null", "--max-time", "5", *curl_options, url])
+
+
+def keep_release_script(venv_link: str, probe: str) -> str:
+    """Shell: copy what vllm.service runs now into RELEASE_DIR, with `probe` (health_probe:
+    how this release answers, by plain HTTP or TLS), replacing the release kept before only
+    once the new copy is whole."""
     release, staging = shlex.quote(RELEASE_DIR), shlex.quote(f"{RELEASE_DIR}.new")
     link = shlex.quote(venv_link)
     return (f"rm -rf {staging} && mkdir -m 0700 {staging} && "
             f"cp -p {UNIT_PATH} {staging}/{RELEASE_UNIT} && "
             f"cp -p {ENV_FILE} {staging}/{RELEASE_ENV} && "
+            f"{{ [ ! -d {tls.TLS_DIR} ] || cp -a {tls.TLS_DIR} {staging}/{RELEASE_TLS}; }} && "
+            f"printf '%s\\n' {shlex.quote(probe)} > {staging}/{RELEASE_PROBE} && "
             f"{{ readlink {link} > {staging}/{RELEASE_VENV} || true; }} && "
             f"rm -rf {release}.old && {{ [ ! -e {release} ] || mv {release} {release}.old; }} && "
             f"mv {staging} {release} && rm -rf {release}.old")
 
 
-def restore_release_script(venv_link: str, url: str, timeout_s: int) -> str:
+def restore_release_script(venv_link: str, probe: str, timeout_s: int) -> str:
     """Shell, run when a restarted vllm.service fails its health wait: put the last good
-    release back (unit, env file, venv link), restart, and say whether it serves again. The
-    deploy fails either way; the next one tries the declared release again."""
+    release back (unit, env file, TLS files, venv link), restart, and say whether it serves
+    again, asked as that release answers (its kept probe; `probe`, the new release's, for a
+    release kept without one). The deploy fails either way; the next one tries the declared
+    release again."""
     release, link, name = shlex.quote(RELEASE_DIR), shlex.quote(venv_link), host.name
     none = shlex.quote(f"{name}: no last good release is kept in {RELEASE_DIR} (the first "
                        f"deploy never answered /health): nothing to restore, {UNIT_NAME} is "
                        "down")
-    serves = shlex.quote(f"{name}: the last good release serves again ({url} answers); the "
-                         "new one is not running: fix it and deploy again")
+    serves = shlex.quote(f"{name}: the last good release serves again (it answers /health); "
+                         "the new one is not running: fix it and deploy again")
     restoring = shlex.quote(f"{name}: restoring the last good release from {RELEASE_DIR}")
-    down = shlex.quote(f"{name}: the last good release did not answer {url} within "
+    down = shlex.quote(f"{name}: the last good release did not answer /health within "
                        f"{int(timeout_s)}s either: {UNIT_NAME} is down")
     return (f"if [ ! -f {release}/{RELEASE_UNIT} ]; then echo {none} >&2; else "
             f"echo {restoring} >&2; "
             f"install -m 0644 {release}/{RELEASE_UNIT} {UNIT_PATH}; "
             f"install -m 0600 {release}/{RELEASE_ENV} {ENV_FILE}; "
+            f"rm -rf {tls.TLS_DIR}; [ ! -d {release}/{RELEASE_TLS} ] || "
+            f"cp -a {release}/{RELEASE_TLS} {tls.TLS_DIR}; "
             f"target=$(cat {release}/{RELEASE_VENV} 2>/dev/null); "
             f'if [ -n "$target" ] && [ -d "$target" ]; then '
             f'ln -sfn "$target" {link}.new && mv -T {link}.new {link}; fi; '
             f"systemctl daemon-reload; systemctl restart {UNIT_NAME}; "
+            f"probe={shlex.quote(probe)}; [ ! -f {release}/{RELEASE_PROBE} ] || "
+            f"probe=$(cat {release}/{RELEASE_PROBE}); "
             f"deadline=$(( $(date +%s) + {int(timeout_s)} )); verdict={serves}; "
-            f"until curl -fs -o /dev/null --max-time 5 {shlex.quote(url)}; do "
+            f'until sh -c "$probe"; do '
             f"if [ $(date +%s) -ge $deadline ]; then verdict={down}; break; fi; sleep 1; done; "
             f'echo "$verdict" >&2; fi')
 
@@ -152,6 +169,18 @@ def mark_restart_due() -> dict:
     return decision
 
 
+def tls_files_placed(settings: Settings) -> bool:
+    """vLLM's TLS files on the host, root-only (tasks/tls.py), or none without TLS; whether
+    vLLM must restart to read them (a rotation: the content changed, not a mode fix)."""
+    if settings.tls is None:
+        files.directory(name=f"No vLLM TLS files in {tls.TLS_DIR}", path=tls.TLS_DIR,
+                        present=False)
+        return False  # the command line lost its TLS flags: the unit's change restarts
+    for path, content in tls.host_files(settings.tls):
+        secret_file_present(name=f"Install vLLM TLS file {path}", dest=path, content=content)
+    return any(content_differs(path, content) for path, content in tls.host_files(settings.tls))
+
+
 @deploy(DEPLOY_NAME)
 def run(restart_triggers: list[OperationMeta], restart_due: dict | None = None) -> None:
     """Converge vllm.service: secrets env file, unit, no local drop-in, enabled and running;
@@ -169,6 +198,7 @@ def run(restart_triggers: list[OperationMeta], restart_due: dict | None = None) 
     settings = read_settings(host)
     env_content = env_file_content(settings.api_key)
     secret_file_present(name=f"Install vLLM secrets file {ENV_FILE}", dest=ENV_FILE, content=env_content)
+    tls_changed = tls_files_placed(settings)
     unit_content = unit_text(settings)
     files.put(name=f"Install {UNIT_NAME} unit ({settings.runtime} runtime)",
               src=io.StringIO(unit_content), dest=UNIT_PATH, user="root", group="root", mode="644")
@@ -179,7 +209,7 @@ def run(restart_triggers: list[OperationMeta], restart_due: dict | None = None) 
     if interrupted:
         host.log(f"{RESTART_MARK}: a run was stopped before it restarted {UNIT_NAME}; this run "
                  "restarts it", log_func=logger.warning)
-    read_changed = (definition_changed or content_differs(ENV_FILE, env_content)
+    read_changed = (definition_changed or content_differs(ENV_FILE, env_content) or tls_changed
                     or any(trigger.will_change for trigger in restart_triggers) or interrupted)
     if restart_due is not None:
         restart_due["due"] = read_changed  # mark_restart_due's operation reads it when it runs
@@ -190,11 +220,13 @@ def run(restart_triggers: list[OperationMeta], restart_due: dict | None = None) 
         service=UNIT_NAME, running=True, enabled=True, restarted=read_changed,
         daemon_reload=definition_changed or interrupted)
     # A release that does not come up is replaced by the last good one (still a failure).
+    probe = health_probe(settings.health_url, settings.local_curl_options)
     service_healthy(name="Wait for vLLM /health", url=settings.health_url,
+                    curl_options=settings.local_curl_options,
                     timeout_s=settings.health_timeout_s, unit=UNIT_NAME, when=service.will_change,
-                    restore=restore_release_script(settings.venv_dir, settings.health_url,
+                    restore=restore_release_script(settings.venv_dir, probe,
                                                    settings.health_timeout_s))
     if service.will_change:
         server.shell(name="Keep the release that now serves as the last good one",
-                     commands=[keep_release_script(settings.venv_dir),
+                     commands=[keep_release_script(settings.venv_dir, probe),
                                f"rm -f {RESTART_MARK}"])

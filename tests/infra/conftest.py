@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import ssl
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ import pytest
 import testinfra
 
 from tasks.inventory_check import serves
-from tasks.settings import Settings, read_settings
+from tasks.settings import Settings, client_address, read_settings
 from tests.helpers import REPO, FakeHost
 
 
@@ -149,18 +150,28 @@ def host(host_name, host_data):
     return ssh_host(host_name, host_data)
 
 
+class Endpoint(str):
+    """A base URL, with what the controller trusts for it: vllm_tls_ca_file's CA over TLS
+    (the preflight checked that the certificate names the host's address), else nothing."""
+
+    context: ssl.SSLContext | None = None
+
+
 @pytest.fixture(scope="session")
 def endpoint(host_name, host_data, settings) -> str:
     """The server's base URL as the controller reaches it: the host's port, or on Kubernetes
     nodes the Service's NodePort (kube-proxy answers it on every node)."""
-    address = "127.0.0.1" if host_name.startswith("@local") else (
-        host_data.get("ssh_hostname") or host_name)
+    address = client_address(host_name, host_data)
     if settings.runtime != "kubernetes":
-        return f"http://{address}:{settings.port}"
+        if settings.tls is None:
+            return Endpoint(f"http://{address}:{settings.port}")
+        url = Endpoint(f"https://{settings.tls_name}:{settings.port}")
+        url.context = ssl.create_default_context(cadata=settings.tls.ca)
+        return url
     if host_data.get("k8s_service_type") != "NodePort":
         pytest.skip("k8s_service_type ClusterIP: the Service is not reachable from outside "
                     "the cluster")
-    return f"http://{address}:{host_data['k8s_node_port']}"
+    return Endpoint(f"http://{address}:{host_data['k8s_node_port']}")
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,8 @@ def request(endpoint: str, path: str, api_key: Secret | None, body: dict | None 
         req.add_header("Authorization", f"Bearer {api_key.reveal()}")
     no_answer = None
     try:
-        with urllib.request.urlopen(req, timeout=120) as response:
+        with urllib.request.urlopen(req, timeout=120,
+                                    context=getattr(endpoint, "context", None)) as response:
             text = response.read().decode()
             status = response.status
     except urllib.error.HTTPError as error:
@@ -68,12 +69,12 @@ def test_health_from_the_controller(endpoint):
 
 def test_health_and_models_from_the_host(unit_host, settings):
     host = unit_host
-    base = f"http://127.0.0.1:{settings.port}"
-    assert host.run(f"curl -fsS -o /dev/null {base}/health").rc == 0
+    curl = " ".join(["curl", "-fsS", *settings.local_curl_options])  # the CA, over TLS
+    assert host.run(f"{curl} -o /dev/null {settings.health_url}").rc == 0
     # The key goes to curl on stdin from the root-only env file: never into a command line.
     models = host.run(
         f"sh -c '. {ENV_FILE}; printf \"Authorization: Bearer %s\\n\" \"$VLLM_API_KEY\" "
-        f"| curl -fsS -H @- {base}/v1/models'")
+        f"| {curl} -H @- {settings.local_url}/v1/models'")
     assert models.rc == 0, models.stderr
     assert settings.profile.served_name in [m["id"] for m in json.loads(models.stdout)["data"]]
 

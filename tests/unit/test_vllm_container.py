@@ -350,7 +350,8 @@ def test_a_rotated_key_rewrites_the_env_file_and_restarts(tmp_path):
     # itself as the last good release.
     assert "restoring the last good release from /var/lib/vllm-release" in \
         plan["Wait for vLLM /health"][0]
-    assert plan[KEEP] == [vllm_service.keep_release_script("/opt/vllm/venv"),
+    probe = vllm_service.health_probe("http://127.0.0.1:8000/health")
+    assert plan[KEEP] == [vllm_service.keep_release_script("/opt/vllm/venv", probe),
                           f"rm -f {vllm_service.RESTART_MARK}"]
 
 
