@@ -2,7 +2,7 @@
 sshd, no internet) booted by sandbox once per test session, under the name "e2e" (apart from
 the demo's "sbx"). Needs root; CI provides it. Test modules run in name order on the same
 hosts: deploy, docker, drift, endpoint bench, Hub weights, infra suite, faults, roll-out,
-secrets, then the teardown check.
+secrets, TLS, then the teardown check.
 
 `sandbox["hosts"]` and the `hosts` fixture are the serving hosts (trays), `sandbox["routers"]`
 and `routers` the router hosts; `fleet` is both.
