@@ -199,8 +199,8 @@ def install() -> None:
 
     Data keys: router_version, router_venv_dir, router_wheelhouse_dir, router_host,
     router_accept_open_admin, router_port, router_policy, router_health_check_interval_s,
-    router_backend_group, router_prometheus_port; the backends' vllm_backend_url, ssh_hostname
-    and vllm_port.
+    router_backend_group, router_prometheus_port; the backends' vllm_backend_url, ssh_hostname,
+    vllm_port, and vllm_tls_cert_file / vllm_tls_ca_file (https, and the CAs it trusts).
     """
     settings = read_router_settings(host)
     system.packages_installed(PACKAGES)
