@@ -30,7 +30,7 @@ The routers' admin routes take no key and listen where the router does (loopback
 the calls run on the router host, over the inventory's own connection (`pyinfra ... exec`).
 Interrupted (Ctrl-C, SIGTERM) while a batch is out of the routers, it waits for any restart
 the batch's deploy had begun to end (systemd finishes it without pyinfra), puts back each of
-the batch's trays that answers /health within the router's health timeout, names those it
+the batch's trays that answers /health within SETTLE_TIMEOUT_S (15 min), names those it
 leaves out, and exits 130 (Ctrl-C again leaves them out at once); run it again to roll what
 is still to change. Killed outright (SIGKILL), it leaves the batch out of the
 routers until the next roll-out's batch or a restart of vllm-router.service (its unit lists
@@ -62,8 +62,9 @@ ROLLED, STOPPED, NOT_STARTED = 0, 1, 2
 INTERRUPTED = 130  # as a shell reports a command Ctrl-C stopped
 # What pyinfra prints when SIGINT stops it (and then it exits 0).
 PYINFRA_INTERRUPTED = "Exiting upon user request!"
-# After an interrupted batch, how long to wait for a restart its deploy had begun: systemd's
-# own stop timeout (vllm_shutdown_timeout_s and a margin) bounds it first.
+# After an interrupted batch, how long each of its trays gets to end a restart its deploy had
+# begun (systemd's stop timeout bounds that first), then again to answer /health before it is
+# left out of the routers: a GB200 tray loads Kimi-K2.6 in ~12 min. Ctrl-C again: at once.
 SETTLE_TIMEOUT_S = 900
 
 
@@ -159,13 +160,13 @@ def settled_script(timeout_s: int = SETTLE_TIMEOUT_S) -> str:
             f"&& [ $(date +%s) -lt $deadline ]; do sleep 1; done")
 
 
-def put_back_script(router: Router, urls: list[str], wait_s: int | None = None) -> str:
+def put_back_script(router: Router, urls: list[str], wait_s: int = SETTLE_TIMEOUT_S) -> str:
     """Shell on the router host after an interrupted batch (each tray settled first:
-    settled_script): take back each of `urls` that answers /health within `wait_s` (default
-    the router's health timeout: a restart the deploy began loads its model meanwhile), and
-    say which were put back and which left out."""
+    settled_script): take back each of `urls` that answers /health within `wait_s` (a
+    restart the deploy began loads its model meanwhile; left out, a tray whose new release
+    needs no restart any more would stay out of the router past the next roll-out), and say
+    which were put back and which left out."""
     base = router.local_url
-    wait_s = router.health_timeout_s if wait_s is None else wait_s
     return f"deadline=$(( $(date +%s) + {wait_s} )); " + "; ".join(
         f"until curl -fs -o /dev/null --max-time 5 {shlex.quote(url + '/health')} "
         f"|| [ $(date +%s) -ge $deadline ]; do sleep 1; done; "
