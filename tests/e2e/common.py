@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -60,14 +61,17 @@ def api_key(sandbox) -> str:
     return Path(sandbox["api_key_file"]).read_text().strip()
 
 
-def call(address: str, path: str, key: str | None, body: dict | None = None, port: int = 8000):
+def call(address: str, path: str, key: str | None, body: dict | None = None, port: int = 8000,
+         context: ssl.SSLContext | None = None):
+    """(status, JSON) of one request; over https when `context` says what to trust."""
+    scheme = "http" if context is None else "https"
     request = urllib.request.Request(
-        f"http://{address}:{port}{path}", method="POST" if body else "GET",
+        f"{scheme}://{address}:{port}{path}", method="POST" if body else "GET",
         data=json.dumps(body).encode() if body else None,
         headers={"Content-Type": "application/json"})
     if key:
         request.add_header("Authorization", f"Bearer {key}")
-    with urllib.request.urlopen(request, timeout=120) as response:
+    with urllib.request.urlopen(request, timeout=120, context=context) as response:
         return response.status, json.load(response)
 
 

@@ -10,7 +10,6 @@ plain http as it found it."""
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import json
 import socket
@@ -18,7 +17,6 @@ import ssl
 import subprocess
 import sys
 import urllib.error
-import urllib.request
 
 import pytest
 from cryptography import x509
@@ -27,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tasks.tls import CA_FILE, CERT_FILE, CREDENTIALS_DIR, KEY_FILE, TLS_DIR, credentials
 from tasks.vllm_router import BACKENDS_CA
 from tasks.vllm_service import RELEASE_DIR, RELEASE_TLS
-from tests.e2e.common import ENV, ROUTER_PORT, api_key, chat, pyinfra
+from tests.e2e.common import ENV, ROUTER_PORT, api_key, call, chat, pyinfra
 from tests.e2e.test_s_secrets import search_host
 from tests.helpers import REPO
 from tests.unit.test_tls import certificate, pem
@@ -73,14 +71,9 @@ def served_certificate(address: str) -> x509.Certificate:
 
 
 def https_chat(address: str, key: str, ca) -> int:
-    request = urllib.request.Request(
-        f"https://{address}:8000/v1/chat/completions", method="POST",
-        data=json.dumps({"model": "Kimi-K2.6", "max_tokens": 8,
-                         "messages": [{"role": "user", "content": "hi"}]}).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
-    context = ssl.create_default_context(cafile=str(ca))
-    with urllib.request.urlopen(request, timeout=120, context=context) as response:
-        return response.status
+    return call(address, "/v1/chat/completions", key, {
+        "model": "Kimi-K2.6", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]},
+        context=ssl.create_default_context(cafile=str(ca)))[0]
 
 
 def test_every_client_reaches_the_trays_over_https_and_the_key_stays_in_its_file(
