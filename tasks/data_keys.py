@@ -436,8 +436,8 @@ KEYS: tuple[Key, ...] = (
         ("vllm_tls_cert_file", None, "None or a PEM file on the controller", optional(text),
          "vLLM's own TLS (--ssl-certfile): the server certificate, then its chain; its "
          "subjectAltName must name the host's address (ssh_hostname, else its name), which "
-         "every client uses. None serves plain HTTP. With vllm_tls_key_file; not yet with "
-         "vllm_runtime kubernetes."),
+         "every client uses (on the kubernetes runtime every node's: one Secret serves "
+         "them all). None serves plain HTTP. With vllm_tls_key_file."),
         ("vllm_tls_key_file", None, "None or a PEM file on the controller, outside this "
          "repository", optional(text),
          "The certificate's private key (--ssl-keyfile), unencrypted PEM; on the host only in "

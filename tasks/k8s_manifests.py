@@ -27,6 +27,7 @@ import jinja2
 from tasks.data_keys import (DNS_LABEL_RFC1035, DNS_LABEL_RFC1123, NODE_NAME, SERVICE_TYPES,
                              VOLUME_TYPES, is_integer)
 from tasks.settings import OFFLINE_ENVIRONMENT, STOP_MARGIN_S
+from tasks.tls import CA_FILE, CERT_FILE, KEY_FILE, TLS_DIR, Tls, serve_flags
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates" / "k8s"
 # Apply order: the claim template and the Secret exist before the pod that names them.
@@ -40,6 +41,12 @@ CONTAINER_NAME = "vllm-server"
 GPU_CLAIM = "gpu"
 # vLLM reads VLLM_API_KEY as --api-key's default, so the key never sits in the argv.
 SECRET_KEYS = ("VLLM_API_KEY",)
+# vLLM's TLS files, under these keys in the same Secret, mounted read-only at TLS_DIR
+# (where tls.serve_flags("kubernetes") points vLLM), 0400: the container runs as root with
+# every capability dropped, so the owner's read bit is what lets it open them.
+TLS_SECRET_KEYS = (CERT_FILE, KEY_FILE, CA_FILE)
+TLS_VOLUME = "vllm-tls"
+TLS_FILE_MODE = 0o400
 # Names the Hub token goes by (huggingface_hub reads both): refused in the pod's environment,
 # for the token stays off the cluster.
 HUB_TOKEN_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -154,6 +161,9 @@ class ManifestValues:
     + service_port, node_port: the Service's port; node_port for NodePort only
     + api_key: the Secret's value, read by the caller from a controller file at apply time;
       None leaves the key out of the Secret (the pod then runs without it, the endpoint open)
+    + tls: vLLM's own TLS (tasks/tls.py), None for plain HTTP: its certificate, key and CA go
+      into the Secret, mounted read-only at TLS_DIR; the probes ask over HTTPS; serve_args
+      must then carry tls.serve_flags("kubernetes"), and only then
     """
 
     serve_args: tuple[str, ...]
@@ -182,6 +192,7 @@ class ManifestValues:
     service_port: int = 8000
     node_port: int = 30180
     api_key: str | None = field(default=None, repr=False)
+    tls: Tls | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Lists from callers become tuples: the values stay what they were when checked.
@@ -291,6 +302,13 @@ def _argv_problems(values: ManifestValues) -> list[str]:
     port = _flag_value(values.serve_args, "--port")
     if port is not None and port.isdigit() and int(port) > 65535:
         problems.append(f"serve_args: --port {port}: a TCP port 1..65535 (the container port)")
+    served_tls = [_flag_value(values.serve_args, flag)
+                  for flag in ("--ssl-certfile", "--ssl-keyfile")]
+    wanted_tls = serve_flags("kubernetes")[1::2] if values.tls is not None else [None, None]
+    if served_tls != wanted_tls:
+        problems.append(f"serve_args: --ssl-certfile/--ssl-keyfile {served_tls} where tls "
+                        f"wants {wanted_tls} (the files where the pod mounts the Secret, "
+                        "exactly when tls is given)")
     shutdown = _flag_value(values.serve_args, "--shutdown-timeout")
     if shutdown is not None and not shutdown.isdigit():
         problems.append(f"serve_args: --shutdown-timeout {shutdown!r}: whole seconds, 0 or more "
@@ -336,9 +354,26 @@ def _volumes(values: ManifestValues) -> list[dict]:
             for name, mount, source, sub_path in wanted]
 
 
-def _probe(path: str, period_s: int, timeout_s: int, failure_threshold: int) -> dict:
+def _probe(path: str, period_s: int, timeout_s: int, failure_threshold: int,
+           scheme: str = "HTTP") -> dict:
+    """A probe's fields; `scheme` HTTPS for vLLM's TLS (the kubelet does not verify the
+    certificate of a probe it sends)."""
     return {"path": path, "period_s": period_s, "timeout_s": timeout_s,
-            "failure_threshold": failure_threshold}
+            "failure_threshold": failure_threshold, "scheme": scheme}
+
+
+def _secret_data(values: ManifestValues) -> list[tuple[str, str]]:
+    """The Secret's (key, base64 value) pairs: the API key, vLLM's TLS files.
+
+    `data`, not `stringData`: under server-side apply a key dropped from stringData stays in
+    the live Secret, so a removed API key would keep working. From `data`, a key this field
+    manager applied before and applies no more is removed (the HF_TOKEN earlier versions put
+    there, say): the Secret is rendered even when empty."""
+    secrets = list(zip(SECRET_KEYS, (values.api_key,)))
+    if values.tls is not None:
+        secrets += zip(TLS_SECRET_KEYS, (values.tls.cert, values.tls.key, values.tls.ca))
+    return [(key, base64.b64encode(value.encode()).decode())
+            for key, value in secrets if value is not None]
 
 
 def template_context(values: ManifestValues) -> dict[str, dict]:
@@ -347,12 +382,7 @@ def template_context(values: ManifestValues) -> dict[str, dict]:
     labels = _labels(values)
     window_s = startup_probe_window_s(values.checkpoint_size_bytes, values.load_bytes_per_s)
     common = {"name": values.name, "namespace": values.namespace, "labels": labels}
-    # `data` (base64), not `stringData`: under server-side apply a key dropped from
-    # stringData stays in the live Secret, so a removed API key would keep working. From
-    # `data`, a key this field manager applied before and applies no more is removed (the
-    # HF_TOKEN earlier versions put there, say): the Secret is rendered even when empty.
-    secret_data = [(key, base64.b64encode(value.encode()).decode())
-                   for key, value in zip(SECRET_KEYS, (values.api_key,)) if value is not None]
+    scheme = "HTTP" if values.tls is None else "HTTPS"
     return {
         "resourceclaimtemplate.yaml.j2": {
             **common, "claim_template_name": values.claim_template_name,
@@ -360,7 +390,7 @@ def template_context(values: ManifestValues) -> dict[str, dict]:
             "gpu_count": values.gpu_count,
         },
         "secret.yaml.j2": {**common, "secret_name": values.secret_object_name,
-                           "data": secret_data},
+                           "data": _secret_data(values)},
         "deployment.yaml.j2": {
             **common,
             "selector_labels": [("app", values.name)],
@@ -383,16 +413,20 @@ def template_context(values: ManifestValues) -> dict[str, dict]:
             "port": values.container_port,
             "volume_type": values.volume_type,
             "volumes": _volumes(values),
+            "tls_volume": None if values.tls is None else {
+                "name": TLS_VOLUME, "mount_path": TLS_DIR, "keys": list(TLS_SECRET_KEYS),
+                "mode": TLS_FILE_MODE},
             "shm_size": values.shm_size,
             "node_selector": [("kubernetes.io/arch", "arm64"),
                               *sorted(values.node_selector.items())],
             "hostname_label": HOSTNAME_LABEL,
             "node_names": list(values.node_names),
-            "startup_probe": _probe("/health", PROBE_PERIOD_S, 5, window_s // PROBE_PERIOD_S),
-            "readiness_probe": _probe("/health", PROBE_PERIOD_S, 5, 3),
+            "startup_probe": _probe("/health", PROBE_PERIOD_S, 5, window_s // PROBE_PERIOD_S,
+                                    scheme),
+            "readiness_probe": _probe("/health", PROBE_PERIOD_S, 5, 3, scheme),
             # A liveness kill costs a full reload of the weights: only a server that has not
             # answered for two and a half minutes is restarted.
-            "liveness_probe": _probe("/health", 30, 10, 5),
+            "liveness_probe": _probe("/health", 30, 10, 5, scheme),
         },
         "service.yaml.j2": {
             **common, "selector_labels": [("app", values.name)],

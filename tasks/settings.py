@@ -333,18 +333,14 @@ def client_address(name: str, data) -> str:
 
 def _tls_problems(name: str, data, values: dict, tls: Tls) -> list[Problem]:
     """What TLS needs beyond good files: a certificate that names the address the
-    controller's checks reach the host by, and a runtime it is built for."""
-    found = []
+    controller's checks reach the host by (on the kubernetes runtime the node's, where the
+    NodePort answers: one Deployment serves every node, so its certificate names them all)."""
     address = client_address(name, data)
-    if address not in tls.names:
-        found.append(problem(name, "vllm_tls_cert_file", values["vllm_tls_cert_file"],
-                             f"a certificate naming {address}, the address the controller "
-                             f"reaches this host by (it names {', '.join(tls.names)})"))
-    if values["vllm_runtime"] == "kubernetes":
-        found.append(problem(name, "vllm_tls_cert_file", values["vllm_tls_cert_file"],
-                             "None with vllm_runtime kubernetes (TLS in the pod is not built "
-                             "yet)"))
-    return found
+    if address in tls.names:
+        return []
+    return [problem(name, "vllm_tls_cert_file", values["vllm_tls_cert_file"],
+                    f"a certificate naming {address}, the address the controller reaches "
+                    f"this host by (it names {', '.join(tls.names)})")]
 
 
 def _derive(name: str, values: dict, api_key: str | None, wheelhouse: str | None,

@@ -9,7 +9,9 @@ the one renderer's with the pod's mount paths. One Deployment serves them all, s
 must render the same objects; two that disagree stop the run, naming both. The pod is pinned to
 those nodes (required node affinity on their `k8s_node_name`), the ones this deploy filled with
 the weights. The Hub token stays on the nodes that download: the pod runs offline, and neither
-the Secret nor the container ever holds it.
+the Secret nor the container ever holds it. With vllm_tls_* data the nodes' certificate, key
+and CA go into the same Secret, mounted read-only into the pod (tasks/k8s_manifests.py); a new
+certificate changes the Secret alone, and so restarts the pod once.
 
 The rendered objects are kept on the control host (secret.yaml root 0600 from its creation,
 so `kubectl` reads the secret values from a file, never from a command line). Only when one of
@@ -57,6 +59,7 @@ _VALUE_KEYS = {
     "environment": "vllm_environment, vllm_cpu_threads_bind",
     "service_port": "vllm_port",
     "api_key": "vllm_api_key_file, vllm_api_key_command",
+    "tls": "vllm_tls_cert_file, vllm_tls_key_file, vllm_tls_ca_file",
 }
 
 
@@ -172,7 +175,7 @@ def node_values(config: KubernetesSettings, node, settings: Settings,
         volume_type=config.volume_type, name=config.name, namespace=config.namespace,
         image=name, image_digest=digest or None, environment=dict(settings.environment),
         node_names=pinned_to, service_type=config.service_type, service_port=settings.port,
-        node_port=config.node_port, api_key=settings.api_key, **volumes)
+        node_port=config.node_port, api_key=settings.api_key, tls=settings.tls, **volumes)
 
 
 def _difference(field: dataclasses.Field, first, second) -> str:

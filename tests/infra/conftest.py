@@ -161,17 +161,17 @@ class Endpoint(str):
 def endpoint(host_name, host_data, settings) -> str:
     """The server's base URL as the controller reaches it: the host's port, or on Kubernetes
     nodes the Service's NodePort (kube-proxy answers it on every node)."""
-    address = client_address(host_name, host_data)
-    if settings.runtime != "kubernetes":
-        if settings.tls is None:
-            return Endpoint(f"http://{address}:{settings.port}")
-        url = Endpoint(f"https://{settings.tls_name}:{settings.port}")
-        url.context = ssl.create_default_context(cadata=settings.tls.ca)
-        return url
-    if host_data.get("k8s_service_type") != "NodePort":
-        pytest.skip("k8s_service_type ClusterIP: the Service is not reachable from outside "
-                    "the cluster")
-    return Endpoint(f"http://{address}:{host_data['k8s_node_port']}")
+    port = settings.port
+    if settings.runtime == "kubernetes":
+        if host_data.get("k8s_service_type") != "NodePort":
+            pytest.skip("k8s_service_type ClusterIP: the Service is not reachable from "
+                        "outside the cluster")
+        port = host_data["k8s_node_port"]
+    if settings.tls is None:
+        return Endpoint(f"http://{client_address(host_name, host_data)}:{port}")
+    url = Endpoint(f"https://{settings.tls_name}:{port}")
+    url.context = ssl.create_default_context(cadata=settings.tls.ca)
+    return url
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ validated offline against the Kubernetes 1.34 and 1.35 schemas and lined up agai
 
 import base64
 import dataclasses
+import datetime
 import shlex
 
 import kubernetes_validate
@@ -14,6 +15,7 @@ from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, TEMPLATE_D
                                  template_context)
 from tasks.models import PROFILES, vllm_serve_args
 from tasks.settings import OFFLINE_ENVIRONMENT, STOP_MARGIN_S
+from tasks.tls import Tls, serve_flags
 from tests.helpers import REPO, SEED, group_data
 
 SEED_MANIFEST = REPO / "tests" / "fixtures" / "seed-k8s.yaml"
@@ -21,13 +23,20 @@ SEED_LINES = (164, 257)  # the manifest's first and last line in the seed, 1-bas
 K8S_VERSIONS = ("1.34.0", "1.35.0")
 # Recognisable stand-ins, so a leak into any text can be searched for.
 API_KEY = "sk-test-4f1c9e0b7d2a6e13"
+# Stand-in PEM texts: rendering copies them, it does not parse them (tasks/tls.py did).
+TLS = Tls(cert="-----BEGIN CERTIFICATE-----\ntest-cert-3b9d\n-----END CERTIFICATE-----\n",
+          key="-----BEGIN PRIVATE KEY-----\ntest-tls-key-5e21c7\n-----END PRIVATE KEY-----\n",
+          ca="-----BEGIN CERTIFICATE-----\ntest-ca-77f0\n-----END CERTIFICATE-----\n",
+          names=("gb200-tray-01", "gb200-tray-02"),
+          not_after=datetime.datetime(2027, 12, 1, tzinfo=datetime.timezone.utc))
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 # The GB200 inventory's trays, as their kubernetes.io/hostname labels.
 TRAYS = ("gb200-tray-01", "gb200-tray-02")
 
 
-def gb200_serve_args(draft: bool, **overrides) -> list[str]:
-    """The container argv the GB200 group's data gives, as tasks/vllm_kubernetes.py builds it."""
+def gb200_serve_args(draft: bool, tls: bool = False, **overrides) -> list[str]:
+    """The container argv the GB200 group's data gives, as tasks/vllm_kubernetes.py builds it
+    (with vLLM's TLS flags when `tls`)."""
     data = {**group_data("gb200"), **overrides}
     return vllm_serve_args(
         PROFILES[data["model_profile"]], model_path=MODEL_MOUNT,
@@ -35,11 +44,13 @@ def gb200_serve_args(draft: bool, **overrides) -> list[str]:
         port=data["vllm_port"], tensor_parallel_size=data["vllm_tensor_parallel_size"],
         gpu_memory_utilization=data["vllm_gpu_memory_utilization"],
         num_speculative_tokens=data["model_num_speculative_tokens"],
-        shutdown_timeout_s=data["vllm_shutdown_timeout_s"], extra_args=data["vllm_extra_args"])
+        shutdown_timeout_s=data["vllm_shutdown_timeout_s"], extra_args=data["vllm_extra_args"],
+        tls_flags=serve_flags("kubernetes") if tls else ())
 
 
 def make_values(*, draft: bool = True, volume_type: str = "hostPath",
-                service_type: str = "NodePort", **overrides) -> ManifestValues:
+                service_type: str = "NodePort", tls: bool = False,
+                **overrides) -> ManifestValues:
     data = group_data("gb200")
     profile = PROFILES[data["model_profile"]]
     if volume_type == "hostPath":
@@ -51,10 +62,11 @@ def make_values(*, draft: bool = True, volume_type: str = "hostPath",
         weights = {"model_volume": "kimi-models", "model_sub_path": profile.local_name,
                    "draft_volume": "kimi-models" if draft else None,
                    "draft_sub_path": profile.draft_local_name if draft else None}
-    values = {"serve_args": gb200_serve_args(draft), "checkpoint_size_bytes": profile.size_bytes,
+    values = {"serve_args": gb200_serve_args(draft, tls),
+              "checkpoint_size_bytes": profile.size_bytes,
               "load_bytes_per_s": data["vllm_load_bytes_per_s"], "volume_type": volume_type,
               "service_type": service_type, "api_key": API_KEY, "node_names": TRAYS,
-              **weights}
+              "tls": TLS if tls else None, **weights}
     return ManifestValues(**{**values, **overrides})
 
 
@@ -85,10 +97,11 @@ VARIANTS = [
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "tls"])
 @pytest.mark.parametrize("draft, volume_type, service_type", VARIANTS)
-def test_every_object_validates_strictly(version, draft, volume_type, service_type):
+def test_every_object_validates_strictly(version, draft, volume_type, service_type, tls):
     rendered = objects(make_values(draft=draft, volume_type=volume_type,
-                                   service_type=service_type))
+                                   service_type=service_type, tls=tls))
     assert list(rendered) == list(MANIFESTS)
     for name, obj in rendered.items():
         # validate() answers with the schema version it used: proof that the wanted one exists.
@@ -569,6 +582,60 @@ def test_claim_volumes_may_run_anywhere_or_pinned():
 def test_values_that_cannot_work_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         make_values(**overrides)
+
+
+# (f) vLLM's own TLS: the files in the Secret, mounted read-only; the probes over HTTPS.
+
+def test_tls_files_ride_in_the_secret_and_nowhere_else():
+    texts = render_manifests(make_values(tls=True))
+    secret = load(texts["secret.yaml"])
+    assert {key: base64.b64decode(value).decode() for key, value in secret["data"].items()} \
+        == {"VLLM_API_KEY": API_KEY, "server.crt": TLS.cert, "server.key": TLS.key,
+            "ca.crt": TLS.ca}
+    encoded = base64.b64encode(TLS.key.encode()).decode()
+    for name, text in texts.items():
+        assert ("test-tls-key-5e21c7" in text or encoded in text) is (name == "secret.yaml"), name
+    assert "test-tls-key" not in repr(make_values(tls=True))
+
+
+def test_the_pod_sees_the_tls_files_read_only_where_vllm_is_told_they_are():
+    deployment = objects(make_values(tls=True))["deployment.yaml"]
+    spec, served = deployment["spec"]["template"]["spec"], container(deployment)
+    (volume,) = [item for item in spec["volumes"] if "secret" in item]
+    # Only the TLS keys become files (the API key stays an environment reference), 0400.
+    assert volume["secret"] == {
+        "secretName": "kimi-k26-secrets", "defaultMode": 0o400,
+        "items": [{"key": key, "path": key} for key in ("server.crt", "server.key", "ca.crt")]}
+    (mount,) = [item for item in served["volumeMounts"] if item["name"] == volume["name"]]
+    assert mount == {"name": volume["name"], "mountPath": "/etc/vllm/tls", "readOnly": True}
+    flags = served["args"][served["args"].index("--ssl-certfile"):][:4]
+    assert flags == ["--ssl-certfile", "/etc/vllm/tls/server.crt",
+                     "--ssl-keyfile", "/etc/vllm/tls/server.key"]
+
+
+@pytest.mark.parametrize("tls, scheme", [(False, None), (True, "HTTPS")])
+def test_probes_ask_over_https_exactly_with_tls(tls, scheme):
+    """vLLM with TLS answers nothing over plain HTTP: a probe left on HTTP would fail and
+    restart the pod forever. The kubelet does not verify a probe's certificate."""
+    served = container(objects(make_values(tls=tls))["deployment.yaml"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert served[probe]["httpGet"].get("scheme") == scheme, probe
+    assert ("secret" in str(objects(make_values(tls=tls))["deployment.yaml"]["spec"]
+                            ["template"]["spec"]["volumes"])) is tls
+
+
+@pytest.mark.parametrize("args_tls, values_tls", [(True, False), (False, True)])
+def test_tls_flags_and_files_come_together(args_tls, values_tls):
+    with pytest.raises(ManifestValuesError, match="--ssl-certfile/--ssl-keyfile"):
+        make_values(serve_args=gb200_serve_args(True, args_tls),
+                    tls=TLS if values_tls else None)
+
+
+def test_tls_flags_pointing_elsewhere_are_refused():
+    args = gb200_serve_args(True) + serve_flags("venv")  # the venv unit's credential paths
+    with pytest.raises(ManifestValuesError, match="where the pod mounts the Secret"):
+        ManifestValues(**{**dataclasses.asdict(make_values(tls=True)), "serve_args": args,
+                          "tls": TLS})
 
 
 # The templates themselves.

@@ -1,5 +1,5 @@
-"""tasks/tls.py (WIP, branch wip/tls): the certificate, key and CA read and checked on the
-controller. The certificates are made here, with the same library the check uses."""
+"""tasks/tls.py: the certificate, key and CA read and checked on the controller. The
+certificates are made here, with the same library the check uses."""
 
 from __future__ import annotations
 
@@ -138,15 +138,16 @@ def test_the_server_is_told_where_its_runtime_sees_the_files(tls_data, runtime, 
     assert "PRIVATE KEY" not in " ".join(settings.serve_args)
 
 
-def test_tls_in_a_pod_is_refused_until_it_is_built(tls_data):
-    from tasks.data_keys import DataError
+def test_a_pod_is_told_where_the_secret_is_mounted(tls_data):
+    """The kubernetes runtime: the files ride in the Deployment's Secret (tasks/k8s_manifests.py,
+    tests/unit/test_vllm_kubernetes.py), mounted where the docker runtime puts them."""
     from tasks.settings import read_settings
     from tests.helpers import FakeHost
     tls_data.update(vllm_runtime="kubernetes")
-    with pytest.raises(DataError) as error:
-        read_settings(FakeHost("tray-01", tls_data))
-    assert "tray-01: vllm_tls_cert_file:" in str(error.value)
-    assert "TLS in the pod is not built yet" in str(error.value)
+    settings = read_settings(FakeHost("tray-01", tls_data))
+    assert settings.serve_args_at(model_path="/app/model", draft_path=None)[-4:] == \
+        tls.serve_flags("docker")
+    assert settings.tls.names == ("tray-01", "10.0.0.1")
 
 
 def test_the_venv_unit_loads_the_files_as_credentials_and_the_container_mounts_them(tls_data):

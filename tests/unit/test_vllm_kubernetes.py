@@ -18,6 +18,8 @@ import subprocess
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from pyinfra.api import Config, FileUploadCommand, Inventory, State, StringCommand
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
@@ -32,7 +34,9 @@ from tasks.k8s_manifests import (DRAFT_MOUNT, MANIFESTS, MODEL_MOUNT, rollout_de
 from tasks.data_keys import DataError
 from tasks.settings import OFFLINE_ENVIRONMENT, read_settings
 from tasks.vllm_kubernetes import node_names, read_kubernetes_settings, rollout_script
+from tasks.inventory_check import address_of
 from tests.helpers import FakeHost, fact_command, group_data, planned_commands
+from tests.unit.test_tls import certificate, pem
 
 NODES = ("@fake/tray-01", "@fake/tray-02")
 CONTROL = "@fake/bastion"
@@ -288,6 +292,70 @@ def test_rotated_api_key_uploads_only_the_secret_and_restarts_the_pod(secrets, t
     assert apply == APPLY
     assert restart == "kubectl -n default rollout restart deployment/kimi-k26"
     assert "rollout status deployment/kimi-k26" in rollout
+
+
+@pytest.fixture
+def node_tls(tmp_path) -> dict:
+    """vllm_tls_* data for both nodes: a CA, then two certificates (the second for a rotation)
+    naming both nodes, as one Deployment serving them needs; keys outside the repository."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(pem(certificate(ca_key, ca_key, "test CA", "test CA", 30, ca=True)))
+    names = [x509.DNSName(address_of(node, {})) for node in NODES]
+    made = {}
+    for turn in ("first", "second"):
+        key = ec.generate_private_key(ec.SECP256R1())
+        (tmp_path / f"{turn}.pem").write_bytes(
+            pem(certificate(key, ca_key, "tray", "test CA", 30, names)))
+        (tmp_path / f"{turn}.key").write_bytes(pem(key))
+        made[turn] = {"vllm_tls_cert_file": str(tmp_path / f"{turn}.pem"),
+                      "vllm_tls_key_file": str(tmp_path / f"{turn}.key"),
+                      "vllm_tls_ca_file": str(ca_file)}
+        made[f"{turn}_key_line"] = pem(key).decode().splitlines()[1]
+    return made
+
+
+def test_tls_puts_the_files_in_the_secret_and_serves_https(secrets, node_tls):
+    first = node_tls["first"]
+    texts = rendered(secrets, (first, first))
+    secret = yaml.safe_load(texts["secret.yaml"])["data"]
+    assert sorted(secret) == ["VLLM_API_KEY", "ca.crt", "server.crt", "server.key"]
+    assert node_tls["first_key_line"] in base64.b64decode(secret["server.key"]).decode()
+    args = deployment_args(texts["deployment.yaml"])
+    assert args[args.index("--ssl-keyfile") + 1] == "/etc/vllm/tls/server.key"
+    for name, text in texts.items():
+        assert node_tls["first_key_line"] not in text, name
+
+
+def test_a_new_certificate_uploads_only_the_secret_and_restarts_the_pod(secrets, node_tls):
+    """vLLM reads its certificate at start, as it does its key: a rotation restarts it once."""
+    first, second = node_tls["first"], node_tls["second"]
+    state, host = prepared(secrets, control_answers(rendered(secrets, (first, first))),
+                           (second, second))
+    planned = plan(state, host)
+    assert list(planned) == [NAMES["secret.yaml"], NAMES["apply"]]
+    assert planned[NAMES["apply"]][1] == "kubectl -n default rollout restart deployment/kimi-k26"
+    for commands in planned.values():
+        assert not any(node_tls[line] in " ".join(commands)
+                       for line in ("first_key_line", "second_key_line"))
+
+
+def test_nodes_with_other_certificates_are_named_but_not_shown(secrets, node_tls):
+    with pytest.raises(DataError) as raised:
+        prepared(secrets, {}, (node_tls["first"], node_tls["second"]))
+    message = str(raised.value)
+    assert ("vllm_tls_cert_file, vllm_tls_key_file, vllm_tls_ca_file: found tls: the values "
+            "differ (secret: not shown)") in message
+    assert node_tls["first_key_line"] not in message
+    assert node_tls["second_key_line"] not in message
+
+
+def test_a_certificate_that_does_not_name_a_node_is_refused(secrets, node_tls, tmp_path):
+    first = dict(node_tls["first"])
+    with pytest.raises(DataError) as raised:
+        prepared(secrets, {}, ({**first, "ssh_hostname": "10.9.8.7"}, first))
+    assert f"{NODES[0]}: vllm_tls_cert_file" in str(raised.value)
+    assert "a certificate naming 10.9.8.7" in str(raised.value)
 
 
 # (d) The container runs the one renderer's command, with the pod's paths.
