@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks import data_keys
+from tasks.vllm_router import BACKENDS_CA
 from tasks.vllm_router import GROUP as ROUTER_GROUP
 from tasks.vllm_router import backend_url, backends_of, settings_from
 from tasks.vllm_service import RESTART_OPERATION, UNIT_NAME
@@ -160,17 +161,24 @@ def settled_script(timeout_s: int = SETTLE_TIMEOUT_S) -> str:
             f"&& [ $(date +%s) -lt $deadline ]; do sleep 1; done")
 
 
-def put_back_script(router: Router, urls: list[str], wait_s: int = SETTLE_TIMEOUT_S) -> str:
+def put_back_script(router: Router, urls: list[str], wait_s: int = SETTLE_TIMEOUT_S,
+                    ca_file: str = BACKENDS_CA) -> str:
     """Shell on the router host after an interrupted batch (each tray settled first:
     settled_script): take back each of `urls` that answers /health within `wait_s` (a
     restart the deploy began loads its model meanwhile; left out, a tray whose new release
     needs no restart any more would stay out of the router past the next roll-out), and say
-    which were put back and which left out."""
+    which were put back and which left out. An https tray is asked trusting `ca_file`, what
+    the router trusts its trays by (tasks/vllm_router.py places it with any https backend)."""
     base = router.local_url
+
+    def health(url: str) -> str:
+        trust = ["--cacert", ca_file] if url.startswith("https://") else []
+        return shlex.join(["curl", "-fs", "-o", "/dev/null", "--max-time", "5", *trust,
+                           url + "/health"])
+
     return f"deadline=$(( $(date +%s) + {wait_s} )); " + "; ".join(
-        f"until curl -fs -o /dev/null --max-time 5 {shlex.quote(url + '/health')} "
-        f"|| [ $(date +%s) -ge $deadline ]; do sleep 1; done; "
-        f"if curl -fs -o /dev/null --max-time 5 {shlex.quote(url + '/health')}; then "
+        f"until {health(url)} || [ $(date +%s) -ge $deadline ]; do sleep 1; done; "
+        f"if {health(url)}; then "
         f"curl -sS -o /dev/null -X POST {shlex.quote(f'{base}/add_worker?url={url}')} && "
         f"echo {shlex.quote('put back: ' + url)}; else "
         f"echo {shlex.quote('left out, not healthy: ' + url)}; fi" for url in urls)

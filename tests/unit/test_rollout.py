@@ -5,19 +5,24 @@ streaming through) is tests/e2e/test_s_rollout.py."""
 from __future__ import annotations
 
 import http.server
+import ipaddress
 import json
 import os
 import signal
+import ssl
 import subprocess
 import threading
 import time
 from urllib.parse import parse_qs, urlparse
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tasks.data_keys import DEFAULTS, DataError
 from tasks.vllm_service import RESTART_OPERATION
 from tools import rollout
+from tests.unit.test_tls import certificate, pem
 from tests.unit.test_vllm_router import wheelhouse  # noqa: F401 (a fixture)
 
 
@@ -245,6 +250,39 @@ def test_after_an_interruption_only_a_tray_that_serves_is_put_back(admin):
                                           f"left out, not healthy: {restarting}"]
     assert AdminStub.workers == [serving]
     assert time.monotonic() - started >= 3  # it waited for the dead one, once (one deadline)
+
+
+def test_an_https_tray_is_put_back_trusting_the_routers_ca_for_its_trays(admin, tmp_path):
+    """A tray serving TLS signed by a private CA answers the put-back's /health only to a
+    client trusting that CA (the file tasks/vllm_router.py places on the router host): the
+    stub's /health, served over https with a certificate the test makes, stands in for it."""
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate(ca_key, ca_key, "test CA", "test CA", 30, ca=True)
+    names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other = certificate(other_key, other_key, "other CA", "other CA", 30, ca=True)
+    for name, thing in (("ca.pem", ca), ("other-ca.pem", other), ("key.pem", key),
+                        ("cert.pem", certificate(key, ca_key, "tray", "test CA", 30, names))):
+        (tmp_path / name).write_bytes(pem(thing))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), AdminStub)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    tray = f"https://127.0.0.1:{server.server_address[1]}"
+    try:
+        for ca_file, said in ((tmp_path / "ca.pem", "put back"),
+                              (tmp_path / "other-ca.pem", "left out, not healthy")):
+            AdminStub.workers, AdminStub.healthy_after = [], 0
+            result = subprocess.run(
+                ["sh", "-c", rollout.put_back_script(admin, [tray], wait_s=2,
+                                                     ca_file=str(ca_file))],
+                capture_output=True, text=True, timeout=30)
+            assert result.stdout.splitlines() == [f"{said}: {tray}"], result.stderr
+        assert rollout.BACKENDS_CA in rollout.put_back_script(admin, [tray])
+        assert "--cacert" not in rollout.put_back_script(admin, ["http://10.0.0.11:8000"])
+    finally:
+        server.shutdown()
 
 
 def test_after_an_interruption_a_tray_settles_before_its_health_is_believed(tmp_path):
