@@ -27,6 +27,9 @@ def local_tree_digests(src: Path) -> dict[str, str]:
 # Where a downloader keeps its own records inside a weights folder (the Hub fetch's manifest,
 # the hf client's resume metadata): never declared, never removed as undeclared.
 DOWNLOADER_RECORDS = f"{RECORDS_DIR}/"
+# Written into a venv by wheelhouse_venv_installed once its install ended: a venv without it
+# is a build that was cut short.
+VENV_COMPLETE = ".deploy-complete"
 
 
 def undeclared_files(present: Iterable[str], declared: Container[str]) -> list[str]:
@@ -92,6 +95,28 @@ def wheelhouse_lock_digest(wheelhouse_dir: str) -> str:
     return hashlib.sha256(lock + f"\nrecipe {VENV_RECIPE}".encode()).hexdigest()
 
 
+def _venv_built(lock_path: Path, target: str, lock: str, python: str):
+    """The commands that push the lock's wheels and build `target` from them, holding `lock`,
+    VENV_COMPLETE written last."""
+    staging = f"{target}.wheels"
+    yield StringCommand("rm", "-rf", QuoteString(staging), "&&", "mkdir", "-p",
+                        QuoteString(staging))
+    wheels = [line.split("#", 1)[1].strip()
+              for line in lock_path.read_text().splitlines()[1:] if "#" in line]
+    for wheel in wheels:
+        yield FileUploadCommand(str(lock_path.parent / wheel), f"{staging}/{wheel}")
+    yield FileUploadCommand(str(lock_path), f"{staging}/requirements.lock")
+    build = " && ".join([
+        shlex.join(["rm", "-rf", target]),
+        shlex.join([python, "-m", "venv", target]),
+        shlex.join([f"{target}/bin/pip", "install", "--quiet", "--no-index", "--no-deps",
+                    "--require-hashes", "--disable-pip-version-check", "--find-links", staging,
+                    "-r", f"{staging}/requirements.lock"]),
+        shlex.join(["touch", f"{target}/{VENV_COMPLETE}"]),
+        shlex.join(["rm", "-rf", staging])])
+    yield StringCommand("flock", QuoteString(lock), "sh", "-c", QuoteString(build))
+
+
 @operation()
 def wheelhouse_venv_installed(wheelhouse_dir: str, venv_link: str, python: str = "python3"):
     """
@@ -104,7 +129,10 @@ def wheelhouse_venv_installed(wheelhouse_dir: str, venv_link: str, python: str =
     Nothing reaches a package index: the wheels are pushed, then installed with
     ``--no-index --require-hashes``. A new lock builds a new venv beside the running one and
     switches the link atomically once the install succeeded; the previous venv is kept for
-    rollback, older ones are removed.
+    rollback, older ones are removed. A venv whose build ended (VENV_COMPLETE inside it: the
+    one kept, say) is switched to without a rebuild; one without it (a deploy killed mid-build)
+    is removed and built again. The build holds ``<venv_link>.build-lock`` (flock): a pip
+    the killed deploy left running on the host ends before the next build starts.
     """
     lock_path = Path(wheelhouse_dir) / "requirements.lock"
     digest = wheelhouse_lock_digest(wheelhouse_dir)[:16]
@@ -121,20 +149,8 @@ def wheelhouse_venv_installed(wheelhouse_dir: str, venv_link: str, python: str =
     if current == target:
         host.noop(f"{venv_link} -> {target}")
         return
-    staging = f"{target}.wheels"
-    yield StringCommand("rm", "-rf", QuoteString(target), QuoteString(staging), "&&",
-                        "mkdir", "-p", QuoteString(staging))
-    wheels = [line.split("#", 1)[1].strip()
-              for line in lock_path.read_text().splitlines()[1:] if "#" in line]
-    for wheel in wheels:
-        yield FileUploadCommand(str(Path(wheelhouse_dir, wheel)), f"{staging}/{wheel}")
-    yield FileUploadCommand(str(lock_path), f"{staging}/requirements.lock")
-    yield StringCommand(python, "-m", "venv", QuoteString(target))
-    yield StringCommand(f"{target}/bin/pip", "install", "--quiet", "--no-index", "--no-deps",
-                        "--require-hashes", "--disable-pip-version-check",
-                        "--find-links", QuoteString(staging),
-                        "-r", QuoteString(f"{staging}/requirements.lock"))
-    yield StringCommand("rm", "-rf", QuoteString(staging))
+    if not host.get_fact(File, path=f"{target}/{VENV_COMPLETE}"):  # else kept: switch back
+        yield from _venv_built(lock_path, target, f"{venv_link}.build-lock", python)
     yield StringCommand("ln", "-sfn", QuoteString(target), QuoteString(f"{venv_link}.new"),
                         "&&", "mv", "-T", QuoteString(f"{venv_link}.new"), QuoteString(venv_link))
     keep = [Path(target).name] + ([Path(current).name] if current else [])

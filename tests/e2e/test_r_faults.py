@@ -1,8 +1,8 @@
 """Faults the hosts survive on their own, with no deploy: vLLM killed outright, its engine
 process alone killed (the API server then exits 0: why the unit says Restart=always), the tray
 shut down and booted, and its power cut; and a deploy killed between its change and the
-restart. Each test measures the time back to serving and prints it (the README's faults
-table). Runs on the converged trays after the infra suite (name
+restart, and one killed in the middle of building a new venv. Each test measures the time
+back to serving and prints it (the README's faults table). Runs on the converged trays after the infra suite (name
 order), on the last tray, out of the others' way."""
 
 from __future__ import annotations
@@ -13,13 +13,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+from tasks.data_keys import DEFAULTS
+from tasks.operations import VENV_COMPLETE, wheelhouse_lock_digest
+from tasks.settings import controller_path
 from tasks.vllm_service import RESTART_MARK, UNIT_PATH
 from tests.e2e.common import (ENV, PYINFRA, SANDBOX, api_key, chat, drift_check, exec_start,
                               sandbox_tool, service_start)
-from tests.helpers import REPO
+from tests.helpers import REPO, group_data
 
 HEALTH_WAIT_S = 600
 
@@ -161,5 +165,79 @@ def test_a_deploy_killed_between_its_change_and_the_restart_is_finished_by_the_n
     back = subprocess.run(deploy[:4] + deploy[6:], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=1500, stdin=subprocess.DEVNULL)
     assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
+    status, output = drift_of(name, tmp_path)
+    assert status == "in_sync", output
+
+
+def rebuilt_wheelhouse(folder) -> str:
+    """A copy of the sandbox's vLLM wheelhouse (its wheels linked) whose lock says one word
+    more in its first line, a comment: the same packages under another lock digest, so the
+    deploy builds a new venv (~1-2 min on a tray) and restarts vLLM on it."""
+    source = Path(controller_path(group_data("sandbox")["vllm_wheelhouse_dir"]))
+    folder.mkdir()
+    for wheel in source.glob("*.whl"):
+        (folder / wheel.name).symlink_to(wheel)
+    header, rest = (source / "requirements.lock").read_text().split("\n", 1)
+    (folder / "requirements.lock").write_text(f"{header} rebuilt-by-e2e\n{rest}")
+    return str(folder)
+
+
+def test_a_deploy_killed_mid_venv_build_keeps_serving_and_the_next_one_finishes(
+        hosts, sandbox, converged_tray, tmp_path):
+    """Fault 3, mid-build: a new vLLM venv is built beside the one serving; the deploy's whole
+    process group SIGKILLed once pip has installed a few packages into it (a watcher on the
+    tray says when). The old release keeps serving, unrestarted, its link untouched, the new
+    venv unmarked; the next run builds it again (waiting on the build lock for any pip the
+    kill left running), switches, restarts once and leaves no staging folder; back to the
+    inventory's data, the kept venv is switched back to without a rebuild."""
+    tray = converged_tray
+    host, name = hosts[tray["name"]], tray["name"]
+    link = DEFAULTS["vllm_venv_dir"]
+    wheelhouse = rebuilt_wheelhouse(tmp_path / "wheelhouse")
+    target = f"{link}-{wheelhouse_lock_digest(wheelhouse)[:16]}"
+    deploy = [PYINFRA, "-y", "--limit", name, "--data", f"vllm_wheelhouse_dir={wheelhouse}",
+              "inventories/sandbox.py", "deploy.py"]
+    old, before = host.file(link).linked_to, service_start(host)
+    old_python = host.check_output(f"stat -c %i {old}/bin/python3")
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "harness.sandbox", "--name", SANDBOX, "ssh", name,
+         f"until [ $(ls -d {target}/lib/python3*/site-packages/*.dist-info 2>/dev/null "
+         f"| wc -l) -ge 5 ]; do sleep 0.1; done; echo building"],
+        cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    running = subprocess.Popen(deploy, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True,
+                               stdin=subprocess.DEVNULL)
+    while not select.select([watcher.stdout], [], [], 1)[0]:
+        if running.poll() is not None:
+            watcher.kill()
+            pytest.fail(f"the deploy exited {running.returncode} before pip installed into "
+                        f"{target}")
+    assert watcher.stdout.readline().strip() == "building"
+    os.killpg(running.pid, signal.SIGKILL)
+    running.wait()
+    watcher.wait(timeout=30)
+    left = host.run(f"pgrep -f -- {target}/bin/pip").stdout.split()
+    print(f"\ndeploy killed mid-build on {name}: pip processes left running: {len(left)}")
+    assert host.file(link).linked_to == old
+    assert not host.file(f"{target}/{VENV_COMPLETE}").exists
+    assert service_start(host) == before
+    status, body = chat(tray["address"], api_key(sandbox))  # the old release serves
+    assert status == 200 and body["usage"]["completion_tokens"] > 0
+    since = time.monotonic()
+    rerun = subprocess.run(deploy, cwd=REPO, env=ENV, capture_output=True, text=True,
+                           timeout=1500, stdin=subprocess.DEVNULL)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    print(f"the next run built the venv and served on it after {time.monotonic() - since:.0f}s")
+    assert host.file(link).linked_to == target
+    assert host.file(f"{target}/{VENV_COMPLETE}").exists
+    assert host.check_output(f"ls -d {link}-*.wheels 2>/dev/null || true") == ""
+    assert service_start(host) != before
+    status, body = chat(tray["address"], api_key(sandbox))
+    assert status == 200 and body["usage"]["completion_tokens"] > 0
+    back = subprocess.run(deploy[:4] + deploy[6:], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=1500, stdin=subprocess.DEVNULL)
+    assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
+    assert host.file(link).linked_to == old
+    assert host.check_output(f"stat -c %i {old}/bin/python3") == old_python, "rebuilt"
     status, output = drift_of(name, tmp_path)
     assert status == "in_sync", output
