@@ -27,6 +27,8 @@ def local_tree_digests(src: Path) -> dict[str, str]:
 # Where a downloader keeps its own records inside a weights folder (the Hub fetch's manifest,
 # the hf client's resume metadata): never declared, never removed as undeclared.
 DOWNLOADER_RECORDS = f"{RECORDS_DIR}/"
+# The suffix of an image archive while docker_image_present pushes and loads it.
+STAGED = ".staged"
 # Written into a venv by wheelhouse_venv_installed once its install ended: a venv without it
 # is a build that was cut short.
 VENV_COMPLETE = ".deploy-complete"
@@ -314,7 +316,8 @@ def docker_image_present(reference: str, architecture: str, archive: str | None 
     + archive: controller path of a ``docker save`` archive holding ``reference``: pushed and
       loaded when the host lacks ``image_id`` (air-gapped sites); None pulls ``reference``
     + image_id: the archive's image ID (``sha256:`` of its config)
-    + staging_dir: host folder the archive waits in until ``docker load`` (removed after)
+    + staging_dir: host folder the archive waits in until ``docker load`` (as NAME.staged,
+      removed after; any other *.staged there, from a killed push, is removed before)
 
     A pulled image of another architecture is refused, not run: on a Grace host an x86-only
     tag ends in ``exec format error`` at every start.
@@ -327,8 +330,12 @@ def docker_image_present(reference: str, architecture: str, archive: str | None 
         if present and present["id"] == image_id:
             host.noop(f"{reference} is loaded ({image_id[:19]})")
             return
-        staged = f"{staging_dir}/{Path(archive).name}"
-        yield StringCommand("mkdir", "-p", "-m", "0700", QuoteString(staging_dir))
+        staged = f"{staging_dir}/{Path(archive).name}{STAGED}"
+        # An archive a killed deploy left half pushed (under this name or an earlier one) is
+        # removed first, not left behind to fill the disk.
+        yield StringCommand("mkdir", "-p", "-m", "0700", QuoteString(staging_dir), "&&",
+                            "find", QuoteString(staging_dir), "-maxdepth", "1", "-type", "f",
+                            "-name", QuoteString(f"*{STAGED}"), "-delete")
         yield FileUploadCommand(archive, staged)
         yield StringCommand("docker", "load", "--quiet", "--input", QuoteString(staged),
                             "&&", "rm", "-f", QuoteString(staged))

@@ -7,25 +7,34 @@ its client in a throwaway container of the same image."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import platform
+import select
+import signal
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import testinfra
 
 from tasks.bench import WORKLOADS
+from tasks.operations import STAGED
 from tests.e2e.common import (PYINFRA, api_key, call, passed_cases, pyinfra, sandbox_tool,
                               service_start)
-from tests.helpers import REPO
+from tests.helpers import REPO, group_data
 
 NAME = "dock"
 ENV = {**os.environ, "SANDBOX_NAME": NAME, "SANDBOX_RUNTIME": "docker", "PYTHONUNBUFFERED": "1"}
 IMAGE = "vllm-sandbox:0.32.0-cpu"
+# The same image under another tag (retagged below): a new release to switch to.
+NEW_TAG = "vllm-sandbox:0.32.0-cpu-retagged"
 LOADED = f"vLLM container image | Image {IMAGE} present (loaded from vllm_image_tarball)"
 
 
@@ -153,6 +162,69 @@ def test_bench_runs_the_client_in_the_pinned_image_with_no_failed_request(dock, 
     # --rm: the client's container is gone; the serving one still serves.
     assert host.check_output("docker ps --all --quiet --filter name=^vllm-bench$") == ""
     assert container_id(host)
+
+
+def retagged(archive: Path, tag: str, out: Path) -> Path:
+    """A copy of the `docker save` archive `archive` whose manifest names `tag`: the same image
+    (its ID is its config's digest), so the deploy pushes, loads and restarts on it."""
+    with tarfile.open(archive) as source, tarfile.open(out, "w") as copy:
+        for member in source:
+            data = source.extractfile(member) if member.isfile() else None
+            if member.name == "manifest.json":
+                manifest = json.load(data)
+                manifest[0]["RepoTags"] = [tag]
+                text = json.dumps(manifest).encode()
+                member.size, data = len(text), io.BytesIO(text)
+            copy.addfile(member, data)
+    return out
+
+
+def test_a_deploy_killed_mid_image_push_keeps_serving_and_the_next_one_finishes(
+        dock, host, tmp_path):
+    """Fault 3, mid-switch of the image: a new tag's archive half pushed when the deploy's
+    whole process group is SIGKILLed (a watcher on the host says when). The container keeps
+    serving the old image, unrestarted; the next run removes the half-pushed archive, pushes
+    and loads the whole one, restarts once on the new tag and leaves nothing staged; back to
+    the inventory's data, the old tag serves again."""
+    source = REPO / group_data("sandbox")["vllm_image_tarball"]
+    archive = retagged(source, NEW_TAG, tmp_path / "retagged.tar")
+    staged = f"/var/lib/vllm-images/{archive.name}{STAGED}"
+    data = ["--data", f"vllm_image={json.dumps({platform.machine(): NEW_TAG})}",
+            "--data", f"vllm_image_tarball={archive}"]
+    before = (service_start(host), container_id(host))
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "harness.sandbox", "--name", NAME, "ssh", "dock1",
+         f"until [ $(stat -c %s {staged} 2>/dev/null || echo 0) -gt 100000000 ]; "
+         "do sleep 0.1; done; echo pushing"],
+        cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    running = subprocess.Popen([PYINFRA, "-y", *data, "inventories/sandbox.py", "deploy.py"],
+                               cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True,
+                               stdin=subprocess.DEVNULL)
+    while not select.select([watcher.stdout], [], [], 1)[0]:
+        if running.poll() is not None:
+            watcher.kill()
+            pytest.fail(f"the deploy exited {running.returncode} before it pushed 100 MB")
+    assert watcher.stdout.readline().strip() == "pushing"
+    os.killpg(running.pid, signal.SIGKILL)
+    running.wait()
+    watcher.wait(timeout=30)
+    half = int(host.check_output(f"stat -c %s {staged}"))
+    print(f"\ndeploy killed mid-push on dock1: {half / 1e6:.0f} of "
+          f"{archive.stat().st_size / 1e6:.0f} MB staged")
+    assert half < archive.stat().st_size
+    assert (service_start(host), container_id(host)) == before
+    assert chat(dock)["usage"]["completion_tokens"] > 0  # the old image serves
+    since = time.monotonic()
+    pyinfra("-y", *data, env=ENV)
+    print(f"the next run loaded the image and served on it after {time.monotonic() - since:.0f}s")
+    assert host.check_output("docker inspect --format '{{.Config.Image}}' vllm") == NEW_TAG
+    assert service_start(host) != before[0]
+    assert chat(dock)["usage"]["completion_tokens"] > 0
+    assert not host.file("/var/lib/vllm-images").listdir()
+    pyinfra("-y", env=ENV)
+    assert host.check_output("docker inspect --format '{{.Config.Image}}' vllm") == IMAGE
+    assert chat(dock)["usage"]["completion_tokens"] > 0
 
 
 def test_stopping_the_service_leaves_no_container(host):

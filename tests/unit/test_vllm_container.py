@@ -205,10 +205,11 @@ def test_an_air_gapped_tray_gets_the_archive_pushed_and_loaded_once(tmp_path):
     data = docker_data(vllm_image_tarball=str(archive))
     (commands,) = planned(data, image=None).values()
     assert commands[:3] == [
-        "mkdir -p -m 0700 /var/lib/vllm-images",
-        f"upload {archive} -> /var/lib/vllm-images/vllm.tar",
-        "docker load --quiet --input /var/lib/vllm-images/vllm.tar && "
-        "rm -f /var/lib/vllm-images/vllm.tar"]
+        "mkdir -p -m 0700 /var/lib/vllm-images && find /var/lib/vllm-images -maxdepth 1 "
+        "-type f -name '*.staged' -delete",
+        f"upload {archive} -> /var/lib/vllm-images/vllm.tar.staged",
+        "docker load --quiet --input /var/lib/vllm-images/vllm.tar.staged && "
+        "rm -f /var/lib/vllm-images/vllm.tar.staged"]
     assert f"= {image_id} ||" in commands[3]
     # The tag now names another image (an older load, a pull): load again.
     assert planned(data, image={"id": ARM_ID, "architecture": "arm64"})
