@@ -98,11 +98,15 @@ def wheelhouse_lock_digest(wheelhouse_dir: str) -> str:
 
 
 def _venv_built(lock_path: Path, target: str, lock: str, python: str):
-    """The commands that push the lock's wheels and build `target` from them, holding `lock`,
-    VENV_COMPLETE written last."""
+    """The commands that push the lock's wheels and build `target` from them, VENV_COMPLETE
+    written last. Whatever touches the staging folder or `target` holds `lock` (flock): a
+    build that a killed deploy left running on the host ends before the staging folder is
+    emptied for the push, and if it ended well, its venv is used, not built again. Only the
+    live run removes the staging folder, after its own build: a build left waiting on the
+    lock by an earlier killed run finds the venv complete and leaves both alone."""
     staging = f"{target}.wheels"
-    yield StringCommand("rm", "-rf", QuoteString(staging), "&&", "mkdir", "-p",
-                        QuoteString(staging))
+    yield StringCommand("flock", QuoteString(lock), "sh", "-c", QuoteString(
+        shlex.join(["rm", "-rf", staging]) + " && " + shlex.join(["mkdir", "-p", staging])))
     wheels = [line.split("#", 1)[1].strip()
               for line in lock_path.read_text().splitlines()[1:] if "#" in line]
     for wheel in wheels:
@@ -114,9 +118,11 @@ def _venv_built(lock_path: Path, target: str, lock: str, python: str):
         shlex.join([f"{target}/bin/pip", "install", "--quiet", "--no-index", "--no-deps",
                     "--require-hashes", "--disable-pip-version-check", "--find-links", staging,
                     "-r", f"{staging}/requirements.lock"]),
-        shlex.join(["touch", f"{target}/{VENV_COMPLETE}"]),
-        shlex.join(["rm", "-rf", staging])])
-    yield StringCommand("flock", QuoteString(lock), "sh", "-c", QuoteString(build))
+        shlex.join(["touch", f"{target}/{VENV_COMPLETE}"])])
+    complete = shlex.join(["test", "-e", f"{target}/{VENV_COMPLETE}"])
+    yield StringCommand("flock", QuoteString(lock), "sh", "-c",
+                        QuoteString(f"{complete} || {{ {build}; }}"))
+    yield StringCommand("rm", "-rf", QuoteString(staging))
 
 
 @operation()
@@ -134,7 +140,8 @@ def wheelhouse_venv_installed(wheelhouse_dir: str, venv_link: str, python: str =
     rollback, older ones are removed. A venv whose build ended (VENV_COMPLETE inside it: the
     one kept, say) is switched to without a rebuild; one without it (a deploy killed mid-build)
     is removed and built again. The build holds ``<venv_link>.build-lock`` (flock): a pip
-    the killed deploy left running on the host ends before the next build starts.
+    the killed deploy left running on the host ends before the next push and build start,
+    and a venv it completed is used as it is.
     """
     lock_path = Path(wheelhouse_dir) / "requirements.lock"
     digest = wheelhouse_lock_digest(wheelhouse_dir)[:16]
