@@ -11,7 +11,9 @@ into .venv/bin (`make venv`, then `. .venv/bin/activate`):
     bench-deploy     harness/bench_deploy.py     the deploy loop's timings, on its own sandbox
 
 Not commands: harness/gb200_fake_inventory.py (a pyinfra inventory: every host of
-inventories/gb200.py as an @fake host) and harness/seed_facts.py (what the seed's tray answers).
+inventories/gb200.py as an @fake host), harness/seed_facts.py (what the seed's tray answers)
+and harness/gpu_hardened.py (`python3 -m harness.gpu_hardened`: vllm.service's sandbox rebuilt
+by hand, for a GPU host without systemd).
 
 The harness may import the production package `tools` (tools/repository.py); `tools` never
 imports the harness.
