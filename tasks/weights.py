@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -111,6 +112,27 @@ def tree_of(target: Target) -> dict:
                          unit=target.unit)
 
 
+# Trees read while planning, by run (pyinfra's State) and host: see planned_tree.
+_PLANNED_TREES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def planned_tree(host_obj, target: Target) -> dict:
+    """The WeightsTree fact of ``target``'s folder, asked once per host and run while planning:
+    the preflight, the Hub check and the tidy-up read it before any operation has run, so they
+    share one answer (pyinfra 3 caches no fact, and each ask is an SSH round trip and a find
+    over the folder). Operations call tree_of instead: pyinfra runs them again while
+    executing, after earlier operations may have changed the folder."""
+    if host_obj.state.is_executing:
+        return host_obj.get_fact(WeightsTree, path=target.local_dir,
+                                 state_dir=target.state_dir, unit=target.unit)
+    trees = _PLANNED_TREES.setdefault(host_obj.state, {})
+    key = (host_obj.name, target.local_dir, target.state_dir, target.unit)
+    if key not in trees:
+        trees[key] = host_obj.get_fact(WeightsTree, path=target.local_dir,
+                                       state_dir=target.state_dir, unit=target.unit)
+    return trees[key]
+
+
 def job_for(target: Target, listing: Listing, hub: HubSettings, python: str,
             peers: list[str] = ()) -> Job:
     return Job(
@@ -170,8 +192,7 @@ def problems(host_obj, settings: Settings, hub: HubSettings) -> list[str]:
             key = "model_revision" if target.label == "model" else "model_draft_revision"
             found.append(f"{host_obj.name}: {key}: {error}")
             continue
-        tree = host_obj.get_fact(WeightsTree, path=target.local_dir, state_dir=target.state_dir,
-                                 unit=target.unit)
+        tree = planned_tree(host_obj, target)
         if is_complete(listing, tree):
             continue
         problem = space_problem(host_obj.name, target.local_dir, listing, tree,
@@ -492,7 +513,7 @@ def _target_converged(target: Target, hub: HubSettings, python: str, placing: Pl
     placing.changes.append(hub_tree_fetched(
         name=f"Fetch {target.label} {target.repo}@{target.revision} into {target.local_dir}",
         target=target, listing=listing, hub=hub, python=python, peers=host_peers(hub)))
-    tree = tree_of(target)
+    tree = planned_tree(host, target)
     complete = is_complete(listing, tree) and not tree["unit_active"]
     placing.fetches.append((target, not complete))
     # An incomplete tree is the fetch's job (it removes them first); a complete one with

@@ -26,11 +26,12 @@ from pyinfra.api import Config, FileUploadCommand, FunctionCommand, Inventory, S
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
 from pyinfra.api.util import get_template
+from pyinfra.context import ctx_host, ctx_state
 from pyinfra.facts.files import File, FindFiles
 
 from tasks import facts, operations, weights, weights_host, weights_hub, weights_job
 from tasks.facts import TreeDigests
-from tasks.settings import DataError
+from tasks.settings import DataError, read_settings
 from tests.helpers import REPO, fact_command, group_data, planned_commands
 from tests.unit.test_hub_mirror import CLIENT_PIECE, Mirror, digests
 
@@ -753,6 +754,34 @@ def test_the_hub_path_removes_undeclared_files_from_a_complete_tree(mirror, tmp_
     assert restart
     plan, restart = plan_place(data, {tree: hub_tree(listing)})
     assert f"Remove undeclared files from {MODEL_DIR}" not in plan and not restart
+
+
+def test_the_plan_reads_a_weights_tree_once_and_an_executing_run_reads_it_fresh(
+        mirror, tmp_path, monkeypatch):
+    """The preflight's Hub check, the weights' Hub check and the tidy-up share one read of
+    the folder while planning; the fetch operation reads its own (pyinfra runs it again while
+    executing), and so does every ask while executing."""
+    data, listing, tree = hub_path(mirror, tmp_path, monkeypatch)
+    asked = []
+    process = facts.WeightsTree.process
+    monkeypatch.setattr(facts.WeightsTree, "process",
+                        lambda fact, output: asked.append(1) or process(fact, output))
+    inventory = Inventory(([("@fake/h1", {**data, "fake_responses": {tree: hub_tree(listing)},
+                                           "fake_delay": 0, "fake_delay_jitter": 0})], {}))
+    state = State(inventory, Config())
+    connect_all(state)
+    host = inventory.get_host("@fake/h1")
+    target = weights.Target("model", SANDBOX_REPO, "main", MODEL_DIR)
+    settings, hub = read_settings(host), weights_hub.read_hub_settings(host.name, host.data)
+    with ctx_state.use(state), ctx_host.use(host):
+        assert weights.problems(host, settings, hub) == []
+        assert weights.problems(host, settings, hub) == []
+        assert weights.planned_tree(host, target)["manifest"]["complete"]
+        assert len(asked) == 1
+        state.is_executing = True
+        weights.planned_tree(host, target)
+        weights.planned_tree(host, target)
+        assert len(asked) == 3
 
 
 def test_the_hub_path_schedules_a_deep_verify_at_idle_priority_unless_told_not_to(
