@@ -219,7 +219,8 @@ def test_a_deploy_killed_mid_venv_build_keeps_serving_and_the_next_one_finishes(
     running.wait()
     watcher.wait(timeout=30)
     left = host.run(f"pgrep -f -- {target}/bin/pip").stdout.split()
-    print(f"\ndeploy killed mid-build on {name}: pip processes left running: {len(left)}")
+    print(f"\ndeploy killed mid-build on {name}: processes of its build left running (flock, sh, "
+          f"pip): {len(left)}")
     assert host.file(link).linked_to == old
     assert not host.file(f"{target}/{VENV_COMPLETE}").exists
     assert service_start(host) == before
