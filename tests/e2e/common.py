@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import ssl
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import REPO
 
@@ -152,3 +156,26 @@ class Stream:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=180)
+
+
+def deploy_killed_when(sandbox: str, host_name: str, until: str, deploy: list[str], env: dict,
+                       what: str, poll_s: float = 0.1) -> None:
+    """Run ``deploy`` in a process group of its own and SIGKILL the whole group (pyinfra and
+    its SSH connections at one instant) once the shell condition ``until`` holds on
+    ``host_name``, which a watcher there polls every ``poll_s``. Fails, never hangs, when
+    the deploy ends first (``what``: the point it should have reached)."""
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "harness.sandbox", "--name", sandbox, "ssh", host_name,
+         f"until {until}; do sleep {poll_s}; done; echo reached"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    running = subprocess.Popen(deploy, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True,
+                               stdin=subprocess.DEVNULL)
+    while not select.select([watcher.stdout], [], [], 1)[0]:
+        if running.poll() is not None:
+            watcher.kill()
+            pytest.fail(f"the deploy exited {running.returncode} before {what}")
+    assert watcher.stdout.readline().strip() == "reached"
+    os.killpg(running.pid, signal.SIGKILL)
+    running.wait()
+    watcher.wait(timeout=30)

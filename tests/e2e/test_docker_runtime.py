@@ -11,8 +11,6 @@ import io
 import json
 import os
 import platform
-import select
-import signal
 import subprocess
 import sys
 import tarfile
@@ -26,8 +24,8 @@ import testinfra
 
 from tasks.bench import WORKLOADS
 from tasks.operations import STAGED
-from tests.e2e.common import (PYINFRA, api_key, call, passed_cases, pyinfra, sandbox_tool,
-                              service_start)
+from tests.e2e.common import (PYINFRA, api_key, call, deploy_killed_when, passed_cases, pyinfra,
+                              sandbox_tool, service_start)
 from tests.helpers import REPO, group_data
 
 NAME = "dock"
@@ -192,23 +190,9 @@ def test_a_deploy_killed_mid_image_push_keeps_serving_and_the_next_one_finishes(
     data = ["--data", f"vllm_image={json.dumps({platform.machine(): NEW_TAG})}",
             "--data", f"vllm_image_tarball={archive}"]
     before = (service_start(host), container_id(host))
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "harness.sandbox", "--name", NAME, "ssh", "dock1",
-         f"until [ $(stat -c %s {staged} 2>/dev/null || echo 0) -gt 100000000 ]; "
-         "do sleep 0.1; done; echo pushing"],
-        cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
-    running = subprocess.Popen([PYINFRA, "-y", *data, "inventories/sandbox.py", "deploy.py"],
-                               cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True,
-                               stdin=subprocess.DEVNULL)
-    while not select.select([watcher.stdout], [], [], 1)[0]:
-        if running.poll() is not None:
-            watcher.kill()
-            pytest.fail(f"the deploy exited {running.returncode} before it pushed 100 MB")
-    assert watcher.stdout.readline().strip() == "pushing"
-    os.killpg(running.pid, signal.SIGKILL)
-    running.wait()
-    watcher.wait(timeout=30)
+    deploy_killed_when(NAME, "dock1", f"[ $(stat -c %s {staged} 2>/dev/null || echo 0) -gt "
+                       "100000000 ]", [PYINFRA, "-y", *data, "inventories/sandbox.py",
+                       "deploy.py"], ENV, "it pushed 100 MB")
     half = int(host.check_output(f"stat -c %s {staged}"))
     print(f"\ndeploy killed mid-push on dock1: {half / 1e6:.0f} of "
           f"{archive.stat().st_size / 1e6:.0f} MB staged")

@@ -7,11 +7,7 @@ order), on the last tray, out of the others' way."""
 
 from __future__ import annotations
 
-import os
-import select
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,8 +17,8 @@ from tasks.data_keys import DEFAULTS
 from tasks.operations import VENV_COMPLETE, wheelhouse_lock_digest
 from tasks.settings import controller_path
 from tasks.vllm_service import RESTART_MARK, UNIT_PATH
-from tests.e2e.common import (ENV, PYINFRA, SANDBOX, api_key, chat, drift_check, exec_start,
-                              sandbox_tool, service_start)
+from tests.e2e.common import (ENV, PYINFRA, SANDBOX, api_key, chat, deploy_killed_when,
+                              drift_check, exec_start, sandbox_tool, service_start)
 from tests.helpers import REPO, group_data
 
 HEALTH_WAIT_S = 600
@@ -136,21 +132,8 @@ def test_a_deploy_killed_between_its_change_and_the_restart_is_finished_by_the_n
     deploy = [PYINFRA, "-y", "--limit", name, "--data", "vllm_shutdown_timeout_s=29",
               "inventories/sandbox.py", "deploy.py"]
     before = service_start(host)
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "harness.sandbox", "--name", SANDBOX, "ssh", name,
-         f"until grep -qF -- '{changed}' {UNIT_PATH}; do sleep 0.005; done; echo changed"],
-        cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
-    running = subprocess.Popen(deploy, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True,
-                               stdin=subprocess.DEVNULL)
-    while not select.select([watcher.stdout], [], [], 1)[0]:
-        if running.poll() is not None:  # ended without writing the unit: say so, never hang
-            watcher.kill()
-            pytest.fail(f"the deploy exited {running.returncode} before it changed the unit")
-    assert watcher.stdout.readline().strip() == "changed"
-    os.killpg(running.pid, signal.SIGKILL)
-    running.wait()
-    watcher.wait(timeout=30)
+    deploy_killed_when(SANDBOX, name, f"grep -qF -- '{changed}' {UNIT_PATH}", deploy, ENV,
+                       "it changed the unit", poll_s=0.005)
     assert host.file(RESTART_MARK).exists
     assert service_start(host) == before, "the kill came after the restart had begun"
     status, body = chat(tray["address"], api_key(sandbox))  # the old release serves
@@ -201,23 +184,9 @@ def test_a_deploy_killed_mid_venv_build_keeps_serving_and_the_next_one_finishes(
               "inventories/sandbox.py", "deploy.py"]
     old, before = host.file(link).linked_to, service_start(host)
     old_python = host.check_output(f"stat -c %i {old}/bin/python3")
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "harness.sandbox", "--name", SANDBOX, "ssh", name,
-         f"until [ $(ls -d {target}/lib/python3*/site-packages/*.dist-info 2>/dev/null "
-         f"| wc -l) -ge 5 ]; do sleep 0.1; done; echo building"],
-        cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
-    running = subprocess.Popen(deploy, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True,
-                               stdin=subprocess.DEVNULL)
-    while not select.select([watcher.stdout], [], [], 1)[0]:
-        if running.poll() is not None:
-            watcher.kill()
-            pytest.fail(f"the deploy exited {running.returncode} before pip installed into "
-                        f"{target}")
-    assert watcher.stdout.readline().strip() == "building"
-    os.killpg(running.pid, signal.SIGKILL)
-    running.wait()
-    watcher.wait(timeout=30)
+    deploy_killed_when(
+        SANDBOX, name, f"[ $(ls -d {target}/lib/python3*/site-packages/*.dist-info 2>/dev/null "
+        "| wc -l) -ge 5 ]", deploy, ENV, f"pip installed into {target}")
     left = host.run(f"pgrep -f -- {target}/bin/pip").stdout.split()
     print(f"\ndeploy killed mid-build on {name}: processes of its build left running (flock, sh, "
           f"pip): {len(left)}")
