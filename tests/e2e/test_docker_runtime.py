@@ -24,6 +24,7 @@ import testinfra
 
 from tasks.bench import WORKLOADS
 from tasks.operations import STAGED
+from tasks.vllm_service import RESTART_MARK, UNIT_PATH
 from tests.e2e.common import (PYINFRA, api_key, call, deploy_killed_when, passed_cases, pyinfra,
                               sandbox_tool, service_start)
 from tests.helpers import REPO, group_data
@@ -207,6 +208,33 @@ def test_a_deploy_killed_mid_image_push_keeps_serving_and_the_next_one_finishes(
     assert chat(dock)["usage"]["completion_tokens"] > 0
     assert not host.file("/var/lib/vllm-images").listdir()
     pyinfra("-y", env=ENV)
+    assert host.check_output("docker inspect --format '{{.Config.Image}}' vllm") == IMAGE
+    assert chat(dock)["usage"]["completion_tokens"] > 0
+
+
+def test_an_image_tag_that_does_not_exist_fails_the_deploy_and_the_old_container_serves(
+        dock, host):
+    """Fault 4, a release whose image does not exist (no archive, and no registry holds the
+    tag: the sandbox reaches none): the pull fails before the unit changes, so the deploy
+    exits non-zero naming the host and the tag, and the old container serves on, unrestarted.
+    The restart mark the run wrote before its first change stays (it could not know the pull
+    would fail): the next run restarts vLLM once, on the old tag, and serves."""
+    missing = "vllm-sandbox:no-such-tag"
+    before = (service_start(host), container_id(host))
+    failed = subprocess.run(
+        [PYINFRA, "-y", "--data", f"vllm_image={json.dumps({platform.machine(): missing})}",
+         "--data", "vllm_image_tarball=null", "inventories/sandbox.py", "deploy.py"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900,
+        stdin=subprocess.DEVNULL)
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0, output[-3000:]
+    assert "[dock1]" in output and missing in output, output[-3000:]
+    assert (service_start(host), container_id(host)) == before
+    assert missing not in host.file(UNIT_PATH).content_string
+    assert chat(dock)["usage"]["completion_tokens"] > 0  # the old image serves
+    assert host.file(RESTART_MARK).exists
+    pyinfra("-y", env=ENV)
+    assert not host.file(RESTART_MARK).exists
     assert host.check_output("docker inspect --format '{{.Config.Image}}' vllm") == IMAGE
     assert chat(dock)["usage"]["completion_tokens"] > 0
 
