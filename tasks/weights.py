@@ -106,10 +106,10 @@ def listing_of(target: Target, hub: HubSettings) -> Listing:
                        hub.exclude)
 
 
-def tree_of(target: Target) -> dict:
-    """The WeightsTree fact of ``target``'s folder on the current host."""
-    return host.get_fact(WeightsTree, path=target.local_dir, state_dir=target.state_dir,
-                         unit=target.unit)
+def tree_of(target: Target, host_obj=host) -> dict:
+    """The WeightsTree fact of ``target``'s folder on ``host_obj`` (the current host)."""
+    return host_obj.get_fact(WeightsTree, path=target.local_dir, state_dir=target.state_dir,
+                             unit=target.unit)
 
 
 # Trees read while planning, by run (pyinfra's State) and host: see planned_tree.
@@ -123,13 +123,11 @@ def planned_tree(host_obj, target: Target) -> dict:
     over the folder). Operations call tree_of instead: pyinfra runs them again while
     executing, after earlier operations may have changed the folder."""
     if host_obj.state.is_executing:
-        return host_obj.get_fact(WeightsTree, path=target.local_dir,
-                                 state_dir=target.state_dir, unit=target.unit)
+        return tree_of(target, host_obj)
     trees = _PLANNED_TREES.setdefault(host_obj.state, {})
     key = (host_obj.name, target.local_dir, target.state_dir, target.unit)
     if key not in trees:
-        trees[key] = host_obj.get_fact(WeightsTree, path=target.local_dir,
-                                       state_dir=target.state_dir, unit=target.unit)
+        trees[key] = tree_of(target, host_obj)
     return trees[key]
 
 
