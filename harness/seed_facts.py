@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import shlex
+
+from tasks.facts import PreflightState
 from tools.repository import REPO
 
 FIXTURES = REPO / "tests" / "fixtures"
@@ -61,10 +63,17 @@ def command_key(case: dict, any_argument: bool) -> str:
 def fake_responses(cases=SEED_GB200_TRAY) -> dict[str, list[str]]:
     """``fake_responses`` host data: fact command (substring) -> the lines the host printed."""
     responses: dict[str, list[str]] = {}
+    printed: dict[str, list[str]] = {}
     for fact, name, any_argument in cases:
         case = load_case(fact, name)
         responses[command_key(case, any_argument)] = list(case["output"])
-    return responses
+        printed[fact] = list(case["output"])
+    # The preflight asks several of these facts in one command, which holds their commands:
+    # its answer comes first (the connector takes the first key found in a command).
+    preflight = PreflightState.output_of({section: printed[fact.__name__] for section, fact
+                                          in PreflightState.FACTS.items()
+                                          if fact.__name__ in printed})
+    return {PreflightState.MARK: preflight, **responses}
 
 
 def fake_hosts(hosts: list[tuple[str, dict]], responses: dict | None,

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from xml.etree import ElementTree
 
 from pyinfra.api import FactBase, QuoteString, StringCommand
+from pyinfra.facts.server import Command
 
 from tasks.weights_job import (CLIENT_RECORDS_DIR, INCOMPLETE_GLOB, JOB_FILE, MANIFEST,
                                RECORDS_DIR)
@@ -474,6 +476,77 @@ class PythonVersion(FactBase):
     def process(self, output: list[str]) -> str | None:
         return output[0].strip() if output and re.fullmatch(r"\d+\.\d+", output[0].strip()) \
             else None
+
+
+class PreflightState(FactBase):
+    """What the preflight reads of a host, asked in one command rather than six: each answer is
+    what its own fact makes of the same command's output.
+
+    .. code:: python
+
+        {"service_pid": "4242",        # Command: systemctl show -p MainPID --value UNIT
+         "model_bytes": "1234567",     # Command: du -sb MODEL_DIR | cut -f1
+         "python": "3.12",             # PythonVersion
+         "weights_free": {...},        # FreeBytes(WEIGHTS_DIR)
+         "listening": [...],           # ListeningTcpPorts
+         "arch": "x86_64"}             # CpuArchitecture
+
+    An answer whose command printed nothing is its fact's default, as pyinfra hands it out.
+    ``uname -m`` runs last and gives the command its exit status, so a host that cannot say
+    its CPU fails as it did when CpuArchitecture was asked alone.
+    """
+
+    # Section -> the fact whose process() and default() read it; the command's order.
+    FACTS = {"service_pid": Command, "model_bytes": Command, "python": PythonVersion,
+             "weights_free": FreeBytes, "listening": ListeningTcpPorts, "arch": CpuArchitecture}
+    # Printed on a line of its own, after an empty one, before each section.
+    MARK = "::preflight-state::"
+
+    def command(self, unit: str, model_dir: str, weights_dir: str) -> str:
+        commands = {
+            "service_pid": f"systemctl show -p MainPID --value {shlex.quote(unit)} 2>/dev/null "
+                           "|| true",
+            "model_bytes": f"du -sb {shlex.quote(model_dir)} 2>/dev/null | cut -f1 || true",
+            "python": PythonVersion().command(),
+            "weights_free": FreeBytes().command(weights_dir).get_raw_value(),
+            "listening": ListeningTcpPorts().command(),
+            "arch": CpuArchitecture().command(),
+        }
+        return "; ".join(f"printf '\\n%s\\n' {self.MARK}{name}; {commands[name]}"
+                         for name in self.FACTS)
+
+    def process(self, output: list[str]) -> dict:
+        sections = self._sections(output)
+        return {name: fact().process(sections[name]) if sections.get(name) else fact.default()
+                for name, fact in self.FACTS.items()}
+
+    @classmethod
+    def _sections(cls, output: list[str]) -> dict[str, list[str]]:
+        """The lines of each section, as its command alone would have printed them: the empty
+        line the next mark's printf starts with is not the section's (a section ending without
+        a newline has none to lose)."""
+        sections: dict[str, list[str]] = {}
+        current = None
+        for line in output:
+            if line.startswith(cls.MARK):
+                if current is not None and sections[current][-1:] == [""]:
+                    sections[current].pop()
+                current = line[len(cls.MARK):]
+                sections[current] = []
+            elif current is not None:
+                sections[current].append(line)
+        return sections
+
+    @classmethod
+    def output_of(cls, answers: dict[str, list[str]]) -> list[str]:
+        """The lines the command prints on a host whose separate commands print ``answers``
+        (section -> lines; a missing section printed nothing): for @fake hosts."""
+        return [line for name in cls.FACTS
+                for line in ("", f"{cls.MARK}{name}", *answers.get(name, []))]
+
+    @classmethod
+    def default(cls) -> dict:
+        return {name: fact.default() for name, fact in cls.FACTS.items()}
 
 
 class KubernetesObjectsDiffer(FactBase):

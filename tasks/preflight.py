@@ -10,11 +10,9 @@ from dataclasses import dataclass, field
 
 from pyinfra import host, logger
 from pyinfra.api import deploy, operation
-from pyinfra.facts.server import Command
 
 from tasks.data_keys import IMAGE_ARCH, DataError, Problem
-from tasks.facts import (CpuArchitecture, DockerImage, FreeBytes, ListeningTcpPorts, NvidiaGpus,
-                         NvidiaSmiInfo, PythonVersion)
+from tasks.facts import DockerImage, NvidiaGpus, NvidiaSmiInfo, PreflightState
 from tasks.operations import failing_command
 from tasks.settings import UNIT_NAME, Settings, read_settings, wheelhouse_platform
 
@@ -123,7 +121,7 @@ def _gpu_problems(settings: Settings, facts: HostFacts) -> list[str]:
 
 
 def _disk_problems(settings: Settings, facts: HostFacts) -> list[str]:
-    if facts.weights_free is None:
+    if not facts.weights_free:  # None, or {} where df printed nothing: unknown, not full
         return []
     needed = max(settings.weights_bytes - facts.weights_present_bytes, 0)
     free = facts.weights_free["free_bytes"]
@@ -240,21 +238,21 @@ def preflight_passed(problems: list[str], checks: str):
 
 
 def gather(settings: Settings) -> HostFacts:
-    pid = host.get_fact(Command, command=f"systemctl show -p MainPID --value {UNIT_NAME} "
-                                         "2>/dev/null || true")
-    present = host.get_fact(Command, command=f"du -sb {settings.model_dir} 2>/dev/null "
-                                             "| cut -f1 || true")
+    # One command for the facts every host is asked (tasks.facts.PreflightState); the GPU and
+    # image facts only where they apply.
+    state = host.get_fact(PreflightState, unit=UNIT_NAME, model_dir=settings.model_dir,
+                          weights_dir=settings.weights_dir)
+    pid, present, arch = state["service_pid"], state["model_bytes"], state["arch"]
     gpus = host.get_fact(NvidiaGpus) if needs_gpus(settings) else []
-    arch = host.get_fact(CpuArchitecture)
     reference = settings.image_for(arch) if settings.runtime == "docker" else None
     return HostFacts(
         gpus=gpus,
         smi=host.get_fact(NvidiaSmiInfo) if gpus else {},
         arch=arch,
-        python=host.get_fact(PythonVersion),
-        weights_free=host.get_fact(FreeBytes, path=settings.weights_dir),
+        python=state["python"],
+        weights_free=state["weights_free"],
         weights_present_bytes=int(present or 0),
-        listening=host.get_fact(ListeningTcpPorts),
+        listening=state["listening"],
         service_pid=int(pid) if pid and pid != "0" else None,
         docker_image=host.get_fact(DockerImage, reference=reference) if reference else None,
     )

@@ -36,7 +36,9 @@ def test_every_fact_has_cases():
     defined = {name for name, value in vars(facts).items()
                if isinstance(value, type) and issubclass(value, facts.FactBase)
                and value.__module__ == facts.__name__}
-    assert defined - {"TreeDigests"} <= covered, defined - covered
+    # PreflightState asks other facts' questions in one command: their cases, each in its
+    # section, and real runs beside the separate facts (tests/unit/test_preflight_state.py).
+    assert defined - {"TreeDigests", "PreflightState"} <= covered, defined - covered
 
 
 @pytest.mark.parametrize("path", CASES, ids=lambda path: f"{path.parent.name}/{path.stem}")
@@ -50,7 +52,7 @@ def test_case(path: Path):
 @pytest.mark.parametrize("fact", [facts.NvidiaGpus, facts.NvidiaPciGpus, facts.NvidiaSmiInfo, facts.FreeBytes,
                                   facts.ListeningTcpPorts, facts.SystemdDropIns,
                                   facts.WeightsTree, facts.NvidiaKernelModuleVersion,
-                                  facts.CdiSpecDriverVersion])
+                                  facts.CdiSpecDriverVersion, facts.PreflightState])
 def test_empty_output_is_the_default(fact):
     # pyinfra skips process() on empty stdout and hands out default(): both must agree.
     assert fact().process([]) == fact.default()

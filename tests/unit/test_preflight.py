@@ -158,6 +158,12 @@ def test_weights_already_present_do_not_count_against_free_space(data):
     assert check(data, facts, model_profile="kimi-k2.6-nvfp4", _use_profile_size=True) == []
 
 
+def test_free_space_that_df_could_not_tell_is_not_a_problem_nor_a_crash(data):
+    """FreeBytes is {} when df printed nothing (no such mount yet, df missing): unknown."""
+    facts = dataclasses.replace(GB200_TRAY, weights_free={})
+    assert check(data, facts, model_profile="kimi-k2.6-nvfp4", _use_profile_size=True) == []
+
+
 def test_a_port_held_by_another_process_is_refused(data):
     facts = dataclasses.replace(GB200_TRAY, listening=[
         {"address": "0.0.0.0", "port": 8000, "process": "nginx", "pid": 4242}])
