@@ -197,6 +197,17 @@ def service_healthy(url: str, timeout_s: int, unit: str, when: bool = True, rest
     exited = shlex.quote(f"{host.name}: {unit} exited before it answered {url}; its last "
                          "log lines:")
     restarts = f"systemctl show --value -p NRestarts {quoted_unit}"
+    # A server's last lines are often its top-level traceback ("See root cause above"): the
+    # exceptions it logged since the restart follow them, the first of them the cause. A
+    # line may start with vLLM's process and log prefixes: "(Worker pid=9) ERROR 12-04
+    # 20:48:33 [multiproc_executor.py:953] safetensors_rust.SafetensorError: ...".
+    errors = shlex.quote(f"{host.name}: the first exceptions {unit} logged since the restart:")
+    exceptions = (f"found=$(journalctl -u {quoted_unit} --since "
+                  f"@$(( deadline - {int(timeout_s) + 1} )) --no-pager -o cat | "
+                  "grep -E '^(\\([^)]*\\) )?([A-Z]+ [0-9-]+ [0-9:]+ \\[[^]]*\\] )?"
+                  "[A-Za-z_.]*(Error|Exception)(:|$)' | head -n 8); "
+                  f'if [ -n "$found" ]; then echo {errors} >&2; '
+                  """printf '%s\\n' "$found" >&2; fi; """)
     script = (
         f"deadline=$(( $(date +%s) + {int(timeout_s)} )); restarts=$({restarts}); "
         f"until curl -fs -o /dev/null --max-time 5 {options}{quoted_url}; do why=; "
@@ -205,7 +216,7 @@ def service_healthy(url: str, timeout_s: int, unit: str, when: bool = True, rest
         f"then why={exited}; "
         f"elif [ $(date +%s) -ge $deadline ]; then why={timed_out}; fi; "
         f'if [ -n "$why" ]; then echo "$why" >&2; '
-        f"journalctl -u {quoted_unit} -n 40 --no-pager -o cat >&2; "
+        f"journalctl -u {quoted_unit} -n 40 --no-pager -o cat >&2; {exceptions}"
         f"{restore + '; ' if restore else ''}exit 1; fi; sleep 1; done"
     )
     yield StringCommand("sh", "-c", QuoteString(script))
