@@ -50,7 +50,7 @@ if checked and serves(host.groups):
     #    stop at the weights: the Deployment of step 6 runs vLLM there.
     model = weights.ready(placing)
     if host.data.vllm_runtime != "kubernetes":
-        vllm_service.run(restart_triggers=[model, runtime], restart_due=restart_due)
+        vllm_service.run(runtime=runtime, weights=model, restart_due=restart_due)
 
 # pyinfra runs each operation on every host before the next, but orders two hosts' operations
 # only where they share one: this one, which every host passes, puts what follows after

@@ -7,6 +7,7 @@ therefore read the same unit whichever runtime a host uses.
 
 import io
 import shlex
+from pathlib import PurePosixPath
 
 from pyinfra import host, logger
 from pyinfra.api import StringCommand, deploy, operation
@@ -21,6 +22,8 @@ from tasks.models import systemd_exec_line
 from tasks.operations import content_differs, drop_ins_removed, service_healthy, secret_file_present
 from tasks.settings import (ENV_FILE, OFFLINE_ENVIRONMENT, TEMPLATES, UNIT_NAME, Settings,
                             read_settings)
+from tasks.weights import state_dir_of
+from tasks.weights_job import RECORDS_DIR
 
 UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
 # The offline list, plus folders a read-only system leaves writable.
@@ -37,16 +40,25 @@ BACKOFF_SYSTEMD = 254
 # The last good release: what vllm.service ran when it last answered /health after a
 # (re)start. The unit (argv, image reference), the env file and the venv the link pointed at;
 # the venv itself and the image stay on the host (tasks/operations.py keeps the previous venv,
-# nothing removes images). Root only: the env file holds the API key.
+# nothing removes images); the weights folders, as hard links beside them (RELEASE_WEIGHTS).
+# Root only: the env file holds the API key.
 RELEASE_DIR = "/var/lib/vllm-release"
 RELEASE_UNIT, RELEASE_ENV, RELEASE_VENV = "vllm.service", "vllm.env", "venv-link"
 RELEASE_TLS = "tls"  # the TLS folder the release served with (tasks/tls.py), if any
 RELEASE_PROBE = "health-probe"  # how the release answers /health (plain HTTP or TLS)
-# A run that will restart vLLM marks it due before its first change of what vLLM reads
-# (weights, venv or image, env file, unit), and clears the mark once the restarted server
-# answers /health: a run killed in between leaves the mark, and the next run restarts vLLM
-# although it finds nothing left to change. At worst (killed after the mark, before any
-# change) one restart too many.
+# The weights folders the release served, one per line. Each is kept beside itself (same
+# filesystem) as hard links, last_good_copy: every writer of a weights folder renames a new
+# file into place or unlinks one, never writes into one, so a kept link still holds the bytes
+# the release loaded, and costs disk only for files a later release replaced.
+RELEASE_WEIGHTS = "weights"
+# A run that will restart vLLM marks it due before its first change of what vLLM reads, and
+# clears the mark once the restarted server answers /health: a run killed in between leaves
+# the mark, and the next run restarts vLLM although it finds nothing left to change. What
+# switches in place (the weights, a venv link, an image archive loaded under the unit's tag)
+# is marked before the weights step; the rest (a pulled image, which only the unit's new
+# reference puts to use; the env file, TLS files, the unit) just before the files change,
+# so a run that fails at a pull leaves no mark. At worst (killed after a mark, before the
+# change it announces) one restart too many.
 RESTART_MARK = f"{RELEASE_DIR}.restart-due"
 # The operation that (re)starts vLLM, as a plan names it: a host it changes restarts vLLM
 # (tools/rollout.py rolls those hosts batch by batch).
@@ -92,10 +104,70 @@ def health_probe(url: str, curl_options: list[str] = ()) -> str:
     return shlex.join(["curl", "-fs", "-o", "/dev/null", "--max-time", "5", *curl_options, url])
 
 
-def keep_release_script(venv_link: str, probe: str) -> str:
+def _beside(folder: str, suffix: str) -> str:
+    path = PurePosixPath(folder)
+    return str(path.parent / f".{path.name}.{suffix}")
+
+
+def last_good_copy(folder: str) -> str:
+    """Where the weights folder the last good release served is kept: beside it, hidden."""
+    return _beside(folder, "last-good")
+
+
+def _linked_copy(source: str, dest: str) -> str:
+    """Shell: `dest` made a hard-linked copy of the folder `source`, but for the downloader's
+    records (RECORDS_DIR), which the Hub client writes in place: those are copied."""
+    records, q = f"{source}/{RECORDS_DIR}", shlex.quote
+    return (f"cp -al {q(source)} {q(dest)} && {{ [ ! -d {q(records)} ] || "
+            f"{{ rm -rf {q(f'{dest}/{RECORDS_DIR}')} && cp -a {q(records)} {q(dest)}/; }}; }}")
+
+
+def weights_kept_script(folders: list[str]) -> str:
+    """Shell: keep each weights folder vLLM now serves at last_good_copy (its tree linked, its
+    Hub fetch state copied), replacing the copy kept before once the new one is whole. A
+    folder that cannot be linked (another filesystem) is kept without, with a warning: a
+    restore then leaves it as it is."""
+    parts = []
+    for folder in folders:
+        kept, q = last_good_copy(folder), shlex.quote
+        new, state = f"{kept}.new", state_dir_of(folder)
+        warning = q(f"{folder} could not be kept as hard links in {kept}: a restore of "
+                    "this release will not put its weights back")
+        parts.append(f"{{ rm -rf {q(new)} && mkdir -m 0700 {q(new)} && "
+                     f"{_linked_copy(folder, f'{new}/tree')} && "
+                     f"{{ [ ! -d {q(state)} ] || cp -a {q(state)} {q(new)}/state; }} && "
+                     f"rm -rf {q(kept)} && mv {q(new)} {q(kept)}; }} || "
+                     f"{{ rm -rf {q(new)}; echo {warning} >&2; }}")
+    return " && ".join(parts) or "true"
+
+
+def weights_restored_script(folders: list[str], name: str, release_dir: str = RELEASE_DIR) -> str:
+    """Shell: each of `folders` that the kept release served (RELEASE_WEIGHTS) put back from
+    its last_good_copy, with its Hub fetch state; the failed release's files removed (the
+    next deploy fetches or pushes them again). One without a kept copy is left as it is."""
+    parts = []
+    for folder in folders:
+        kept, q = last_good_copy(folder), shlex.quote
+        restoring, failed = _beside(folder, "restoring"), _beside(folder, "failed")
+        state = state_dir_of(folder)
+        done = q(f"{name}: weights {folder} put back as the last good release served them")
+        failed_note = q(f"{name}: could not put the weights in {folder} back from {kept}")
+        parts.append(
+            f"if grep -qxF -- {q(folder)} {q(release_dir)}/{RELEASE_WEIGHTS} 2>/dev/null && "
+            f"[ -d {q(kept)}/tree ]; then "
+            f"{{ rm -rf {q(restoring)} {q(failed)} && {_linked_copy(f'{kept}/tree', restoring)} "
+            f"&& {{ [ ! -e {q(folder)} ] || mv {q(folder)} {q(failed)}; }} && "
+            f"mv {q(restoring)} {q(folder)} && rm -rf {q(failed)} {q(state)} && "
+            f"{{ [ ! -d {q(kept)}/state ] || cp -a {q(kept)}/state {q(state)}; }} && "
+            f"echo {done} >&2; }} || echo {failed_note} >&2; fi")
+    return "; ".join(parts) or "true"
+
+
+def keep_release_script(venv_link: str, probe: str, folders: list[str]) -> str:
     """Shell: copy what vllm.service runs now into RELEASE_DIR, with `probe` (health_probe:
-    how this release answers, by plain HTTP or TLS), replacing the release kept before only
-    once the new copy is whole."""
+    how this release answers, by plain HTTP or TLS) and the weights `folders` it serves (kept
+    as weights_kept_script says), replacing the release kept before only once the new copy
+    is whole."""
     release, staging = shlex.quote(RELEASE_DIR), shlex.quote(f"{RELEASE_DIR}.new")
     link = shlex.quote(venv_link)
     return (f"rm -rf {staging} && mkdir -m 0700 {staging} && "
@@ -104,16 +176,20 @@ def keep_release_script(venv_link: str, probe: str) -> str:
             f"{{ [ ! -d {tls.TLS_DIR} ] || cp -a {tls.TLS_DIR} {staging}/{RELEASE_TLS}; }} && "
             f"printf '%s\\n' {shlex.quote(probe)} > {staging}/{RELEASE_PROBE} && "
             f"{{ readlink {link} > {staging}/{RELEASE_VENV} || true; }} && "
+            f"printf '%s\\n' {shlex.join(folders)} > {staging}/{RELEASE_WEIGHTS} && "
+            f"{weights_kept_script(folders)} && "
             f"rm -rf {release}.old && {{ [ ! -e {release} ] || mv {release} {release}.old; }} && "
             f"mv {staging} {release} && rm -rf {release}.old")
 
 
-def restore_release_script(venv_link: str, probe: str, timeout_s: int) -> str:
+def restore_release_script(venv_link: str, probe: str, timeout_s: int,
+                           folders: list[str]) -> str:
     """Shell, run when a restarted vllm.service fails its health wait: put the last good
-    release back (unit, env file, TLS files, venv link), restart, and say whether it serves
-    again, asked as that release answers (its kept probe; `probe`, the new release's, for a
-    release kept without one). The deploy fails either way; the next one tries the declared
-    release again."""
+    release back (unit, env file, TLS files, venv link, the weights of `folders` it served),
+    restart, and say whether it serves again, asked as that release answers (its kept probe;
+    `probe`, the new release's, for a release kept without one). One that serves again
+    was just started on what it reads: no restart is due (RESTART_MARK removed). The deploy
+    fails either way; the next one tries the declared release again."""
     release, link, name = shlex.quote(RELEASE_DIR), shlex.quote(venv_link), host.name
     none = shlex.quote(f"{name}: no last good release is kept in {RELEASE_DIR} (the first "
                        f"deploy never answered /health): nothing to restore, {UNIT_NAME} is "
@@ -132,12 +208,14 @@ def restore_release_script(venv_link: str, probe: str, timeout_s: int) -> str:
             f"target=$(cat {release}/{RELEASE_VENV} 2>/dev/null); "
             f'if [ -n "$target" ] && [ -d "$target" ]; then '
             f'ln -sfn "$target" {link}.new && mv -T {link}.new {link}; fi; '
+            f"{weights_restored_script(folders, name)}; "
             f"systemctl daemon-reload; systemctl restart {UNIT_NAME}; "
             f"probe={shlex.quote(probe)}; [ ! -f {release}/{RELEASE_PROBE} ] || "
             f"probe=$(cat {release}/{RELEASE_PROBE}); "
             f"deadline=$(( $(date +%s) + {int(timeout_s)} )); verdict={serves}; "
             f'until sh -c "$probe"; do '
             f"if [ $(date +%s) -ge $deadline ]; then verdict={down}; break; fi; sleep 1; done; "
+            f'[ "$verdict" = {down} ] || rm -f {RESTART_MARK}; '
             f'echo "$verdict" >&2; fi')
 
 
@@ -160,12 +238,12 @@ def restart_due_marked(decision: dict):
 
 @deploy("vLLM restart mark")
 def mark_restart_due() -> dict:
-    """Before anything vLLM reads changes: mark a restart due if this run restarts vLLM, so
-    that a run killed before the restart is finished by the next one (RESTART_MARK). Returns
-    the decision for run() to fill in."""
+    """Before the weights and the runtime change: mark a restart due if this run switches
+    either in place, so that a run killed before the restart is finished by the next one
+    (RESTART_MARK). Returns the decision for run() to fill in."""
     decision = {"due": False}
     restart_due_marked(name=f"Mark a restart of {UNIT_NAME} due ({RESTART_MARK}), if this "
-                       "run restarts it", decision=decision)
+                       "run switches the weights or the runtime", decision=decision)
     return decision
 
 
@@ -181,8 +259,27 @@ def tls_files_placed(settings: Settings) -> bool:
     return any(content_differs(path, content) for path, content in tls.host_files(settings.tls))
 
 
+def _marks_decided(settings: Settings, runtime: OperationMeta, restart_triggers: list,
+                   restart_due: dict | None) -> dict:
+    """Fill in mark_restart_due's decision (a trigger that switches in place changes), and
+    add the mark written just before vllm.service's own files change; returns its decision,
+    for run() to fill in, with "switched": whether the early mark was due."""
+    # A pulled image changes nothing vLLM runs until the unit names it (RESTART_MARK).
+    pulled = settings.runtime == "docker" and settings.image_archive is None
+    switched = restart_due is not None and any(
+        trigger.will_change for trigger in restart_triggers
+        if not (pulled and trigger is runtime))
+    if restart_due is not None:
+        restart_due["due"] = switched  # mark_restart_due's operation reads it when it runs
+    marked = {"due": False, "switched": switched}
+    restart_due_marked(name=f"Mark a restart of {UNIT_NAME} due ({RESTART_MARK}) before its "
+                       "files change, if this run restarts it", decision=marked)
+    return marked
+
+
 @deploy(DEPLOY_NAME)
-def run(restart_triggers: list[OperationMeta], restart_due: dict | None = None) -> None:
+def run(runtime: OperationMeta, weights: OperationMeta | None = None,
+        restart_due: dict | None = None) -> None:
     """Converge vllm.service: secrets env file, unit, no local drop-in, enabled and running;
     restart it only when what vLLM reads changed (the env file's or the unit's content, a
     drop-in, a trigger: weights, runtime), then wait for /health. A mode or owner fix of a
@@ -190,12 +287,17 @@ def run(restart_triggers: list[OperationMeta], restart_due: dict | None = None) 
     last good release (RELEASE_DIR); one that exits or times out puts that release back,
     restarts it, and the deploy fails naming the host and vLLM's last log lines.
 
+    + runtime, weights: the runtime's and the weights' operations (restart triggers)
+    + restart_due: mark_restart_due's decision, filled in here (RESTART_MARK)
+
     Data keys: vllm_api_key_file, vllm_environment, vllm_cpu_threads_bind,
     vllm_health_timeout_s, vllm_load_bytes_per_s, and those rendered into the command line
     (model_*, vllm_host, vllm_port, vllm_tensor_parallel_size, vllm_gpu_memory_utilization,
     vllm_shutdown_timeout_s, vllm_extra_args); for the docker runtime also vllm_image and vllm_container_gpus.
     """
     settings = read_settings(host)
+    restart_triggers = [trigger for trigger in (weights, runtime) if trigger is not None]
+    marked = _marks_decided(settings, runtime, restart_triggers, restart_due)
     env_content = env_file_content(settings.api_key)
     secret_file_present(name=f"Install vLLM secrets file {ENV_FILE}", dest=ENV_FILE, content=env_content)
     tls_changed = tls_files_placed(settings)
@@ -211,8 +313,7 @@ def run(restart_triggers: list[OperationMeta], restart_due: dict | None = None) 
                  "restarts it", log_func=logger.warning)
     read_changed = (definition_changed or content_differs(ENV_FILE, env_content) or tls_changed
                     or any(trigger.will_change for trigger in restart_triggers) or interrupted)
-    if restart_due is not None:
-        restart_due["due"] = read_changed  # mark_restart_due's operation reads it when it runs
+    marked["due"] = read_changed and not marked["switched"]
     # After an interrupted run the unit on disk may be newer than what systemd loaded (killed
     # before its daemon-reload): reload then too, or the restart would run the old definition.
     service = systemd.service(
@@ -221,12 +322,13 @@ def run(restart_triggers: list[OperationMeta], restart_due: dict | None = None) 
         daemon_reload=definition_changed or interrupted)
     # A release that does not come up is replaced by the last good one (still a failure).
     probe = health_probe(settings.health_url, settings.local_curl_options)
+    folders = [folder for folder in (settings.model_dir, settings.draft_dir) if folder]
     service_healthy(name="Wait for vLLM /health", url=settings.health_url,
                     curl_options=settings.local_curl_options,
                     timeout_s=settings.health_timeout_s, unit=UNIT_NAME, when=service.will_change,
                     restore=restore_release_script(settings.venv_dir, probe,
-                                                   settings.health_timeout_s))
+                                                   settings.health_timeout_s, folders))
     if service.will_change:
         server.shell(name="Keep the release that now serves as the last good one",
-                     commands=[keep_release_script(settings.venv_dir, probe),
+                     commands=[keep_release_script(settings.venv_dir, probe, folders),
                                f"rm -f {RESTART_MARK}"])

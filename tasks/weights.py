@@ -49,6 +49,19 @@ PEER_UNIT = "weights-peer.service"
 
 # ---- what to fetch where -------------------------------------------------------------------
 
+def slug_of(local_dir: str) -> str:
+    """A weights folder's name for its units and state: its name for people, and a digest of
+    its path so that two folders with the same name (a moved weights_dir, a test tree) never
+    share a unit or state."""
+    digest = hashlib.sha256(local_dir.encode()).hexdigest()[:8]
+    return f"{Path(local_dir).name}-{digest}"
+
+
+def state_dir_of(local_dir: str) -> str:
+    """The Hub fetch's state folder for a weights folder (its job, status and last verify)."""
+    return f"{STATE_ROOT}/{slug_of(local_dir)}"
+
+
 @dataclass(frozen=True)
 class Target:
     label: str  # "model" or "draft"
@@ -58,10 +71,7 @@ class Target:
 
     @property
     def slug(self) -> str:
-        # The folder's name for people, a digest of its path so that two weights folders with
-        # the same name (a moved weights_dir, a test tree) never share a unit or state.
-        digest = hashlib.sha256(self.local_dir.encode()).hexdigest()[:8]
-        return f"{Path(self.local_dir).name}-{digest}"
+        return slug_of(self.local_dir)
 
     @property
     def unit(self) -> str:
@@ -69,7 +79,7 @@ class Target:
 
     @property
     def state_dir(self) -> str:
-        return f"{STATE_ROOT}/{self.slug}"
+        return state_dir_of(self.local_dir)
 
     @property
     def job_file(self) -> str:

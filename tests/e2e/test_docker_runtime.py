@@ -217,8 +217,8 @@ def test_an_image_tag_that_does_not_exist_fails_the_deploy_and_the_old_container
     """Fault 4, a release whose image does not exist (no archive, and no registry holds the
     tag: the sandbox reaches none): the pull fails before the unit changes, so the deploy
     exits non-zero naming the host and the tag, and the old container serves on, unrestarted.
-    The restart mark the run wrote before its first change stays (it could not know the pull
-    would fail): the next run restarts vLLM once, on the old tag, and serves."""
+    A new tag is put to use by the unit alone, so the run marks no restart due before the
+    pull, and the next run, back on the old tag, restarts nothing."""
     missing = "vllm-sandbox:no-such-tag"
     before = (service_start(host), container_id(host))
     failed = subprocess.run(
@@ -232,9 +232,9 @@ def test_an_image_tag_that_does_not_exist_fails_the_deploy_and_the_old_container
     assert (service_start(host), container_id(host)) == before
     assert missing not in host.file(UNIT_PATH).content_string
     assert chat(dock)["usage"]["completion_tokens"] > 0  # the old image serves
-    assert host.file(RESTART_MARK).exists
-    pyinfra("-y", env=ENV)
     assert not host.file(RESTART_MARK).exists
+    pyinfra("-y", env=ENV)
+    assert (service_start(host), container_id(host)) == before
     assert host.check_output("docker inspect --format '{{.Config.Image}}' vllm") == IMAGE
     assert chat(dock)["usage"]["completion_tokens"] > 0
 

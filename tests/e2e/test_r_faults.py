@@ -1,12 +1,15 @@
 """Faults the hosts survive on their own, with no deploy: vLLM killed outright, its engine
 process alone killed (the API server then exits 0: why the unit says Restart=always), the tray
-shut down and booted, and its power cut; and a deploy killed between its change and the
-restart, and one killed in the middle of building a new venv. Each test measures the time
+shut down and booted, and its power cut; a deploy killed between its change and the
+restart, and one killed in the middle of building a new venv; and a release whose model
+folder is wrong, rolled back with its weights. Each test measures the time
 back to serving and prints it (the README's faults table). Runs on the converged trays after the infra suite (name
 order), on the last tray, out of the others' way."""
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -212,5 +215,65 @@ def test_a_deploy_killed_mid_venv_build_keeps_serving_and_the_next_one_finishes(
     assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
     assert host.file(link).linked_to == old
     assert host.check_output(f"stat -c %i {old}/bin/python3") == old_python, "rebuilt"
+    status, output = drift_of(name, tmp_path)
+    assert status == "in_sync", output
+
+
+def lfs_checkout(source: Path, folder: Path) -> str:
+    """A copy of the model folder as `git clone` leaves it without git-lfs: config.json and
+    the tokenizer right, every shard a ~130-byte LFS pointer. The preflight accepts it (it
+    looks for config.json); vLLM cannot load it."""
+    shutil.copytree(source, folder)
+    for shard in folder.glob("*.safetensors"):
+        digest = hashlib.sha256(shard.read_bytes()).hexdigest()
+        shard.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{digest}\n"
+                         f"size {shard.stat().st_size}\n")
+    return str(folder)
+
+
+def test_a_release_with_a_wrong_model_folder_is_rolled_back_weights_and_all(
+        hosts, sandbox, converged_tray, tmp_path):
+    """Fault 4, a wrong model path: model_source_dir names an LFS-less checkout, so the push
+    replaces the shards the tray serves with pointer files. vLLM fails to load them; the
+    deploy puts the last good release back, its weights too (kept as hard links beside the
+    folder, as a Hub revision would be), sees it serve, and fails naming host and cause.
+    The tray is down only from the restart until the old release has loaded again."""
+    tray = converged_tray
+    host, name = hosts[tray["name"]], tray["name"]
+    data = group_data("sandbox")
+    model_dir = f"{data.get('weights_dir', DEFAULTS['weights_dir'])}/tiny-kimi"
+    shards = f"sha256sum {model_dir}/*.safetensors"
+    good, before = host.check_output(shards), exec_start(host)
+    wrong = lfs_checkout(Path(controller_path(data["model_source_dir"])), tmp_path / "checkout")
+    since = time.monotonic()
+    failed = subprocess.run([PYINFRA, "-y", "--limit", name, "--data",
+                             f"model_source_dir={wrong}", "inventories/sandbox.py", "deploy.py"],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1500,
+                            stdin=subprocess.DEVNULL)
+    took = back_to_serving(host, tray["address"], api_key(sandbox), since, -1)
+    output = failed.stdout + failed.stderr
+    print(f"\n{name}: a wrong model folder: deploy failed after {took:.0f}s, the last good "
+          "release serving")
+    assert failed.returncode != 0, output[-3000:]
+    assert f"{name}: weights {model_dir} put back" in output, output[-3000:]
+    assert f"{name}: the last good release serves again" in output, output[-3000:]
+    # The cause, from vLLM's log: its last lines are the API server's "see root cause above".
+    header = f"{name}: the first exceptions vllm.service logged since the restart:"
+    assert header in output and "safetensor" in output.split(header)[1].lower(), output[-8000:]
+    named = output.split(header)[1].split(f"{name}: restoring")[0]
+    print(f"the exceptions the deploy named:\n{named.rstrip()}")
+    assert host.check_output(shards) == good and exec_start(host) == before
+    leftovers = host.check_output(f"ls -A {Path(model_dir).parent}").split()
+    assert sorted(leftovers) == [".tiny-kimi.last-good", "tiny-kimi"]
+    status, body = chat(tray["address"], api_key(sandbox))
+    assert status == 200 and body["usage"]["completion_tokens"] > 0
+    # The old release was just started on what it reads: no restart is due any more.
+    assert not host.file(RESTART_MARK).exists
+    restored = service_start(host)
+    back = subprocess.run([PYINFRA, "-y", "--limit", name, "inventories/sandbox.py",
+                           "deploy.py"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=1500, stdin=subprocess.DEVNULL)
+    assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
+    assert service_start(host) == restored
     status, output = drift_of(name, tmp_path)
     assert status == "in_sync", output

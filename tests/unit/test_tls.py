@@ -188,7 +188,7 @@ def tls_answers(found: tls.Tls, stale: str | None = None) -> dict:
 def test_a_rotated_certificate_is_written_root_only_and_restarts_vllm_once(files):
     from tasks.settings import read_settings
     from tests.helpers import FakeHost
-    from tests.unit.test_vllm_container import (START, docker_data, served_tray,
+    from tests.unit.test_vllm_container import (LATE_MARK, START, docker_data, served_tray,
                                                  service_plan)
     data = docker_data(vllm_tls_cert_file=files["cert"], vllm_tls_key_file=files["key"],
                        vllm_tls_ca_file=files["ca"])
@@ -197,7 +197,7 @@ def test_a_rotated_certificate_is_written_root_only_and_restarts_vllm_once(files
     assert service_plan(data, current) == {}
     cert = f"{tls.TLS_DIR}/{tls.CERT_FILE}"
     plan = service_plan(data, {**served_tray(data), **tls_answers(found, stale=cert)})
-    assert list(plan)[:2] == [f"Install vLLM TLS file {cert}", START]
+    assert list(plan)[:3] == [LATE_MARK, f"Install vLLM TLS file {cert}", START]
     assert plan[START] == ["systemctl restart vllm.service"]
     assert f"install -m 0600 -o root -g root /dev/null {cert}.partial" in \
         plan[f"Install vLLM TLS file {cert}"][0]
@@ -224,7 +224,7 @@ def test_the_health_wait_trusts_the_ca_and_a_name_of_the_certificate(tls_data):
     assert probe == ("curl -fs -o /dev/null --max-time 5 --cacert /etc/vllm/tls/ca.crt "
                      f"--resolve tray-01:{settings.port}:127.0.0.1 "
                      f"https://tray-01:{settings.port}/health")
-    kept = vllm_service.keep_release_script("/opt/vllm/venv", probe)
+    kept = vllm_service.keep_release_script("/opt/vllm/venv", probe, [settings.model_dir])
     assert "cp -a /etc/vllm/tls /var/lib/vllm-release.new/tls" in kept
     assert f"printf '%s\\n' '{probe}' > /var/lib/vllm-release.new/health-probe" in kept
 

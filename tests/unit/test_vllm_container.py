@@ -219,7 +219,7 @@ def test_an_air_gapped_tray_gets_the_archive_pushed_and_loaded_once(tmp_path):
 def docker_unit(systemd: int) -> list[str]:
     """The lines of the unit vllm_service.run uploads to a fake tray running ``systemd``."""
     def deploy():
-        vllm_service.run(restart_triggers=[vllm_container.install()])
+        vllm_service.run(runtime=vllm_container.install())
     plan = planned(docker_data(), image={"id": ARM_ID, "architecture": "arm64"},
                    systemd=systemd, deploy=deploy, raw=True)
     (upload,) = [c for c in plan["Install vllm.service unit (docker runtime)"]
@@ -283,7 +283,7 @@ def served_tray(data: dict, env_mode: str = "-rw-------", unit_mode: str = "-rw-
     file the deploy writes for ``data`` (``env_content`` unless None), with these modes, and
     ``drop_ins`` as SystemdDropIns finds them."""
     def deploy():
-        vllm_service.run(restart_triggers=[vllm_container.install()])
+        vllm_service.run(runtime=vllm_container.install())
     bare = planned(data, image={"id": ARM_ID, "architecture": "arm64"}, deploy=deploy, raw=True)
     uploads = {command.dest: command.src.getvalue()
                for commands in bare.values() for command in commands
@@ -310,13 +310,17 @@ def served_tray(data: dict, env_mode: str = "-rw-------", unit_mode: str = "-rw-
 
 def service_plan(data: dict, answers: dict) -> dict:
     def deploy():
-        vllm_service.run(restart_triggers=[vllm_container.install()])
+        vllm_service.run(runtime=vllm_container.install())
     return planned(data, image={"id": ARM_ID, "architecture": "arm64"}, deploy=deploy,
                    answers=answers)
 
 
 START = vllm_service.RESTART_NAME
 KEEP = "Keep the release that now serves as the last good one"
+EARLY_MARK = (f"Mark a restart of vllm.service due ({vllm_service.RESTART_MARK}), if this run "
+              "switches the weights or the runtime")
+LATE_MARK = (f"Mark a restart of vllm.service due ({vllm_service.RESTART_MARK}) before its "
+             "files change, if this run restarts it")
 
 
 def test_a_served_tray_plans_nothing():
@@ -344,7 +348,7 @@ def test_a_rotated_key_rewrites_the_env_file_and_restarts(tmp_path):
     data = docker_data(vllm_api_key_file=str(key))
     plan = service_plan(data, served_tray(data, env_content=vllm_service.env_file_content(
         "old-key")))
-    assert list(plan) == [f"Install vLLM secrets file {ENV_FILE}", START,
+    assert list(plan) == [LATE_MARK, f"Install vLLM secrets file {ENV_FILE}", START,
                           "Wait for vLLM /health", KEEP]
     assert plan[START] == ["systemctl restart vllm.service"]
     # A restart that fails its health wait puts the kept release back; one that passes keeps
@@ -352,8 +356,9 @@ def test_a_rotated_key_rewrites_the_env_file_and_restarts(tmp_path):
     assert "restoring the last good release from /var/lib/vllm-release" in \
         plan["Wait for vLLM /health"][0]
     probe = vllm_service.health_probe("http://127.0.0.1:8000/health")
-    assert plan[KEEP] == [vllm_service.keep_release_script("/opt/vllm/venv", probe),
-                          f"rm -f {vllm_service.RESTART_MARK}"]
+    assert plan[KEEP] == [vllm_service.keep_release_script(
+        "/opt/vllm/venv", probe, ["/raid/models/kimi-k2.6-nvfp4"]),
+        f"rm -f {vllm_service.RESTART_MARK}"]
 
 
 def test_a_run_killed_before_its_restart_leaves_a_mark_and_the_next_restarts_vllm():
@@ -364,33 +369,47 @@ def test_a_run_killed_before_its_restart_leaves_a_mark_and_the_next_restarts_vll
     marked = {fact_command(File, path=vllm_service.RESTART_MARK): [
         stat_answer(vllm_service.RESTART_MARK, "-rw-r--r--", 0)]}
     plan = service_plan(data, {**served_tray(data), **marked})
-    assert list(plan) == [START, "Wait for vLLM /health", KEEP]
+    assert list(plan) == [LATE_MARK, START, "Wait for vLLM /health", KEEP]
     # Reloaded first: the killed run may have written the unit and not reloaded systemd.
     assert plan[START] == ["systemctl daemon-reload", "systemctl restart vllm.service"]
     assert plan[KEEP][-1] == f"rm -f {vllm_service.RESTART_MARK}"
 
 
-def test_the_mark_is_written_before_the_first_change_only_by_a_run_that_restarts(tmp_path):
-    """The mark's operation comes before the weights and the runtime; whether it writes is
-    decided when it runs, after vllm_service.run (later in the deploy file) has decided the
-    restart (a --dry plan, made as the file is read, shows no change there). Checked as
-    pyinfra executes it: the operation's commands generated once the whole file is read."""
-    key = tmp_path / "key"
-    key.write_text("new-key\n")
-    data = docker_data(vllm_api_key_file=str(key))
-
+def test_a_restart_is_marked_due_before_the_first_change_it_needs_and_only_then(tmp_path):
+    """Whether a mark's operation writes is decided when it runs, after vllm_service.run
+    (later in the deploy file) has decided the restart (a --dry plan, made as the file is
+    read, shows no change there): checked as pyinfra executes, the commands generated once
+    the whole file is read. What switches in place (here an archive loaded under the unit's
+    tag) is marked before the weights and the runtime; a rotated key just before the files
+    change; a new tag after its pull, which the unit alone puts to use: a pull that fails
+    (a tag no registry holds) leaves no mark, and the next run restarts nothing."""
     def deploy():
         due = vllm_service.mark_restart_due()
-        vllm_service.run(restart_triggers=[vllm_container.install()], restart_due=due)
-    rotated = served_tray(data, env_content=vllm_service.env_file_content("old-key"))
-    mark = (f"Mark a restart of vllm.service due ({vllm_service.RESTART_MARK}), if this run "
-            "restarts it")
-    for answers, restarts in ((rotated, True), (served_tray(data), False)):
-        plan = planned(data, image={"id": ARM_ID, "architecture": "arm64"}, deploy=deploy,
-                       answers=answers)
-        assert (START in plan) == restarts
-        assert plan.get(mark) == ([f"touch {vllm_service.RESTART_MARK}"] if restarts else None)
-        assert not restarts or list(plan)[0] == mark  # before every change
+        vllm_service.run(runtime=vllm_container.install(), restart_due=due)
+    key = tmp_path / "key"
+    key.write_text("new-key\n")
+    archive = write_archive(tmp_path / "vllm.tar", SEED_IMAGE, "arm64")
+    served = served_tray(docker_data())
+    cases = {  # data, and the changes expected, in order, up to the restart
+        "nothing": (docker_data(), []),
+        "rotated key": (docker_data(vllm_api_key_file=str(key)),
+                        [LATE_MARK, f"Install vLLM secrets file {ENV_FILE}"]),
+        "archive": (docker_data(vllm_image_tarball=str(archive)),
+                    [EARLY_MARK, f"Image {SEED_IMAGE} present (loaded from vllm_image_tarball)"]),
+        "new tag": (docker_data(vllm_image={"aarch64": "vllm/vllm-openai:v0.20.0-cu130"}),
+                    ["Image vllm/vllm-openai:v0.20.0-cu130 present (pulled)", LATE_MARK,
+                     "Install vllm.service unit (docker runtime)"]),
+    }
+    for case, (data, changes) in cases.items():
+        image = None if case == "new tag" else {"id": ARM_ID, "architecture": "arm64"}
+        plan = planned(data, image=image, deploy=deploy, answers={**served, **(
+            served_tray(data, env_content=vllm_service.env_file_content("old-key"))
+            if case == "rotated key" else {})})
+        assert list(plan)[:len(changes)] == changes, case
+        assert (START in plan) == bool(changes), case
+        for mark in (EARLY_MARK, LATE_MARK):
+            assert plan.get(mark) == ([f"touch {vllm_service.RESTART_MARK}"]
+                                      if mark in changes else None), (case, mark)
 
 
 def test_a_local_drop_in_is_removed_then_systemd_reloaded_and_vllm_restarted():
@@ -401,6 +420,7 @@ def test_a_local_drop_in_is_removed_then_systemd_reloaded_and_vllm_restarted():
         "/etc/systemd/system.control/vllm.service.d/50-RestartUSec.conf",
         "/etc/systemd/system/vllm.service.d/override.conf")))
     assert plan == {
+        LATE_MARK: [f"touch {vllm_service.RESTART_MARK}"],
         "Remove local drop-ins of vllm.service": [
             "rm -f /etc/systemd/system.control/vllm.service.d/50-RestartUSec.conf "
             "/etc/systemd/system/vllm.service.d/override.conf && rmdir "
