@@ -29,10 +29,12 @@ For tests (they also need the token when one is set):
     POST /_mirror/faults         {"path": "OWNER/NAME/FILE", "drop_after_bytes": N, "times": K}
                                  {"path": ..., "reset_after_bytes": N, "times": K}  (TCP RST)
                                  {"path": ..., "stall_after_bytes": N, "stall_seconds": S,
-                                  "times": K}
-    GET|DELETE /_mirror/faults   list | clear the faults
+                                  "times": K, "trickle": false}
+    GET|DELETE /_mirror/faults   list | clear the faults (a clear also ends the stalls under way)
 A fault acts on the next K GETs of that file whose body goes past N bytes: it closes the
 connection (or resets it, or stops sending for S seconds) after N bytes of that response's body.
+A stall with "trickle" sends one byte a second meanwhile: a slow mirror, which neither the
+client's read timeout nor a stall watchdog ends, until S seconds pass or the faults are cleared.
 """
 
 from __future__ import annotations
@@ -268,11 +270,14 @@ class Fault:
     after_bytes: int
     times: int
     stall_seconds: float = 0.0
+    trickle: bool = False
+    released: threading.Event = field(default_factory=threading.Event, compare=False,
+                                      repr=False)
 
     def describe(self) -> dict:
         described = {"path": self.path, self.kind: self.after_bytes, "times": self.times}
         if self.kind == "stall_after_bytes":
-            described["stall_seconds"] = self.stall_seconds
+            described.update(stall_seconds=self.stall_seconds, trickle=self.trickle)
         return described
 
 
@@ -280,6 +285,7 @@ class Faults:
     def __init__(self):
         self.lock = threading.Lock()
         self.pending: list[Fault] = []
+        self.added: list[Fault] = []  # claimed ones too: a clear ends their stalls
 
     @staticmethod
     def parse(body: dict) -> Fault:
@@ -297,15 +303,22 @@ class Faults:
             raise ValueError("times must be a positive integer")
         if kind == "stall_after_bytes" and (not isinstance(seconds, (int, float)) or seconds <= 0):
             raise ValueError("stall_after_bytes needs stall_seconds > 0")
-        return Fault(body["path"], kind, after_bytes, times, float(seconds))
+        if not isinstance(body.get("trickle", False), bool):
+            raise ValueError("trickle must be true or false")
+        return Fault(body["path"], kind, after_bytes, times, float(seconds),
+                     body.get("trickle", False))
 
     def add(self, fault: Fault) -> None:
         with self.lock:
             self.pending.append(fault)
+            self.added.append(fault)
 
     def clear(self) -> None:
         with self.lock:
+            for fault in self.added:
+                fault.released.set()
             self.pending.clear()
+            self.added.clear()
 
     def describe(self) -> list[dict]:
         with self.lock:
@@ -617,14 +630,33 @@ class MirrorHandler(BaseHTTPRequestHandler):
             if self.command == "GET" and length > 0:
                 self.send_file(handle, first, length, f"{repo.repo_id}/{path}")
 
+    def stalled(self, fault: Fault, handle, offset: int, left: int, key: str) -> int:
+        """Wait out a stall: its seconds, a clear of the faults or the mirror stopping,
+        whichever comes first; with "trickle", a byte a second meanwhile (never the last
+        one). Returns the bytes sent."""
+        deadline, sent = time.monotonic() + fault.stall_seconds, 0
+        while not (fault.released.is_set() or self.server.stopping.is_set()):
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if fault.released.wait(min(1.0, deadline - now)):
+                break
+            if fault.trickle and sent < left - 1:
+                written = self.connection.sendfile(handle, offset + sent, 1)
+                sent += written
+                self.server.stats.count_bytes(key, written)
+        return sent
+
     def send_file(self, handle, offset: int, length: int, key: str) -> None:
         fault = self.server.faults.claim(key, length)
         sent = 0
         while sent < length:
             if fault is not None and sent == fault.after_bytes:
                 if fault.kind == "stall_after_bytes":
-                    log(f"fault: stalling {key} for {fault.stall_seconds}s after {sent} bytes")
-                    self.server.stopping.wait(fault.stall_seconds)
+                    log(f"fault: stalling {key} for {fault.stall_seconds}s after {sent} bytes"
+                        + (", a byte a second" if fault.trickle else ""))
+                    sent += self.stalled(fault, handle, offset + sent, length - sent, key)
+                    self.body_sent = sent
                     fault = None
                     continue
                 verb = "resetting" if fault.kind == "reset_after_bytes" else "dropping"
