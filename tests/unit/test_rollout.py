@@ -215,7 +215,17 @@ def test_each_run_is_logged_for_the_owner_only(tmp_path):
     assert log.read_text() == output and (log.stat().st_mode & 0o777) == 0o600
 
 
-def test_an_interrupted_run_keeps_what_it_printed_in_its_log(tmp_path, monkeypatch):
+@pytest.fixture
+def ctrl_c():
+    """Python's own SIGINT handler (KeyboardInterrupt), as `rollout` has in a terminal: a test
+    run started in the background (`make test &`) inherits SIGINT ignored, and Python then
+    leaves it so."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_an_interrupted_run_keeps_what_it_printed_in_its_log(tmp_path, monkeypatch, ctrl_c):
     """Ctrl-C during a batch's deploy: its log still says how far pyinfra got. Test double:
     a script in pyinfra's place that prints and waits to be stopped."""
     fake = tmp_path / "pyinfra"
@@ -348,7 +358,7 @@ class Recorded(rollout.Rollout):
 
 @pytest.mark.parametrize("sent", [signal.SIGINT, signal.SIGTERM, None])
 def test_ctrl_c_during_a_batch_puts_it_back_and_exits_130(wheelhouse, monkeypatch, tmp_path,  # noqa: F811
-                                                          capsys, sent):
+                                                          capsys, sent, ctrl_c):
     monkeypatch.setattr(rollout, "inventory_hosts", lambda *args: inventory(wheelhouse))
     monkeypatch.setattr(rollout, "Rollout", Recorded)
     monkeypatch.setattr(Recorded, "signal", sent)
