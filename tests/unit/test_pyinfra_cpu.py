@@ -1,5 +1,5 @@
-"""tasks/op_order_fast.py: pyinfra's operation order from a stack read without source lines
-is the order it computes itself.
+"""tasks/pyinfra_cpu.py: pyinfra's operation order from a stack read without source lines
+is the order it computes itself; the global arguments listed once are the ones it lists.
 
 The state is a stand-in (a namespace with the two attributes get_operation_order_from_stack
 reads); the stack is real: a deploy file compiled and run under its own name, calling through
@@ -9,9 +9,9 @@ import inspect
 import types
 
 import pyinfra
-from pyinfra.api import util
+from pyinfra.api import arguments, facts, util
 
-from tasks import op_order_fast
+from tasks import pyinfra_cpu
 
 DEPLOY = '''
 def operation(order):
@@ -44,8 +44,8 @@ def test_the_order_without_source_lines_is_pyinfra_own(tmp_path, monkeypatch):
     monkeypatch.setattr(util, "stack", inspect.stack)
     monkeypatch.setattr(util, "getframeinfo", inspect.getframeinfo)
     pyinfra_own = orders(tmp_path, monkeypatch)
-    monkeypatch.setattr(util, "stack", op_order_fast._stack)
-    monkeypatch.setattr(util, "getframeinfo", op_order_fast._getframeinfo)
+    monkeypatch.setattr(util, "stack", pyinfra_cpu._stack)
+    monkeypatch.setattr(util, "getframeinfo", pyinfra_cpu._getframeinfo)
     fast = orders(tmp_path, monkeypatch)
     assert fast == pyinfra_own
     # The file's op number, then the deploy file's lines outermost first: two calls, two orders.
@@ -61,10 +61,22 @@ def caller_of_caller():
 def test_install_replaces_what_pyinfra_reads(monkeypatch):
     monkeypatch.setattr(util, "stack", inspect.stack)
     monkeypatch.setattr(util, "getframeinfo", inspect.getframeinfo)
+    for module in (arguments, facts):
+        monkeypatch.setattr(module, "all_global_arguments", module.all_global_arguments)
     pyinfra_own = caller_of_caller()
-    op_order_fast.install()
-    assert util.stack is op_order_fast._stack
-    assert util.getframeinfo is op_order_fast._getframeinfo
+    pyinfra_cpu.install()
+    assert util.stack is pyinfra_cpu._stack
+    assert util.getframeinfo is pyinfra_cpu._getframeinfo
+    assert arguments.all_global_arguments is facts.all_global_arguments \
+        is pyinfra_cpu._all_global_arguments_cached
     fast = caller_of_caller()
     assert fast.function == pyinfra_own.function == "test_install_replaces_what_pyinfra_reads"
-    assert fast.lineno == pyinfra_own.lineno + 4 and fast.filename == pyinfra_own.filename
+    assert fast.lineno == pyinfra_own.lineno + 6 and fast.filename == pyinfra_own.filename
+
+
+def test_the_global_arguments_listed_once_are_pyinfra_own():
+    listed = pyinfra_cpu._all_global_arguments_cached()
+    assert listed == list(arguments.get_type_hints(arguments.AllArguments).items())
+    assert ("_sudo", bool) in listed and len(listed) > 20
+    listed.clear()  # a caller's list is its own
+    assert pyinfra_cpu._all_global_arguments_cached() == pyinfra_cpu._all_global_arguments()
