@@ -10,11 +10,12 @@ from tasks.settings import read_settings
 
 def packages_installed(packages: list[str]) -> None:
     """Install the Debian packages a host lacks; the apt lists are refreshed only then, so
-    offline hosts that already have everything never touch the network."""
+    offline hosts that already have everything never touch the network. A host that has
+    them all is asked nothing more (apt.packages would list its packages a second time)."""
     installed = host.get_fact(DebPackages)
     if any(package not in installed for package in packages):
         apt.update(name="Refresh apt package lists")
-    apt.packages(name="Install host packages", packages=packages)
+        apt.packages(name="Install host packages", packages=packages)
 
 
 @deploy("System")
