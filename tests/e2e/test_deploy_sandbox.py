@@ -160,8 +160,9 @@ def test_rotated_api_key_restarts_the_service_once_and_takes_effect(hosts, sandb
     result, report = pyinfra("-y")
     names = sorted(hosts)
     assert changed_operations(report) == {
-        "vLLM restart mark | Mark a restart of vllm.service due "
-        "(/var/lib/vllm-release.restart-due), if this run restarts it": names,
+        "vLLM service | Mark a restart of vllm.service due "
+        "(/var/lib/vllm-release.restart-due) before its files change, if this run restarts it":
+            names,
         "vLLM service | Install vLLM secrets file /etc/vllm/vllm.env": names,
         "vLLM service | Enable and start vllm.service, restart if its inputs changed": names,
         "vLLM service | Wait for vLLM /health": names,

@@ -486,7 +486,9 @@ def overlapped_with_the_runtime(hosts, mirrors, token_file, data) -> None:
     inside a shard, for as long as the runtime's step takes: a venv built from nothing takes
     minutes): the fetch unit starts before the runtime's step and is still downloading when
     the deploy, the runtime done, starts waiting for it (issue 14, part 4); then the mirror
-    goes fast again and the deploy completes."""
+    goes fast again and the deploy completes. (The client writes in 10 MB pieces: the
+    trickle shows no progress on disk, so `data` must give the fetch's watchdog longer than
+    the runtime step takes.)"""
     shard = "model-00001-of-00002.safetensors"
     for mirror in mirrors.values():
         mirror.call("POST", "/_mirror/faults", {"path": f"{REPO_ID}/{shard}", "trickle": True,
@@ -528,7 +530,7 @@ def test_changed_revision_restarts_vllm_exactly_once(hosts, mirrors, tmp_path_fa
     started = {h["name"]: HostMirror(workdir, h["controller_address"], folder, token_file)
                for h in sandbox["hosts"]}
     try:
-        data = {"weights_dir": "/raid/hub-revisions"}
+        data = {"weights_dir": "/raid/hub-revisions", "weights_stall_timeout_s": 900}
         overlapped_with_the_runtime(hosts, started, token_file, data)
         before = {name: service_start(host) for name, host in hosts.items()}
         again = deploy(started, token_file, full=True, **data)
