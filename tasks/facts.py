@@ -58,6 +58,20 @@ class TreeDigests(FactBase):
 _WEIGHTS_TREE_MARK = "::weights-tree::"
 
 
+def marked_sections(output: list[str], mark: str) -> dict[str, list[str]]:
+    """The lines after each line that starts with ``mark``, by the name that follows it (a
+    fact that asks several questions in one command prints such a line before each answer)."""
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in output:
+        if line.startswith(mark):
+            current = line[len(mark):]
+            sections[current] = []
+        elif current:
+            sections[current].append(line)
+    return sections
+
+
 class WeightsTree(FactBase):
     """A weights folder as the Hub fetch left it: its manifest, every file's size and mtime
     (outside the downloaders' records), the bytes of orphaned ``.incomplete`` files, and
@@ -112,16 +126,7 @@ class WeightsTree(FactBase):
 
     @staticmethod
     def _sections(output: list[str]) -> dict[str, list[str]]:
-        """The lines after each mark, by the mark's name."""
-        sections: dict[str, list[str]] = {}
-        current = None
-        for line in output:
-            if line.startswith(_WEIGHTS_TREE_MARK):
-                current = line[len(_WEIGHTS_TREE_MARK):]
-                sections[current] = []
-            elif current:
-                sections[current].append(line)
-        return sections
+        return marked_sections(output, _WEIGHTS_TREE_MARK)
 
     @staticmethod
     def default() -> dict:
@@ -525,16 +530,10 @@ class PreflightState(FactBase):
         """The lines of each section, as its command alone would have printed them: the empty
         line the next mark's printf starts with is not the section's (a section ending without
         a newline has none to lose)."""
-        sections: dict[str, list[str]] = {}
-        current = None
-        for line in output:
-            if line.startswith(cls.MARK):
-                if current is not None and sections[current][-1:] == [""]:
-                    sections[current].pop()
-                current = line[len(cls.MARK):]
-                sections[current] = []
-            elif current is not None:
-                sections[current].append(line)
+        sections = marked_sections(output, cls.MARK)
+        for lines in list(sections.values())[:-1]:
+            if lines[-1:] == [""]:
+                lines.pop()
         return sections
 
     @classmethod
