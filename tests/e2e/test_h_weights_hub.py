@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tasks.weights import Target
-from tests.e2e.common import ENV, PYINFRA, service_start
+from tests.e2e.common import ENV, PYINFRA, chat, service_start
 from tests.helpers import REPO
 
 REPO_ID = "sandbox/tiny-kimi"
@@ -553,3 +553,65 @@ def test_changed_revision_restarts_vllm_exactly_once(hosts, mirrors, tmp_path_fa
         for mirror in started.values():
             if mirror.process.poll() is None:
                 mirror.stop()
+
+
+def test_a_broken_hub_revision_is_rolled_back_with_the_clients_records(hosts, tmp_path_factory,
+                                                                        token_file, sandbox):
+    """Fault 4 on the Hub path: the repository's next commit has a shard vLLM cannot load
+    (its bytes are what the Hub says they are: the fetch verifies it). The whole runbook
+    fetches it, restarts, sees /health fail, and puts the last good release back on every
+    tray: the weights (kept as hard links), the Hub client's records and the fetch's state
+    (copied). The deploy fails naming each host; the old release serves. Once the commit is
+    fixed, the next deploy changes nothing: the records put back say the folder already holds
+    it, so nothing is fetched again and nothing restarts."""
+    folder = tmp_path_factory.mktemp("broken-rev")
+    for path in (REPO / ".cache" / "tiny-model").iterdir():
+        shutil.copy2(path, folder / path.name)
+    workdir = tmp_path_factory.mktemp("broken-rev-mirrors")
+    data = {"weights_dir": "/raid/hub-rollback", "weights_stall_timeout_s": 900}
+    tree, key = f"{data['weights_dir']}/tiny-kimi", Path(sandbox["api_key_file"]).read_text()
+    addresses = {h["name"]: h["address"] for h in sandbox["hosts"]}
+
+    def serve() -> dict[str, HostMirror]:
+        return {h["name"]: HostMirror(workdir, h["controller_address"], folder, token_file)
+                for h in sandbox["hosts"]}
+
+    def stop(mirrors) -> None:
+        for mirror in mirrors.values():
+            if mirror.process.poll() is None:
+                mirror.stop()
+
+    started = serve()
+    try:
+        deploy(started, token_file, full=True, **data)
+        good = {name: host_digests(host, tree) for name, host in hosts.items()}
+        stop(started)
+        shard = sorted(folder.glob("*.safetensors"))[0]
+        kept_bytes = shard.read_bytes()
+        shard.write_bytes(b"\xff" * len(kept_bytes))  # a header length no file can have
+        started = serve()
+        since = time.monotonic()
+        failed = deploy(started, token_file, check=False, full=True, **data)
+        took = time.monotonic() - since
+        print(f"\na broken Hub revision on {len(hosts)} trays: deploy failed after {took:.0f}s, "
+              "the last good release serving on each")
+        assert failed.returncode != 0, failed.output[-4000:]
+        for name, host in hosts.items():
+            assert f"{name}: weights {tree} put back" in failed.output, failed.output[-4000:]
+            assert f"{name}: the last good release serves again" in failed.output
+            assert host_digests(host, tree) == good[name]
+            leftovers = host.check_output(f"ls -A {data['weights_dir']}").split()
+            assert sorted(leftovers) == [".tiny-kimi.last-good", "tiny-kimi"]
+            status, body = chat(addresses[name], key.strip())
+            assert status == 200 and body["usage"]["completion_tokens"] > 0
+        restored = {name: service_start(host) for name, host in hosts.items()}
+        stop(started)
+        shard.write_bytes(kept_bytes)
+        started = serve()
+        again = deploy(started, token_file, full=True, **data)
+        assert changed_operations(again) == {}
+        assert {name: service_start(host) for name, host in hosts.items()} == restored
+        for mirror in started.values():
+            assert mirror.sent() == {}
+    finally:
+        stop(started)
