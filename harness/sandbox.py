@@ -495,6 +495,20 @@ def ssh(sandbox: Sandbox, host: dict, command: list[str], check: bool = False):
     return subprocess.run(ssh_command(sandbox, host) + command, check=check)
 
 
+def kill_init(nspawn_pid: int) -> None:
+    """SIGKILL the host's init, nspawn's child: killing PID 1 of its namespace kills every
+    process in it at once."""
+    try:
+        children = Path(f"/proc/{nspawn_pid}/task/{nspawn_pid}/children").read_text().split()
+    except OSError:
+        return  # nspawn is gone already
+    for child in children:
+        try:
+            os.kill(int(child), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def cmd_down(sandbox: Sandbox, quiet: bool = False) -> None:
     hosts = sandbox.hosts()
     if not hosts:
@@ -509,7 +523,9 @@ def cmd_down(sandbox: Sandbox, quiet: bool = False) -> None:
         while host_running(host) and time.monotonic() < deadline:
             time.sleep(0.2)
         if host_running(host):
-            log(f"{host['name']}: did not power off in {STOP_TIMEOUT_S}s; killing pid {host['pid']}")
+            log(f"{host['name']}: did not power off in {STOP_TIMEOUT_S}s; killing its init and "
+                f"pid {host['pid']}")
+            kill_init(host["pid"])  # nspawn killed alone would leave the host's processes
             os.kill(host["pid"], signal.SIGKILL)
             while host_running(host):
                 time.sleep(0.1)
@@ -543,9 +559,7 @@ def cmd_reboot(sandbox: Sandbox, name: str, power_cut: bool) -> None:
     if host_running(host) and power_cut:
         # The host's init, nspawn's child: killing PID 1 of its namespace kills every process
         # in it at once (killing nspawn alone would leave them running).
-        pid = host["pid"]
-        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
-            os.kill(int(child), signal.SIGKILL)
+        kill_init(host["pid"])
     elif host_running(host):
         os.kill(host["pid"], signal.SIGTERM)  # nspawn asks the host's systemd to power off
     if host_running(host):
