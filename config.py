@@ -1,6 +1,6 @@
 """pyinfra settings for every run of deploy.py (and the deploys to come)."""
 
-from tasks import pyinfra_cpu, ssh_nodelay
+from tasks import facts_together, pyinfra_cpu, ssh_nodelay
 
 # Stop the whole run if any host fails: a half-rolled fleet is worse than a stopped one, and
 # it is what makes a failed preflight stop every host before any change.
@@ -12,3 +12,5 @@ PARALLEL = 16
 ssh_nodelay.install()
 # Two of pyinfra's CPU hot spots on the controller, patched (tasks/pyinfra_cpu.py).
 pyinfra_cpu.install()
+# The facts each step's operations read, asked of a host in one command (tasks/facts_together.py).
+facts_together.install()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import deploy
+from pyinfra.facts.files import Directory, Link
 from pyinfra.operations import files
 
 from tasks import data_keys
@@ -27,6 +28,14 @@ def read_hf_cli_settings(host_name: str, data) -> tuple[str, str, str]:
     if problems:
         raise DataError(problems)
     return version, venv_dir, wheelhouse
+
+
+def facts_read(host_name: str, data) -> list[tuple[type, dict]]:
+    """The facts install()'s operations read on a host that has the CLI (to be asked together:
+    tasks/facts_together.py)."""
+    _, venv_dir, _ = read_hf_cli_settings(host_name, data)
+    return [(Directory, {"path": str(Path(venv_dir).parent)}), (Link, {"path": venv_dir}),
+            (Link, {"path": BIN_LINK})]
 
 
 @deploy("HF CLI")

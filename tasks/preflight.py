@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pyinfra import host, logger
 from pyinfra.api import deploy, operation
 
+from tasks import facts_together
 from tasks.data_keys import IMAGE_ARCH, DataError, Problem
 from tasks.facts import DockerImage, NvidiaGpus, NvidiaSmiInfo, PreflightState
 from tasks.operations import failing_command
@@ -237,11 +238,27 @@ def preflight_passed(problems: list[str], checks: str):
     yield failing_command(message)
 
 
+def _hub_trees(settings: Settings) -> list[tuple[type, dict]]:
+    """The weights folders' WeightsTree facts that weights.problems reads on the Hub path (none
+    when its data is wrong: the problems say so)."""
+    if settings.model_source_dir is not None:
+        return []
+    # Imported here: tasks.weights imports this module's siblings at load time.
+    from tasks import weights, weights_hub
+    try:
+        hub = weights_hub.read_hub_settings(host.name, host.data)
+    except DataError:
+        return []
+    return [weights.tree_fact(target) for target in weights.targets(settings, hub)]
+
+
 def gather(settings: Settings) -> HostFacts:
-    # One command for the facts every host is asked (tasks.facts.PreflightState); the GPU and
-    # image facts only where they apply.
-    state = host.get_fact(PreflightState, unit=UNIT_NAME, model_dir=settings.model_dir,
-                          weights_dir=settings.weights_dir)
+    # One command for the facts every host is asked (tasks.facts.PreflightState) and the weights
+    # folders' (tasks/facts_together.py); the GPU and image facts only where they apply.
+    asked = {"unit": UNIT_NAME, "model_dir": settings.model_dir,
+             "weights_dir": settings.weights_dir}
+    facts_together.ask_together(host, [(PreflightState, asked), *_hub_trees(settings)])
+    state = host.get_fact(PreflightState, **asked)
     pid, present, arch = state["service_pid"], state["model_bytes"], state["arch"]
     gpus = host.get_fact(NvidiaGpus) if needs_gpus(settings) else []
     reference = settings.image_for(arch) if settings.runtime == "docker" else None

@@ -3,8 +3,10 @@
 from pyinfra import host
 from pyinfra.api import deploy
 from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import Directory
 from pyinfra.operations import apt, files
 
+from tasks import facts_together
 from tasks.settings import read_settings
 
 
@@ -26,6 +28,8 @@ def prepare() -> None:
     Data keys: host_packages, weights_dir.
     """
     settings = read_settings(host)
+    facts_together.ask_together(host, [(DebPackages, {}),
+                                       (Directory, {"path": settings.weights_dir})])
     packages_installed(settings.packages)
     files.directory(name=f"Create weights folder {settings.weights_dir}",
                     path=settings.weights_dir, user="root", group="root", mode="755")

@@ -20,10 +20,11 @@ from pathlib import Path
 from pyinfra import host, logger
 from pyinfra.api import (FileUploadCommand, FunctionCommand, QuoteString, StringCommand, deploy,
                          operation)
-from pyinfra.facts.files import File, FindFiles
+from pyinfra.facts.files import Directory, File, FindFiles, Sha1File, Sha256File
+from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import files, server, systemd
 
-from tasks import data_keys, hf_cli
+from tasks import data_keys, facts_together, hf_cli
 from tasks.facts import FreeBytes, WeightsTree
 from tasks.inventory_check import address_of, serves
 from tasks.operations import secret_file_present, tree_synced, undeclared_files
@@ -116,10 +117,16 @@ def listing_of(target: Target, hub: HubSettings) -> Listing:
                        hub.exclude)
 
 
+def tree_fact(target: Target) -> tuple[type, dict]:
+    """The WeightsTree fact of ``target``'s folder, with its arguments."""
+    return WeightsTree, {"path": target.local_dir, "state_dir": target.state_dir,
+                         "unit": target.unit}
+
+
 def tree_of(target: Target, host_obj=host) -> dict:
     """The WeightsTree fact of ``target``'s folder on ``host_obj`` (the current host)."""
-    return host_obj.get_fact(WeightsTree, path=target.local_dir, state_dir=target.state_dir,
-                             unit=target.unit)
+    fact, arguments = tree_fact(target)
+    return host_obj.get_fact(fact, **arguments)
 
 
 # Trees read while planning, by run (pyinfra's State) and host: see planned_tree.
@@ -566,7 +573,43 @@ def peer_unserved() -> None:
     systemd.daemon_reload(name=f"Reload systemd: {PEER_UNIT} was removed")
 
 
+def _written_file_facts(path: str, digest=Sha1File) -> list[tuple[type, dict]]:
+    """What an operation that writes ``path`` reads of it: files.put and files.template its
+    stat and sha1; secret_file_present its stat and sha256."""
+    return [(File, {"path": path}), (digest, {"path": path})]
+
+
+def _service_facts(unit: str) -> list[tuple[type, dict]]:
+    """What systemd.service reads of ``unit``: whether it runs, whether it is enabled."""
+    return [(SystemdStatus, {"services": [unit]}), (SystemdEnabled, {"services": [unit]})]
+
+
+def facts_read(settings: Settings, hub: HubSettings) -> list[tuple[type, dict]]:
+    """The facts the Hub path's operations below read on a host where all is in place (to be
+    asked together first: tasks/facts_together.py). One listed here that no operation reads,
+    or one read that is not listed, costs time, never a wrong answer."""
+    declared = targets(settings, hub)
+    wanted = [*hf_cli.facts_read(host.name, host.data),
+              *(_written_file_facts(TOKEN_FILE, Sha256File) if hub.token
+                else [(File, {"path": TOKEN_FILE})]),
+              (Directory, {"path": str(Path(HOST_SCRIPT).parent)}),
+              *_written_file_facts(HOST_SCRIPT),
+              *_written_file_facts(f"{UNIT_DIR}/{PEER_UNIT}"),
+              *(_service_facts(PEER_UNIT) if hub.peer_copy else []),
+              # files.template creates the unit folder if it is missing: its stat.
+              (Directory, {"path": UNIT_DIR}),
+              (FindFiles, {"path": UNIT_DIR, "maxdepth": 1, "fname": VERIFY_UNITS})]
+    for target in declared:
+        wanted.append(tree_fact(target))
+        if hub.verify_schedule is not None:
+            for unit in (target.verify_unit, target.verify_timer):
+                wanted += _written_file_facts(f"{UNIT_DIR}/{unit}")
+            wanted += _service_facts(target.verify_timer)
+    return wanted
+
+
 def _fetched_from_hub(settings: Settings, hub: HubSettings) -> Placing:
+    facts_together.ask_together(host, facts_read(settings, hub))
     found = problems(host, settings, hub)
     for line in found:
         logger.warning(f"weights: {line}")

@@ -121,11 +121,12 @@ def hub_env(mirrors, token_file, full=False, **data) -> dict:
                                         **data})}
 
 
-def deploy(mirrors, token_file, check=True, background=False, full=False, dry=False, **data):
+def deploy(mirrors, token_file, check=True, background=False, full=False, dry=False,
+           debug=False, **data):
     env = hub_env(mirrors, token_file, full, **data)
     # -y with --dry plans nothing: pyinfra computes a plan's changes only when it would ask.
-    command = [PYINFRA, "--dry" if dry else "-y", "--json", "tests/e2e/hub_inventory.py",
-               "tests/e2e/hub_deploy.py"]
+    command = [PYINFRA, "--dry" if dry else "-y", "--json", *(["--debug"] if debug else []),
+               "tests/e2e/hub_inventory.py", "tests/e2e/hub_deploy.py"]
     if background:
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -174,7 +175,7 @@ def test_second_run_is_a_no_op_and_fast(hosts, mirror, token_file):
     """Also: the token read from a command the operator names (a secret manager's CLI; here
     `cat`) instead of the file is the same token, so nothing changes."""
     started = time.monotonic()
-    result = deploy(mirror, token_file, weights_hf_token_file=None,
+    result = deploy(mirror, token_file, debug=True, weights_hf_token_file=None,
                     weights_hf_token_command=f"cat {token_file}")
     elapsed = time.monotonic() - started
     changed = [op["name"] for op in json.loads(result.stdout)["results"]["operations"]
@@ -182,6 +183,12 @@ def test_second_run_is_a_no_op_and_fast(hosts, mirror, token_file):
     assert changed == [] and elapsed < 20, (changed, elapsed)
     for each in mirror.values():
         assert each.sent() == {}
+    # Three commands a host: the preflight's facts, the system step's and the weights step's,
+    # each asked together (tasks/facts_together.py); anything more is a fact asked alone.
+    for name in hosts:
+        asked = [line for line in result.stderr.splitlines()
+                 if f"Running command on {name}:" in line]
+        assert len(asked) == 3, "\n".join(line[:300] for line in asked)
 
 
 def test_token_is_absent_from_ps_during_the_download(hosts, mirror, token_file):
