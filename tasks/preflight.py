@@ -238,26 +238,30 @@ def preflight_passed(problems: list[str], checks: str):
     yield failing_command(message)
 
 
-def _hub_trees(settings: Settings) -> list[tuple[type, dict]]:
-    """The weights folders' WeightsTree facts that weights.problems reads on the Hub path (none
-    when its data is wrong: the problems say so)."""
+def _hub_settings(settings: Settings):
+    """(the Hub client's settings, None) on the Hub path, (None, the DataError) when its data
+    is wrong, (None, None) on the push path. Read once: it runs weights_hf_token_command."""
     if settings.model_source_dir is not None:
-        return []
+        return None, None
     # Imported here: tasks.weights imports this module's siblings at load time.
-    from tasks import weights, weights_hub
+    from tasks import weights_hub
     try:
-        hub = weights_hub.read_hub_settings(host.name, host.data)
-    except DataError:
-        return []
-    return [weights.tree_fact(target) for target in weights.targets(settings, hub)]
+        return weights_hub.read_hub_settings(host.name, host.data), None
+    except DataError as error:
+        return None, error
 
 
-def gather(settings: Settings) -> HostFacts:
-    # One command for the facts every host is asked (tasks.facts.PreflightState) and the weights
-    # folders' (tasks/facts_together.py); the GPU and image facts only where they apply.
+def gather(settings: Settings, hub=None) -> HostFacts:
+    # One command for the facts every host is asked (tasks.facts.PreflightState) and, on the
+    # Hub path, the weights folders' (tasks/facts_together.py); the GPU and image facts only
+    # where they apply.
     asked = {"unit": UNIT_NAME, "model_dir": settings.model_dir,
              "weights_dir": settings.weights_dir}
-    facts_together.ask_together(host, [(PreflightState, asked), *_hub_trees(settings)])
+    trees = []
+    if hub is not None:  # tasks.weights_hub.HubSettings
+        from tasks import weights
+        trees = [weights.tree_fact(target) for target in weights.targets(settings, hub)]
+    facts_together.ask_together(host, [(PreflightState, asked), *trees])
     state = host.get_fact(PreflightState, **asked)
     pid, present, arch = state["service_pid"], state["model_bytes"], state["arch"]
     gpus = host.get_fact(NvidiaGpus) if needs_gpus(settings) else []
@@ -277,7 +281,8 @@ def gather(settings: Settings) -> HostFacts:
 
 def _problems(settings: Settings) -> list[str]:
     """What the host's facts, the inventory and the Hub say against data that is valid."""
-    facts = gather(settings)
+    hub, hub_error = _hub_settings(settings)
+    facts = gather(settings, hub)
     problems = host_problems(settings, facts)
     control_hosts = {control.name: control.data.get("k8s_node_group")
                      for control in host.inventory.get_group("k8s_control", [])}
@@ -285,14 +290,15 @@ def _problems(settings: Settings) -> list[str]:
                                     control_hosts)
     if settings.model_source_dir is None:
         # Imported here: tasks.weights imports this module's siblings at load time.
-        from tasks import hf_cli, weights, weights_hub
+        from tasks import hf_cli, weights
         try:
             _, _, hf_wheelhouse = hf_cli.read_hf_cli_settings(host.name, host.data)
             problems += wheelhouse_problems(
                 host.name, "hf_cli_wheelhouse_dir", "hf-wheelhouse",
                 wheelhouse_platform(hf_wheelhouse), facts)
-            problems += weights.problems(
-                host, settings, weights_hub.read_hub_settings(host.name, host.data))
+            if hub_error is not None:
+                raise hub_error
+            problems += weights.problems(host, settings, hub)
         except DataError as error:
             problems += [str(item) for item in error.problems]
     return problems
