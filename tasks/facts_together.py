@@ -39,6 +39,8 @@ from pyinfra.api.facts import (_MISSING_COMMAND_MARKER, FactBase, ShortFactBase,
                                _handle_fact_kwargs, _make_command)
 from pyinfra.api.state import StateStage
 
+from tasks.facts import marked_sections
+
 MARK = "::asked-together::"
 STATUS = "::asked-together-status::"
 _ANSWERS = "_facts_asked_together"  # Host attribute: {key: (executor arguments, answer)}
@@ -97,19 +99,19 @@ def batch_answers(output: list[str], count: int) -> list[tuple[int, list[str]] |
     """Each command's (exit status, output lines, as its command alone prints them) from the
     batch's output, None for one whose status line is missing. The empty line each printf
     starts with is not the command's: a last line that ended with a newline leaves one."""
-    answers: list[tuple[int, list[str]] | None] = [None] * count
-    current, lines = None, []
-    for line in output:
-        if line.startswith(MARK) and line[len(MARK):].isdigit():
-            current, lines = int(line[len(MARK):]), []
-        elif line.startswith(STATUS) and current is not None and current < count:
-            if lines[-1:] == [""]:
-                lines.pop()
-            status = line[len(STATUS):]
-            answers[current] = (int(status), lines) if status.isdigit() else None
-            current = None
-        elif current is not None:
-            lines.append(line)
+    sections = marked_sections(output, MARK)
+    answers: list[tuple[int, list[str]] | None] = []
+    for index in range(count):
+        lines = sections.get(str(index), [])
+        ends = [number for number, line in enumerate(lines) if line.startswith(STATUS)]
+        status = lines[ends[-1]][len(STATUS):] if ends else ""
+        if not status.isdigit():
+            answers.append(None)
+            continue
+        printed = lines[:ends[-1]]
+        if printed[-1:] == [""]:
+            printed.pop()
+        answers.append((int(status), printed))
     return answers
 
 
