@@ -89,9 +89,15 @@ def test_a_fact_whose_command_fails_is_left_to_pyinfra(local):
     assert len(commands) == 2
 
 
-def test_an_answer_serves_every_asking_until_a_command_runs_on_the_host(local):
+@pytest.mark.parametrize("with_y", [False, True], ids=["while planning", "operations, -y"])
+def test_an_answer_serves_every_asking_until_a_command_runs_on_the_host(local, with_y):
+    """While pyinfra plans, and with -y (no plan: pyinfra reads an operation's facts when it
+    runs it) while operations run."""
     host, folder, commands = local
+    host.state.check_for_changes = not with_y
     facts_together.ask_together(host, [(File, {"path": f"{folder}/file"})])
+    if with_y:
+        host.state.current_stage = StateStage.Execute
     before = len(commands)
     assert host.get_fact(File, path=f"{folder}/file")["size"] == 10
     assert host.get_fact(File, path=f"{folder}/file")["size"] == 10
@@ -110,22 +116,6 @@ def test_a_plan_made_first_gets_the_answers_and_the_operations_ask_afresh(local)
     host.state.current_stage = StateStage.Execute
     assert host.get_fact(File, path=f"{folder}/file")["size"] == 24
     assert facts_together.ask_together(host, [(File, {"path": f"{folder}/file"})]) == 0
-
-
-def test_with_y_the_answers_serve_the_operations_until_one_runs_a_command(local):
-    """With -y pyinfra reads an operation's facts when it runs it."""
-    host, folder, commands = local
-    host.state.check_for_changes = False
-    facts_together.ask_together(host, [(File, {"path": f"{folder}/file"}),
-                                       (File, {"path": f"{folder}/empty"})])
-    host.state.current_stage = StateStage.Execute
-    before = len(commands)
-    assert host.get_fact(File, path=f"{folder}/file")["size"] == 10
-    assert len(commands) == before
-    StringCommand("printf", "'longer text now\\n'", ">", f"{folder}/empty").execute(
-        host.state, host, {})
-    assert host.get_fact(File, path=f"{folder}/empty")["size"] == 16
-    assert len(commands) == before + 2
 
 
 def test_a_fact_asked_with_other_arguments_or_another_environment_is_asked_itself(local):
