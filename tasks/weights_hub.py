@@ -137,10 +137,15 @@ def _fetch_listing(repo, revision, endpoint, token, include, exclude) -> Listing
 
 def _model_info(repo, revision, endpoint, token):
     """The Hub's model info with every file's metadata; each failure as one HubLookupError."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
                                         RevisionNotFoundError)
 
+    # The client's telemetry off, as on the hosts (files/weights-fetch.py): with it on, the
+    # first request of a run also asks the default Hub, not ``endpoint``, for its list of AI
+    # agents (huggingface_hub.utils._detect_agent), so a controller told to use a mirror
+    # reached out to the Hub anyway, and an offline one spent ~0.1 s of CPU failing to.
+    constants.HF_HUB_DISABLE_TELEMETRY = True
     where = endpoint or "the Hub"
     try:
         return HfApi(endpoint=endpoint, token=token or False).model_info(

@@ -181,6 +181,28 @@ def test_lookup_errors_are_one_clear_line(mirror, repo, revision, token, message
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_the_listing_asks_the_configured_endpoint_and_nothing_else(mirror, tiny_model,
+                                                                   tmp_path):
+    # A fresh interpreter, as a pyinfra run is: huggingface_hub reads its settings at import.
+    # A second mirror stands in for the default Hub (HF_ENDPOINT), with no cached agent list
+    # (HF_HOME empty), which the client's telemetry would fetch from there.
+    default_hub = Mirror(tmp_path / "default-hub", {REPO_ID: tiny_model})
+    try:
+        code = ("import sys; from tasks import weights_hub; "
+                "print(weights_hub.hub_listing(*sys.argv[1:]).commit)")
+        result = subprocess.run(
+            [sys.executable, "-c", code, REPO_ID, "main", mirror.url, mirror.token],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+            env={**os.environ, "HF_ENDPOINT": default_hub.url, "HF_HOME": str(tmp_path / "hf")})
+        assert result.returncode == 0, result.stderr
+        assert default_hub.stats()["requests"] == []
+        asked = [entry["path"] for entry in mirror.stats()["requests"]
+                 if not entry["path"].startswith("/_mirror/")]  # the fixture's own reset
+        assert asked == [f"/api/models/{REPO_ID}/revision/main?blobs=true"], asked
+    finally:
+        default_hub.stop()
+
+
 def test_unreachable_endpoint_is_one_clear_line():
     with pytest.raises(weights_hub.HubLookupError, match="cannot reach http://127.0.0.1:9"):
         weights_hub.hub_listing(REPO_ID, "main", "http://127.0.0.1:9", None)
