@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pyinfra import host, logger
 from pyinfra.api import deploy, operation
 
-from tasks import facts_together
+from tasks import facts_together, system
 from tasks.data_keys import IMAGE_ARCH, DataError, Problem
 from tasks.facts import DockerImage, NvidiaGpus, NvidiaSmiInfo, PreflightState
 from tasks.operations import failing_command
@@ -251,17 +251,29 @@ def _hub_settings(settings: Settings):
         return None, error
 
 
+def next_steps_facts(settings: Settings, hub) -> list[tuple[type, dict]]:
+    """The facts the steps after this one read on a host where all is in place: the system
+    step's and, on the Hub path (``hub``: tasks.weights_hub.HubSettings), the weights step's,
+    which include the weights folders this step reads too."""
+    # Imported here: tasks.weights imports this module's siblings at load time.
+    from tasks import weights
+    wanted = system.facts_read(settings)
+    if hub is not None:
+        try:
+            wanted += weights.facts_read(settings, hub)
+        except DataError:  # the hf CLI's data: reported by _problems; the folders still read
+            wanted += [weights.tree_fact(target) for target in weights.targets(settings, hub)]
+    return wanted
+
+
 def gather(settings: Settings, hub=None) -> HostFacts:
-    # One command for the facts every host is asked (tasks.facts.PreflightState) and, on the
-    # Hub path, the weights folders' (tasks/facts_together.py); the GPU and image facts only
+    # One command for the facts every host is asked (tasks.facts.PreflightState) and those the
+    # next steps read (tasks/facts_together.py): a host where all is in place is asked that
+    # one command by the whole of preflight, system and weights; the GPU and image facts only
     # where they apply.
     asked = {"unit": UNIT_NAME, "model_dir": settings.model_dir,
              "weights_dir": settings.weights_dir}
-    trees = []
-    if hub is not None:  # tasks.weights_hub.HubSettings
-        from tasks import weights
-        trees = [weights.tree_fact(target) for target in weights.targets(settings, hub)]
-    facts_together.ask_together(host, [(PreflightState, asked), *trees])
+    facts_together.ask_together(host, [(PreflightState, asked), *next_steps_facts(settings, hub)])
     state = host.get_fact(PreflightState, **asked)
     pid, present, arch = state["service_pid"], state["model_bytes"], state["arch"]
     gpus = host.get_fact(NvidiaGpus) if needs_gpus(settings) else []

@@ -20,6 +20,12 @@ def packages_installed(packages: list[str]) -> None:
         apt.packages(name="Install host packages", packages=packages)
 
 
+def facts_read(settings) -> list[tuple[type, dict]]:
+    """The facts prepare()'s operations read on a host where all is in place (to be asked
+    together: tasks/facts_together.py)."""
+    return [(DebPackages, {}), (Directory, {"path": settings.weights_dir})]
+
+
 @deploy("System")
 def prepare() -> None:
     """Converge OS packages and the weights folder. (vllm.service needs no user account: it
@@ -28,8 +34,7 @@ def prepare() -> None:
     Data keys: host_packages, weights_dir.
     """
     settings = read_settings(host)
-    facts_together.ask_together(host, [(DebPackages, {}),
-                                       (Directory, {"path": settings.weights_dir})])
+    facts_together.ask_together(host, facts_read(settings))
     packages_installed(settings.packages)
     files.directory(name=f"Create weights folder {settings.weights_dir}",
                     path=settings.weights_dir, user="root", group="root", mode="755")

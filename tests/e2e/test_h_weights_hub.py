@@ -183,12 +183,12 @@ def test_second_run_is_a_no_op_and_fast(hosts, mirror, token_file):
     assert changed == [] and elapsed < 20, (changed, elapsed)
     for each in mirror.values():
         assert each.sent() == {}
-    # Three commands a host: the preflight's facts, the system step's and the weights step's,
-    # each asked together (tasks/facts_together.py); anything more is a fact asked alone.
+    # One command a host: the preflight asks its facts and those the system and weights steps
+    # read, together (tasks/facts_together.py); anything more is a fact asked alone.
     for name in hosts:
         asked = [line for line in result.stderr.splitlines()
                  if f"Running command on {name}:" in line]
-        assert len(asked) == 3, "\n".join(line[:300] for line in asked)
+        assert len(asked) == 1, "\n".join(line[:300] for line in asked)
 
 
 def test_token_is_absent_from_ps_during_the_download(hosts, mirror, token_file):

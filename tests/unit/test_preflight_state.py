@@ -246,3 +246,31 @@ def asked_one_by_one(local_host, settings) -> HostFacts:
 def steady_facts(host_facts: HostFacts) -> HostFacts:
     free = {key: item for key, item in host_facts.weights_free.items() if key != "free_bytes"}
     return dataclasses.replace(host_facts, weights_free=free)
+
+
+def test_the_preflight_also_asks_what_the_next_steps_read_and_the_folders_on_wrong_data(
+        tmp_path):
+    # Imported here: the Hub path's modules, as tasks.preflight imports them.
+    from tasks import hf_cli, system, weights
+    from tasks.preflight import next_steps_facts
+    from tests.unit.test_weights import hub_settings
+
+    wheelhouse = tmp_path / "hf-wheelhouse"
+    wheelhouse.mkdir()
+    data = {**group_data("sandbox"), "hf_cli_wheelhouse_dir": str(wheelhouse),
+            "vllm_accept_open_endpoint": True}
+    settings = read_settings(FakeHost("local", data))
+    hub = hub_settings(verify_schedule=None)
+    folders = [weights.tree_fact(target) for target in weights.targets(settings, hub)]
+    local = Inventory((["@local"], data)).get_host("@local")
+    with ctx_host.use(local):
+        # A wheelhouse without its lock: the hf CLI's data is wrong, which the preflight
+        # reports (tasks.preflight._problems); the weights folders it reads are still asked.
+        assert next_steps_facts(settings, hub) == [*system.facts_read(settings), *folders]
+        (wheelhouse / "requirements.lock").write_text(
+            f"huggingface-hub=={data['hf_cli_version']} \\\n")
+        wanted = next_steps_facts(settings, hub)
+        assert wanted == [*system.facts_read(settings), *weights.facts_read(settings, hub)]
+        assert all(fact in wanted for fact in [*hf_cli.facts_read("@local", local.data),
+                                               *folders])
+        assert next_steps_facts(settings, None) == system.facts_read(settings)
