@@ -464,6 +464,39 @@ class SystemdVersion(FactBase):
         return int(match[1]) if match else None
 
 
+class DebPackagesInstalled(FactBase):
+    """Which of ``packages`` dpkg has installed, and their versions. Asked by name: a tray
+    with thousands of packages prints these lines only (pyinfra's DebPackages lists every
+    package, and the controller reads each line).
+
+    .. code:: python
+
+        {"curl": "7.88.1-10+deb12u5"}
+
+    Installed is what DebPackages counts (dpkg's ``ii`` or ``hi``); a name dpkg does not know,
+    or knows only as removed or half-installed, is absent. ``{}`` without dpkg-query.
+    """
+
+    def command(self, packages: list[str]) -> StringCommand:
+        return StringCommand("dpkg-query", "-W", "-f",
+                             QuoteString(r"${db:Status-Abbrev}\t${Package}\t${Version}\n"),
+                             "--", *[QuoteString(name) for name in packages],
+                             "2>/dev/null", "|| true")
+
+    @staticmethod
+    def default() -> dict[str, str]:
+        return {}
+
+    def process(self, output: list[str]) -> dict[str, str]:
+        installed = {}
+        for line in output:
+            status, _, rest = line.partition("\t")
+            name, _, version = rest.partition("\t")
+            if status[:2] in ("ii", "hi") and name and version:
+                installed[name] = version
+        return installed
+
+
 class PythonVersion(FactBase):
     """The major.minor version of the host's ``python3``: which wheels it can install.
 
@@ -475,9 +508,13 @@ class PythonVersion(FactBase):
     """
 
     def command(self) -> str:
-        # -I -S: no site-packages read nor environment: a quarter of the CPU, same answer.
-        return ("python3 -I -S -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' "
-                "2>/dev/null || true")
+        # The version in the file name python3 resolves to (Debian's and Ubuntu's python3 is a
+        # link to python3.N): no interpreter started. Otherwise asked of python3 itself, with
+        # -I -S: no site-packages read nor environment.
+        return ('p=$(command -v python3) && p=$(readlink -f -- "$p") && case "${p##*/}" in '
+                'python3.[0-9]|python3.[0-9][0-9]) echo "${p##*/python}" ;; '
+                "*) python3 -I -S -c 'import sys; print(\"%d.%d\" % sys.version_info[:2])' ;; "
+                "esac 2>/dev/null || true")
 
     def process(self, output: list[str]) -> str | None:
         return output[0].strip() if output and re.fullmatch(r"\d+\.\d+", output[0].strip()) \

@@ -2,11 +2,11 @@
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import Directory
 from pyinfra.operations import apt, files
 
 from tasks import facts_together
+from tasks.facts import DebPackagesInstalled
 from tasks.settings import read_settings
 
 
@@ -14,7 +14,7 @@ def packages_installed(packages: list[str]) -> None:
     """Install the Debian packages a host lacks; the apt lists are refreshed only then, so
     offline hosts that already have everything never touch the network. A host that has
     them all is asked nothing more (apt.packages would list its packages a second time)."""
-    installed = host.get_fact(DebPackages)
+    installed = host.get_fact(DebPackagesInstalled, packages=packages)
     if any(package not in installed for package in packages):
         apt.update(name="Refresh apt package lists")
         apt.packages(name="Install host packages", packages=packages)
@@ -23,7 +23,8 @@ def packages_installed(packages: list[str]) -> None:
 def facts_read(settings) -> list[tuple[type, dict]]:
     """The facts prepare()'s operations read on a host where all is in place (to be asked
     together: tasks/facts_together.py)."""
-    return [(DebPackages, {}), (Directory, {"path": settings.weights_dir})]
+    return [(DebPackagesInstalled, {"packages": settings.packages}),
+            (Directory, {"path": settings.weights_dir})]
 
 
 @deploy("System")

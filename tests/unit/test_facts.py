@@ -8,12 +8,16 @@ fact tests do.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from pyinfra.api import Config, Inventory, State, StringCommand
 from pyinfra.api.connect import connect_all
+from pyinfra.facts.deb import DebPackages
 
 from tasks import facts
 
@@ -52,7 +56,8 @@ def test_case(path: Path):
 @pytest.mark.parametrize("fact", [facts.NvidiaGpus, facts.NvidiaPciGpus, facts.NvidiaSmiInfo, facts.FreeBytes,
                                   facts.ListeningTcpPorts, facts.SystemdDropIns,
                                   facts.WeightsTree, facts.NvidiaKernelModuleVersion,
-                                  facts.CdiSpecDriverVersion, facts.PreflightState])
+                                  facts.CdiSpecDriverVersion, facts.PreflightState,
+                                  facts.DebPackagesInstalled])
 def test_empty_output_is_the_default(fact):
     # pyinfra skips process() on empty stdout and hands out default(): both must agree.
     assert fact().process([]) == fact.default()
@@ -91,4 +96,48 @@ def test_facts_on_this_machine(local_host):
     ports = local_host.get_fact(facts.ListeningTcpPorts)
     assert isinstance(ports, list)
     assert all(isinstance(socket["port"], int) for socket in ports)
+    assert local_host.state.failed_hosts == set()
+
+
+def sh(command: str, path: str) -> list[str]:
+    result = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True,
+                            env={**os.environ, "PATH": path}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_the_python_version_is_the_link_name_s_or_python_s_own(tmp_path):
+    fact = facts.PythonVersion()
+    tools = tmp_path / "tools"  # the command's one program besides python3
+    tools.mkdir()
+    (tools / "readlink").symlink_to(shutil.which("readlink"))
+    # Debian's and Ubuntu's python3: a link to python3.N, read without starting it (this
+    # one would say otherwise if it ran).
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "python3.13").write_text("#!/bin/sh\necho 9.9\n")
+    (linked / "python3.13").chmod(0o755)
+    (linked / "python3").symlink_to("python3.13")
+    assert fact.process(sh(fact.command(), f"{linked}:{tools}")) == "3.13"
+    # Any other python3 (a venv's, a wrapper script) is asked.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "python3").write_text("#!/bin/sh\necho 3.7\n")
+    (other / "python3").chmod(0o755)
+    assert fact.process(sh(fact.command(), f"{other}:{tools}")) == "3.7"
+    assert sh(fact.command(), str(tools)) == []  # none: the default, None
+    # And on this machine, what python3 itself says.
+    assert fact.process(sh(fact.command(), os.environ["PATH"])) == subprocess.run(
+        ["python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_installed_packages_asked_by_name_are_pyinfra_s_deb_packages(local_host):
+    names = ["dpkg", "curl", "no-such-package-here"]
+    installed = local_host.get_fact(facts.DebPackagesInstalled, packages=names)
+    every = local_host.get_fact(DebPackages)
+    assert set(installed) == {name for name in names if name in every} == {"dpkg", "curl"}
+    assert all(version in every[name] for name, version in installed.items())
+    assert local_host.get_fact(facts.DebPackagesInstalled, packages=["no-such-package-here"]) \
+        == {}
     assert local_host.state.failed_hosts == set()
