@@ -7,9 +7,11 @@ Needs root and `make venv artefacts`. Each host count gets its own sandbox ("fbe
 down afterwards. Serving is off: the deploy is preflight, system and weights from a Hub mirror
 (tests/e2e/hub_inventory.py and hub_deploy.py, as the Hub e2e runs them), because eight CPU
 vLLMs do not fit this machine's two cores; what it measures is the deploy loop itself. The
-"Hub" is hub-mirror on each host's controller address; its byte counters are the egress.
+"Hub" is hub-mirror: for loop one for the fleet, as a site has one Hub (the sandbox routes every
+host to the first host's controller address); for fetch-once one on each host's controller
+address, whose byte counters add up to the egress.
 
-loop: the first deploy, the no-op re-run (median of 3) and the controller's CPU time per host
+loop: the first deploy, the no-op re-run (median of 5) and the controller's CPU time per host
 (pyinfra's user + system time over the no-op runs, divided by runs and hosts).
 
 fetch-once: the tiny model plus SHARDS random shards of SHARD_MIB MiB, into a new folder on
@@ -43,10 +45,11 @@ SANDBOX_TOOL = [sys.executable, "-m", "harness.sandbox", "--name", SANDBOX]
 
 class Fleet:
     """A sandbox of ``hosts`` hosts, each with hub-mirror serving ``repo`` on its controller
-    address; torn down on exit."""
+    address, or with ``one_hub`` one hub-mirror for all, on the first host's controller
+    address (the sandbox routes every host to it); torn down on exit."""
 
-    def __init__(self, hosts: int, repo: Path, workdir: Path):
-        self.hosts, self.repo, self.workdir = hosts, repo, workdir
+    def __init__(self, hosts: int, repo: Path, workdir: Path, one_hub: bool = False):
+        self.hosts, self.repo, self.workdir, self.one_hub = hosts, repo, workdir, one_hub
         self.mirrors: list[subprocess.Popen] = []
         self.urls: dict[str, str] = {}
 
@@ -57,7 +60,9 @@ class Fleet:
                            check=True, stdout=subprocess.DEVNULL)
             state = json.loads((REPO / ".sandbox" / SANDBOX / "hosts.json").read_text())
             for host in state["hosts"]:
-                self.urls[host["name"]] = self.start_mirror(host["controller_address"])
+                self.urls[host["name"]] = (
+                    self.urls[state["hosts"][0]["name"]] if self.one_hub and self.urls
+                    else self.start_mirror(host["controller_address"]))
         except BaseException:
             self.__exit__()
             raise
@@ -78,6 +83,8 @@ class Fleet:
     def deploy(self, data: dict) -> tuple[float, float]:
         """(wall seconds, the controller's CPU seconds) of one deploy."""
         ports = {name: int(url.rsplit(":", 1)[1]) for name, url in self.urls.items()}
+        if self.one_hub:
+            data = {**data, "weights_hf_endpoint": next(iter(self.urls.values()))}
         env = {**ENV, "HUB_E2E_PORTS": json.dumps(ports), "HUB_E2E_DATA": json.dumps(data)}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
@@ -94,7 +101,7 @@ class Fleet:
     def egress(self) -> int:
         """Bytes every mirror sent since the last reset, and reset them."""
         sent = 0
-        for url in self.urls.values():
+        for url in set(self.urls.values()):
             sent += sum(call(url, "GET", "/_mirror/stats")["bytes_sent"].values())
             call(url, "POST", "/_mirror/stats/reset")
         return sent
@@ -108,16 +115,23 @@ def call(url: str, method: str, path: str):
 
 def loop(counts: list[int], workdir: Path) -> list[str]:
     data = {"weights_dir": "/raid/bench", "weights_verify_schedule": None}
-    rows = ["| hosts | first deploy | no-op re-run (median of 3) | controller CPU per host, "
+    rows = ["| hosts | first deploy | no-op re-run (median of 5) | controller CPU per host, "
             "no-op |", "|---|---|---|---|"]
+    medians: dict[int, float] = {}
     for count in counts:
-        with Fleet(count, REPO / ".cache" / "tiny-model", workdir) as fleet:
+        # One Hub endpoint for the fleet, as on a site: the controller lists the repo once per
+        # run, not once per host as it would for a mirror on each host's own address.
+        with Fleet(count, REPO / ".cache" / "tiny-model", workdir, one_hub=True) as fleet:
             first, _ = fleet.deploy(data)
-            runs = [fleet.deploy(data) for _ in range(3)]
+            runs = [fleet.deploy(data) for _ in range(5)]
         walls = [wall for wall, _ in runs]
         cpu = sum(cpu for _, cpu in runs) / len(runs) / count
-        rows.append(f"| {count} | {first:.1f} s | {statistics.median(walls):.1f} s (runs: "
-                    f"{' '.join(f'{wall:.1f}' for wall in walls)}) | {cpu:.2f} s |")
+        medians[count] = statistics.median(walls)
+        rows.append(f"| {count} | {first:.1f} s | {medians[count]:.2f} s (runs: "
+                    f"{' '.join(f'{wall:.2f}' for wall in walls)}) | {cpu:.2f} s |")
+    if 1 in medians:
+        rows += [""] + [f"{count} hosts' no-op re-run / one host's: "
+                        f"{medians[count] / medians[1]:.2f}x" for count in medians if count > 1]
     return rows
 
 
