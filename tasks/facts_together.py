@@ -38,6 +38,8 @@ from pyinfra.api.command import PyinfraCommand, StringCommand
 from pyinfra.api.facts import (_MISSING_COMMAND_MARKER, FactBase, ShortFactBase,
                                _handle_fact_kwargs, _make_command)
 from pyinfra.api.state import StateStage
+from pyinfra.facts.files import File, Sha1File
+from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 
 from tasks.facts import marked_sections
 
@@ -46,6 +48,17 @@ STATUS = "::asked-together-status::"
 _ANSWERS = "_facts_asked_together"  # Host attribute: {key: (executor arguments, answer)}
 
 Wanted = tuple[type[FactBase], dict[str, Any]]
+
+
+def written_file(path: str, digest: type[FactBase] | None = None) -> list[Wanted]:
+    """What an operation that writes ``path`` reads of it: files.put and files.template its
+    stat and sha1; secret_file_present (``digest`` Sha256File) its stat and sha256."""
+    return [(File, {"path": path}), (digest or Sha1File, {"path": path})]
+
+
+def service(unit: str) -> list[Wanted]:
+    """What systemd.service reads of ``unit``: whether it runs, whether it is enabled."""
+    return [(SystemdStatus, {"services": [unit]}), (SystemdEnabled, {"services": [unit]})]
 
 
 def _key(cls: type, args: tuple, kwargs: dict) -> tuple | None:

@@ -253,16 +253,15 @@ def _hub_settings(settings: Settings):
 
 def next_steps_facts(settings: Settings, hub) -> list[tuple[type, dict]]:
     """The facts the steps after this one read on a host where all is in place: the system
-    step's and, on the Hub path (``hub``: tasks.weights_hub.HubSettings), the weights step's,
-    which include the weights folders this step reads too."""
+    step's and the weights step's, on the Hub path (``hub``: tasks.weights_hub.HubSettings;
+    they include the weights folders this step reads too) or the push path (``hub`` None)."""
     # Imported here: tasks.weights imports this module's siblings at load time.
     from tasks import weights
     wanted = system.facts_read(settings)
-    if hub is not None:
-        try:
-            wanted += weights.facts_read(settings, hub)
-        except DataError:  # the hf CLI's data: reported by _problems; the folders still read
-            wanted += [weights.tree_fact(target) for target in weights.targets(settings, hub)]
+    try:
+        wanted += weights.facts_read(settings, hub)
+    except DataError:  # the hf CLI's data: reported by _problems; the folders still read
+        wanted += [weights.tree_fact(target) for target in weights.targets(settings, hub)]
     return wanted
 
 

@@ -13,11 +13,11 @@ from pyinfra import host, logger
 from pyinfra.api import StringCommand, deploy, operation
 from pyinfra.api.operation import OperationMeta
 from pyinfra.api.util import get_template
-from pyinfra.facts.files import File, Sha1File
+from pyinfra.facts.files import Directory, File, Sha1File, Sha256File
 from pyinfra.operations import files, server, systemd
 
-from tasks import tls, vllm_container
-from tasks.facts import CpuArchitecture, SystemdVersion
+from tasks import facts_together, tls, vllm_container
+from tasks.facts import CpuArchitecture, SystemdDropIns, SystemdVersion
 from tasks.models import systemd_exec_line
 from tasks.operations import content_differs, drop_ins_removed, service_healthy, secret_file_present
 from tasks.settings import (ENV_FILE, OFFLINE_ENVIRONMENT, TEMPLATES, UNIT_NAME, Settings,
@@ -277,6 +277,23 @@ def _marks_decided(settings: Settings, runtime: OperationMeta, restart_triggers:
     return marked
 
 
+def facts_read(settings: Settings) -> list[tuple[type, dict]]:
+    """The facts run()'s operations read on a host where vLLM runs as declared (to be asked
+    together: tasks/facts_together.py)."""
+    wanted = [(SystemdVersion, {}), *facts_together.written_file(ENV_FILE, Sha256File)]
+    if settings.runtime == "docker":
+        wanted.append((CpuArchitecture, {}))
+    if settings.tls is None:
+        wanted.append((Directory, {"path": tls.TLS_DIR}))
+    else:
+        for path, _ in tls.host_files(settings.tls):
+            wanted += facts_together.written_file(path, Sha256File)
+    return [*wanted, *facts_together.written_file(UNIT_PATH),
+            (Directory, {"path": str(PurePosixPath(UNIT_PATH).parent)}),
+            (SystemdDropIns, {"unit": UNIT_NAME}), (File, {"path": RESTART_MARK}),
+            *facts_together.service(UNIT_NAME)]
+
+
 @deploy(DEPLOY_NAME)
 def run(runtime: OperationMeta, weights: OperationMeta | None = None,
         restart_due: dict | None = None) -> None:
@@ -296,6 +313,7 @@ def run(runtime: OperationMeta, weights: OperationMeta | None = None,
     vllm_shutdown_timeout_s, vllm_extra_args); for the docker runtime also vllm_image and vllm_container_gpus.
     """
     settings = read_settings(host)
+    facts_together.ask_together(host, facts_read(settings))
     restart_triggers = [trigger for trigger in (weights, runtime) if trigger is not None]
     marked = _marks_decided(settings, runtime, restart_triggers, restart_due)
     env_content = env_file_content(settings.api_key)

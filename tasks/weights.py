@@ -20,12 +20,11 @@ from pathlib import Path
 from pyinfra import host, logger
 from pyinfra.api import (FileUploadCommand, FunctionCommand, QuoteString, StringCommand, deploy,
                          operation)
-from pyinfra.facts.files import Directory, File, FindFiles, Sha1File, Sha256File
-from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
+from pyinfra.facts.files import Directory, File, FindFiles, Sha256File
 from pyinfra.operations import files, server, systemd
 
 from tasks import data_keys, facts_together, hf_cli
-from tasks.facts import FreeBytes, WeightsTree
+from tasks.facts import FreeBytes, TreeDigests, WeightsTree
 from tasks.inventory_check import address_of, serves
 from tasks.operations import secret_file_present, tree_synced, undeclared_files
 from tasks.settings import REPO, TEMPLATES, UNIT_DIR, Settings, read_settings
@@ -573,29 +572,24 @@ def peer_unserved() -> None:
     systemd.daemon_reload(name=f"Reload systemd: {PEER_UNIT} was removed")
 
 
-def _written_file_facts(path: str, digest=Sha1File) -> list[tuple[type, dict]]:
-    """What an operation that writes ``path`` reads of it: files.put and files.template its
-    stat and sha1; secret_file_present its stat and sha256."""
-    return [(File, {"path": path}), (digest, {"path": path})]
-
-
-def _service_facts(unit: str) -> list[tuple[type, dict]]:
-    """What systemd.service reads of ``unit``: whether it runs, whether it is enabled."""
-    return [(SystemdStatus, {"services": [unit]}), (SystemdEnabled, {"services": [unit]})]
-
-
-def facts_read(settings: Settings, hub: HubSettings) -> list[tuple[type, dict]]:
-    """The facts the Hub path's operations below read on a host where all is in place (to be
-    asked together first: tasks/facts_together.py). One listed here that no operation reads,
-    or one read that is not listed, costs time, never a wrong answer."""
+def facts_read(settings: Settings, hub: HubSettings | None) -> list[tuple[type, dict]]:
+    """The facts place()'s operations read on a host where all is in place (to be asked
+    together first: tasks/facts_together.py), on the Hub path (``hub``) or the push path. One
+    listed here that no operation reads, or one read that is not listed, costs time, never a
+    wrong answer."""
+    if hub is None:
+        return [(File, {"path": TOKEN_FILE}),
+                (FindFiles, {"path": UNIT_DIR, "maxdepth": 1, "fname": VERIFY_UNITS}),
+                (File, {"path": f"{UNIT_DIR}/{PEER_UNIT}"}),
+                (TreeDigests, {"path": settings.model_dir})]
     declared = targets(settings, hub)
     wanted = [*hf_cli.facts_read(host.name, host.data),
-              *(_written_file_facts(TOKEN_FILE, Sha256File) if hub.token
+              *(facts_together.written_file(TOKEN_FILE, Sha256File) if hub.token
                 else [(File, {"path": TOKEN_FILE})]),
               (Directory, {"path": str(Path(HOST_SCRIPT).parent)}),
-              *_written_file_facts(HOST_SCRIPT),
-              *_written_file_facts(f"{UNIT_DIR}/{PEER_UNIT}"),
-              *(_service_facts(PEER_UNIT) if hub.peer_copy else []),
+              *facts_together.written_file(HOST_SCRIPT),
+              *facts_together.written_file(f"{UNIT_DIR}/{PEER_UNIT}"),
+              *(facts_together.service(PEER_UNIT) if hub.peer_copy else []),
               # files.template creates the unit folder if it is missing: its stat.
               (Directory, {"path": UNIT_DIR}),
               (FindFiles, {"path": UNIT_DIR, "maxdepth": 1, "fname": VERIFY_UNITS})]
@@ -603,8 +597,8 @@ def facts_read(settings: Settings, hub: HubSettings) -> list[tuple[type, dict]]:
         wanted.append(tree_fact(target))
         if hub.verify_schedule is not None:
             for unit in (target.verify_unit, target.verify_timer):
-                wanted += _written_file_facts(f"{UNIT_DIR}/{unit}")
-            wanted += _service_facts(target.verify_timer)
+                wanted += facts_together.written_file(f"{UNIT_DIR}/{unit}")
+            wanted += facts_together.service(target.verify_timer)
     return wanted
 
 
@@ -642,6 +636,7 @@ def place() -> Placing:
     """
     settings = read_settings(host)
     if settings.model_source_dir is not None:
+        facts_together.ask_together(host, facts_read(settings, None))
         token_removed()
         verifies_pruned([])
         peer_unserved()

@@ -103,9 +103,16 @@ def test_service_is_active_enabled_and_secrets_are_private(hosts, sandbox):
 
 def test_second_deploy_changes_nothing_and_restarts_nothing(hosts):
     before = {name: service_start(host) for name, host in hosts.items()}
-    _, report = pyinfra("-y")
+    result, report = pyinfra("-y", "--debug")
     assert changed_operations(report) == {}
     assert {name: service_start(host) for name, host in hosts.items()} == before
+    # Three commands a tray: the preflight asks its facts with the system and weights steps'
+    # (tasks/facts_together.py), the venv and vllm.service steps each theirs; anything more
+    # is a fact asked alone.
+    for name in hosts:
+        asked = [line for line in result.stderr.splitlines()
+                 if f"Running command on {name}:" in line]
+        assert len(asked) == 3, "\n".join(line[:300] for line in asked)
 
 
 def test_mode_fixes_and_a_stale_token_change_no_content_and_restart_nothing(hosts):

@@ -273,4 +273,6 @@ def test_the_preflight_also_asks_what_the_next_steps_read_and_the_folders_on_wro
         assert wanted == [*system.facts_read(settings), *weights.facts_read(settings, hub)]
         assert all(fact in wanted for fact in [*hf_cli.facts_read("@local", local.data),
                                                *folders])
-        assert next_steps_facts(settings, None) == system.facts_read(settings)
+        # The push path: the system step's and the pushed folder's.
+        assert next_steps_facts(settings, None) == [*system.facts_read(settings),
+                                                    *weights.facts_read(settings, None)]
