@@ -75,6 +75,18 @@ class HostMirror:
         self.log.close()
 
 
+def serve_on_every_tray(sandbox, workdir: Path, folder: Path, token_file) -> dict:
+    """{tray: its HostMirror of ``folder``, on the tray's controller address}."""
+    return {h["name"]: HostMirror(workdir, h["controller_address"], folder, token_file)
+            for h in sandbox["hosts"]}
+
+
+def stop_running(mirrors: dict) -> None:
+    for mirror in mirrors.values():
+        if mirror.process.poll() is None:
+            mirror.stop()
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Path:
     """The tiny model plus two random 25 MB shards: big enough to cut mid-file."""
@@ -98,11 +110,9 @@ def token_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mirrors(sandbox, served, token_file, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mirrors")
-    started = {h["name"]: HostMirror(workdir, h["controller_address"], served, token_file)
-               for h in sandbox["hosts"]}
+    started = serve_on_every_tray(sandbox, workdir, served, token_file)
     yield started
-    for mirror in started.values():
-        mirror.stop()
+    stop_running(started)
 
 
 @pytest.fixture
@@ -534,8 +544,7 @@ def test_changed_revision_restarts_vllm_exactly_once(hosts, mirrors, tmp_path_fa
     for path in (REPO / ".cache" / "tiny-model").iterdir():
         shutil.copy2(path, folder / path.name)
     workdir = tmp_path_factory.mktemp("rev-mirrors")
-    started = {h["name"]: HostMirror(workdir, h["controller_address"], folder, token_file)
-               for h in sandbox["hosts"]}
+    started = serve_on_every_tray(sandbox, workdir, folder, token_file)
     try:
         data = {"weights_dir": "/raid/hub-revisions", "weights_stall_timeout_s": 900}
         overlapped_with_the_runtime(hosts, started, token_file, data)
@@ -543,13 +552,11 @@ def test_changed_revision_restarts_vllm_exactly_once(hosts, mirrors, tmp_path_fa
         again = deploy(started, token_file, full=True, **data)
         assert changed_operations(again) == {}
         assert {name: service_start(host) for name, host in hosts.items()} == before
-        for mirror in started.values():
-            mirror.stop()
+        stop_running(started)
         generation = json.loads((folder / "generation_config.json").read_text())
         (folder / "generation_config.json").write_text(json.dumps({**generation,
                                                                    "temperature": 0.7}))
-        started = {h["name"]: HostMirror(workdir, h["controller_address"], folder, token_file)
-                   for h in sandbox["hosts"]}
+        started = serve_on_every_tray(sandbox, workdir, folder, token_file)
         deploy(started, token_file, full=True, **data)
         after = {name: service_start(host) for name, host in hosts.items()}
         assert all(after[name] != before[name] for name in hosts)
@@ -557,9 +564,7 @@ def test_changed_revision_restarts_vllm_exactly_once(hosts, mirrors, tmp_path_fa
         assert changed_operations(again) == {}
         assert {name: service_start(host) for name, host in hosts.items()} == after
     finally:
-        for mirror in started.values():
-            if mirror.process.poll() is None:
-                mirror.stop()
+        stop_running(started)
 
 
 def test_a_broken_hub_revision_is_rolled_back_with_the_clients_records(hosts, tmp_path_factory,
@@ -579,24 +584,15 @@ def test_a_broken_hub_revision_is_rolled_back_with_the_clients_records(hosts, tm
     tree, key = f"{data['weights_dir']}/tiny-kimi", Path(sandbox["api_key_file"]).read_text()
     addresses = {h["name"]: h["address"] for h in sandbox["hosts"]}
 
-    def serve() -> dict[str, HostMirror]:
-        return {h["name"]: HostMirror(workdir, h["controller_address"], folder, token_file)
-                for h in sandbox["hosts"]}
-
-    def stop(mirrors) -> None:
-        for mirror in mirrors.values():
-            if mirror.process.poll() is None:
-                mirror.stop()
-
-    started = serve()
+    started = serve_on_every_tray(sandbox, workdir, folder, token_file)
     try:
         deploy(started, token_file, full=True, **data)
         good = {name: host_digests(host, tree) for name, host in hosts.items()}
-        stop(started)
+        stop_running(started)
         shard = sorted(folder.glob("*.safetensors"))[0]
         kept_bytes = shard.read_bytes()
         shard.write_bytes(b"\xff" * len(kept_bytes))  # a header length no file can have
-        started = serve()
+        started = serve_on_every_tray(sandbox, workdir, folder, token_file)
         since = time.monotonic()
         failed = deploy(started, token_file, check=False, full=True, **data)
         took = time.monotonic() - since
@@ -612,13 +608,13 @@ def test_a_broken_hub_revision_is_rolled_back_with_the_clients_records(hosts, tm
             status, body = chat(addresses[name], key.strip())
             assert status == 200 and body["usage"]["completion_tokens"] > 0
         restored = {name: service_start(host) for name, host in hosts.items()}
-        stop(started)
+        stop_running(started)
         shard.write_bytes(kept_bytes)
-        started = serve()
+        started = serve_on_every_tray(sandbox, workdir, folder, token_file)
         again = deploy(started, token_file, full=True, **data)
         assert changed_operations(again) == {}
         assert {name: service_start(host) for name, host in hosts.items()} == restored
         for mirror in started.values():
             assert mirror.sent() == {}
     finally:
-        stop(started)
+        stop_running(started)
