@@ -11,8 +11,9 @@ vLLMs do not fit this machine's two cores; what it measures is the deploy loop i
 host to the first host's controller address); for fetch-once one on each host's controller
 address, whose byte counters add up to the egress.
 
-loop: the first deploy, the no-op re-run (median of 5) and the controller's CPU time per host
-(pyinfra's user + system time over the no-op runs, divided by runs and hosts).
+loop: the first deploy, the no-op re-run (median of 5) and the controller's CPU time in it
+(pyinfra's user + system time), then each count against one host's: the wall time's ratio and
+the controller's CPU per extra host.
 
 fetch-once: the tiny model plus SHARDS random shards of SHARD_MIB MiB, into a new folder on
 every host, first every host from the Hub, then with weights_peer_copy: Hub egress and wall
@@ -115,9 +116,9 @@ def call(url: str, method: str, path: str):
 
 def loop(counts: list[int], workdir: Path) -> list[str]:
     data = {"weights_dir": "/raid/bench", "weights_verify_schedule": None}
-    rows = ["| hosts | first deploy | no-op re-run (median of 5) | controller CPU per host, "
-            "no-op |", "|---|---|---|---|"]
-    medians: dict[int, float] = {}
+    rows = ["| hosts | first deploy | no-op re-run (median of 5) | controller CPU, no-op "
+            "(median) |", "|---|---|---|---|"]
+    medians: dict[int, tuple[float, float]] = {}  # hosts -> (wall, controller CPU)
     for count in counts:
         # One Hub endpoint for the fleet, as on a site: the controller lists the repo once per
         # run, not once per host as it would for a mirror on each host's own address.
@@ -125,13 +126,15 @@ def loop(counts: list[int], workdir: Path) -> list[str]:
             first, _ = fleet.deploy(data)
             runs = [fleet.deploy(data) for _ in range(5)]
         walls = [wall for wall, _ in runs]
-        cpu = sum(cpu for _, cpu in runs) / len(runs) / count
-        medians[count] = statistics.median(walls)
-        rows.append(f"| {count} | {first:.1f} s | {medians[count]:.2f} s (runs: "
-                    f"{' '.join(f'{wall:.2f}' for wall in walls)}) | {cpu:.2f} s |")
+        medians[count] = (statistics.median(walls), statistics.median(cpu for _, cpu in runs))
+        rows.append(f"| {count} | {first:.1f} s | {medians[count][0]:.2f} s (runs: "
+                    f"{' '.join(f'{wall:.2f}' for wall in walls)}) | {medians[count][1]:.2f} s |")
     if 1 in medians:
-        rows += [""] + [f"{count} hosts' no-op re-run / one host's: "
-                        f"{medians[count] / medians[1]:.2f}x" for count in medians if count > 1]
+        wall, cpu = medians[1]
+        rows.append("")
+        rows += [f"{count} hosts: no-op re-run {medians[count][0] / wall:.2f}x one host's; "
+                 f"controller CPU {(medians[count][1] - cpu) / (count - 1) * 1000:.0f} ms more "
+                 "per extra host" for count in medians if count > 1]
     return rows
 
 

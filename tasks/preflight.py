@@ -240,7 +240,8 @@ def preflight_passed(problems: list[str], checks: str):
 
 def _hub_settings(settings: Settings):
     """(the Hub client's settings, None) on the Hub path, (None, the DataError) when its data
-    is wrong, (None, None) on the push path. Read once: it runs weights_hf_token_command."""
+    is wrong, (None, None) on the push path. (A weights_hf_token_command runs once per run
+    whoever asks: tasks/secrets.py.)"""
     if settings.model_source_dir is not None:
         return None, None
     # Imported here: tasks.weights imports this module's siblings at load time.
