@@ -7,7 +7,7 @@ from pyinfra.operations import apt, files
 
 from tasks import facts_together
 from tasks.facts import DebPackagesInstalled
-from tasks.settings import read_settings
+from tasks.settings import Settings, read_settings
 
 
 def packages_installed(packages: list[str]) -> None:
@@ -20,7 +20,7 @@ def packages_installed(packages: list[str]) -> None:
         apt.packages(name="Install host packages", packages=packages)
 
 
-def facts_read(settings) -> list[tuple[type, dict]]:
+def facts_read(settings: Settings) -> list[tuple[type, dict]]:
     """The facts prepare()'s operations read on a host where all is in place (to be asked
     together: tasks/facts_together.py)."""
     return [(DebPackagesInstalled, {"packages": settings.packages}),
