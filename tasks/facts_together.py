@@ -50,10 +50,10 @@ _ANSWERS = "_facts_asked_together"  # Host attribute: {key: (executor arguments,
 Wanted = tuple[type[FactBase], dict[str, Any]]
 
 
-def written_file(path: str, digest: type[FactBase] | None = None) -> list[Wanted]:
+def written_file(path: str, digest: type[FactBase] = Sha1File) -> list[Wanted]:
     """What an operation that writes ``path`` reads of it: files.put and files.template its
     stat and sha1; secret_file_present (``digest`` Sha256File) its stat and sha256."""
-    return [(File, {"path": path}), (digest or Sha1File, {"path": path})]
+    return [(File, {"path": path}), (digest, {"path": path})]
 
 
 def service(unit: str) -> list[Wanted]:

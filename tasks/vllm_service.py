@@ -20,12 +20,12 @@ from tasks import facts_together, tls, vllm_container
 from tasks.facts import CpuArchitecture, SystemdDropIns, SystemdVersion
 from tasks.models import systemd_exec_line
 from tasks.operations import content_differs, drop_ins_removed, service_healthy, secret_file_present
-from tasks.settings import (ENV_FILE, OFFLINE_ENVIRONMENT, TEMPLATES, UNIT_NAME, Settings,
-                            read_settings)
+from tasks.settings import (ENV_FILE, OFFLINE_ENVIRONMENT, TEMPLATES, UNIT_DIR, UNIT_NAME,
+                            Settings, read_settings)
 from tasks.weights import state_dir_of
 from tasks.weights_job import RECORDS_DIR
 
-UNIT_PATH = f"/etc/systemd/system/{UNIT_NAME}"
+UNIT_PATH = f"{UNIT_DIR}/{UNIT_NAME}"
 # The offline list, plus folders a read-only system leaves writable.
 SERVICE_ENVIRONMENT = {
     **OFFLINE_ENVIRONMENT,
@@ -289,7 +289,7 @@ def facts_read(settings: Settings) -> list[tuple[type, dict]]:
         for path, _ in tls.host_files(settings.tls):
             wanted += facts_together.written_file(path, Sha256File)
     return [*wanted, *facts_together.written_file(UNIT_PATH),
-            (Directory, {"path": str(PurePosixPath(UNIT_PATH).parent)}),
+            (Directory, {"path": UNIT_DIR}),
             (SystemdDropIns, {"unit": UNIT_NAME}), (File, {"path": RESTART_MARK}),
             *facts_together.service(UNIT_NAME)]
 
