@@ -61,9 +61,9 @@ class Fleet:
                            check=True, stdout=subprocess.DEVNULL)
             state = json.loads((REPO / ".sandbox" / SANDBOX / "hosts.json").read_text())
             for host in state["hosts"]:
-                self.urls[host["name"]] = (
-                    self.urls[state["hosts"][0]["name"]] if self.one_hub and self.urls
-                    else self.start_mirror(host["controller_address"]))
+                if not (self.one_hub and self.urls):
+                    url = self.start_mirror(host["controller_address"])
+                self.urls[host["name"]] = url
         except BaseException:
             self.__exit__()
             raise
