@@ -12,8 +12,11 @@ host to the first host's controller address); for fetch-once one on each host's 
 address, whose byte counters add up to the egress.
 
 loop: the first deploy, the no-op re-run (median of 5) and the controller's CPU time in it
-(pyinfra's user + system time), then each count against one host's: the wall time's ratio and
-the controller's CPU per extra host.
+(pyinfra's user + system time). In a fleet of more than one host, the no-op runs alternate with
+runs limited to its first host (``--limit``), and the ratio is the fleet's median over that
+one host's: both measured in the same minute, so that the machine's drift between fleets
+(one host's no-op swung 0.69-0.94 s from one fleet to the next) does not make the ratio. Last,
+each count against the one-host fleet's: the controller's CPU per extra host.
 
 fetch-once: the tiny model plus SHARDS random shards of SHARD_MIB MiB, into a new folder on
 every host, first every host from the Hub, then with weights_peer_copy: Hub egress and wall
@@ -81,17 +84,19 @@ class Fleet:
         self.mirrors.append(process)
         return url
 
-    def deploy(self, data: dict) -> tuple[float, float]:
-        """(wall seconds, the controller's CPU seconds) of one deploy."""
+    def deploy(self, data: dict, limit: str | None = None) -> tuple[float, float]:
+        """(wall seconds, the controller's CPU seconds) of one deploy, of ``limit``'s host
+        alone if given."""
         ports = {name: int(url.rsplit(":", 1)[1]) for name, url in self.urls.items()}
         if self.one_hub:
             data = {**data, "weights_hf_endpoint": next(iter(self.urls.values()))}
         env = {**ENV, "HUB_E2E_PORTS": json.dumps(ports), "HUB_E2E_DATA": json.dumps(data)}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
-        result = subprocess.run([str(VENV_BIN / "pyinfra"), "-y", "tests/e2e/hub_inventory.py",
-                                 "tests/e2e/hub_deploy.py"], cwd=REPO, env=env,
-                                capture_output=True, text=True)
+        result = subprocess.run([str(VENV_BIN / "pyinfra"), "-y",
+                                 *(["--limit", limit] if limit else []),
+                                 "tests/e2e/hub_inventory.py", "tests/e2e/hub_deploy.py"],
+                                cwd=REPO, env=env, capture_output=True, text=True)
         wall = time.monotonic() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         if result.returncode != 0:
@@ -116,26 +121,35 @@ def call(url: str, method: str, path: str):
 
 def loop(counts: list[int], workdir: Path) -> list[str]:
     data = {"weights_dir": "/raid/bench", "weights_verify_schedule": None}
-    rows = ["| hosts | first deploy | no-op re-run (median of 5) | controller CPU, no-op "
-            "(median) |", "|---|---|---|---|"]
-    medians: dict[int, tuple[float, float]] = {}  # hosts -> (wall, controller CPU)
+    rows = ["| hosts | first deploy | no-op re-run (median of 5) | its first host alone, "
+            "alternated (median of 5) | ratio | controller CPU, no-op (median) |",
+            "|---|---|---|---|---|---|"]
+    cpus: dict[int, float] = {}  # hosts -> the controller's CPU in the no-op (median)
     for count in counts:
         # One Hub endpoint for the fleet, as on a site: the controller lists the repo once per
         # run, not once per host as it would for a mirror on each host's own address.
         with Fleet(count, REPO / ".cache" / "tiny-model", workdir, one_hub=True) as fleet:
             first, _ = fleet.deploy(data)
-            runs = [fleet.deploy(data) for _ in range(5)]
+            runs, alone = [], []
+            for _ in range(5):
+                runs.append(fleet.deploy(data))
+                if count > 1:
+                    alone.append(fleet.deploy(data, limit=next(iter(fleet.urls)))[0])
         walls = [wall for wall, _ in runs]
-        medians[count] = (statistics.median(walls), statistics.median(cpu for _, cpu in runs))
-        rows.append(f"| {count} | {first:.1f} s | {medians[count][0]:.2f} s (runs: "
-                    f"{' '.join(f'{wall:.2f}' for wall in walls)}) | {medians[count][1]:.2f} s |")
-    if 1 in medians:
-        wall, cpu = medians[1]
+        wall, cpus[count] = statistics.median(walls), statistics.median(cpu for _, cpu in runs)
+        one = f"{statistics.median(alone):.2f} s (runs: {_figures(alone)})" if alone else "-"
+        ratio = f"{wall / statistics.median(alone):.2f}x" if alone else "-"
+        rows.append(f"| {count} | {first:.1f} s | {wall:.2f} s (runs: {_figures(walls)}) | "
+                    f"{one} | {ratio} | {cpus[count]:.2f} s |")
+    if 1 in cpus:
         rows.append("")
-        rows += [f"{count} hosts: no-op re-run {medians[count][0] / wall:.2f}x one host's; "
-                 f"controller CPU {(medians[count][1] - cpu) / (count - 1) * 1000:.0f} ms more "
-                 "per extra host" for count in medians if count > 1]
+        rows += [f"{count} hosts: controller CPU {(cpus[count] - cpus[1]) / (count - 1) * 1000:.0f}"
+                 " ms more per extra host than the one-host fleet's" for count in cpus if count > 1]
     return rows
+
+
+def _figures(seconds: list[float]) -> str:
+    return " ".join(f"{value:.2f}" for value in seconds)
 
 
 def fetch_once(hosts: int, shards: int, mib: int, workdir: Path) -> list[str]:
