@@ -61,6 +61,13 @@ def pyinfra(*args: str, env: dict | None = None) -> tuple[subprocess.CompletedPr
     return result, json.loads(result.stdout)
 
 
+def commands_run(debug_output: str, host_name: str) -> list[str]:
+    """The commands a pyinfra run with --debug ran on ``host_name`` (its log lines, cut to
+    300 characters): facts and operations alike."""
+    return [line[:300] for line in debug_output.splitlines()
+            if f"Running command on {host_name}:" in line]
+
+
 def api_key(sandbox) -> str:
     return Path(sandbox["api_key_file"]).read_text().strip()
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.common import (ENV, PYINFRA, ROUTER_PORT, api_key, call, chat, files_snapshot,
-                              pyinfra, service_start)
+from tests.e2e.common import (ENV, PYINFRA, ROUTER_PORT, api_key, call, chat, commands_run,
+                              files_snapshot, pyinfra, service_start)
 from tests.helpers import REPO
 
 
@@ -110,9 +110,8 @@ def test_second_deploy_changes_nothing_and_restarts_nothing(hosts):
     # (tasks/facts_together.py), the venv and vllm.service steps each theirs; anything more
     # is a fact asked alone.
     for name in hosts:
-        asked = [line for line in result.stderr.splitlines()
-                 if f"Running command on {name}:" in line]
-        assert len(asked) == 3, "\n".join(line[:300] for line in asked)
+        asked = commands_run(result.stderr, name)
+        assert len(asked) == 3, "\n".join(asked)
 
 
 def test_mode_fixes_and_a_stale_token_change_no_content_and_restart_nothing(hosts):

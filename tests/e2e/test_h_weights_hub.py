@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tasks.weights import Target
-from tests.e2e.common import ENV, PYINFRA, chat, service_start
+from tests.e2e.common import ENV, PYINFRA, chat, commands_run, service_start
 from tests.helpers import REPO
 
 REPO_ID = "sandbox/tiny-kimi"
@@ -196,9 +196,8 @@ def test_second_run_is_a_no_op_and_fast(hosts, mirror, token_file):
     # One command a host: the preflight asks its facts and those the system and weights steps
     # read, together (tasks/facts_together.py); anything more is a fact asked alone.
     for name in hosts:
-        asked = [line for line in result.stderr.splitlines()
-                 if f"Running command on {name}:" in line]
-        assert len(asked) == 1, "\n".join(line[:300] for line in asked)
+        asked = commands_run(result.stderr, name)
+        assert len(asked) == 1, "\n".join(asked)
 
 
 def test_token_is_absent_from_ps_during_the_download(hosts, mirror, token_file):
