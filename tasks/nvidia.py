@@ -15,15 +15,16 @@ from dataclasses import dataclass
 
 from pyinfra import host, logger
 from pyinfra.api import QuoteString, StringCommand, deploy, operation
-from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.files import Directory
 from pyinfra.operations import apt, files, server, systemd
 
-from tasks import data_keys
-from tasks.facts import (CdiSpecDriverVersion, NvidiaGpus, NvidiaKernelModuleVersion,
-                         NvidiaPciGpus)
+from tasks import data_keys, facts_together
+from tasks.facts import (CdiSpecDriverVersion, DebPackagesInstalled, NvidiaGpus,
+                         NvidiaKernelModuleVersion, NvidiaPciGpus)
 from tasks.operations import failing_command
 
-DAEMON_JSON = "/etc/docker/daemon.json"
+DAEMON_JSON_DIR = "/etc/docker"
+DAEMON_JSON = f"{DAEMON_JSON_DIR}/daemon.json"
 CDI_SPEC = "/etc/cdi/nvidia.yaml"
 # Generated beside /etc/cdi, not in it: every CDI reader (Docker among them) rejects two specs
 # naming the same devices in one folder, so a half-done spec there would break both.
@@ -107,15 +108,31 @@ def daemon_json(settings: dict, gpus: bool = True) -> str:
     return json.dumps({**settings, "runtimes": runtimes}, indent=4, sort_keys=True) + "\n"
 
 
-def missing_packages(wanted: list[str], installed: dict[str, set[str]]) -> list[str]:
-    """The entries of ``wanted`` (``name`` or ``name=version``, as apt.packages takes them)
-    that DebPackages does not show installed."""
+def package_names(specs: list[str]) -> list[str]:
+    """The package names of ``specs`` (``name`` or ``name=version``, as apt.packages takes
+    them), sorted: what tasks.facts.DebPackagesInstalled is asked for."""
+    return sorted({spec.partition("=")[0] for spec in specs})
+
+
+def missing_packages(wanted: list[str], installed: dict[str, str]) -> list[str]:
+    """The entries of ``wanted`` (``name`` or ``name=version``) that ``installed``
+    (tasks.facts.DebPackagesInstalled: name -> version) does not show installed."""
     missing = []
     for spec in wanted:
         name, _, version = spec.partition("=")
-        if name not in installed or (version and version not in installed[name]):
+        if name not in installed or (version and version != installed[name]):
             missing.append(spec)
     return missing
+
+
+def installed_packages(settings: NvidiaSettings) -> dict[str, str]:
+    """Which of the packages this task may install the host has (name -> version), asked
+    once for all of them, whichever the host needs."""
+    return host.get_fact(DebPackagesInstalled, packages=package_names(_package_specs(settings)))
+
+
+def _package_specs(settings: NvidiaSettings) -> list[str]:
+    return [settings.docker_package, settings.toolkit_package, settings.driver_package]
 
 
 def upstream_version(debian_version: str) -> str:
@@ -127,8 +144,9 @@ def loaded_driver_is_stale(package: str) -> bool:
     """True when the loaded kernel module is not the version of the installed driver package:
     the new driver waits for a reboot."""
     loaded = host.get_fact(NvidiaKernelModuleVersion)
-    installed = host.get_fact(DebPackages).get(package, set())
-    return loaded not in {upstream_version(version) for version in installed}
+    name = package.partition("=")[0]
+    installed = host.get_fact(DebPackagesInstalled, packages=[name]).get(name)
+    return installed is None or loaded != upstream_version(installed)
 
 
 @operation()
@@ -169,7 +187,8 @@ def apt_candidates_present(sources: dict[str, str]):
         apt_candidates_present(name="Check apt offers the missing packages",
                                sources={"nvidia-container-toolkit": "NVIDIA's repository"})
     """
-    missing = missing_packages(list(sources), host.get_fact(DebPackages))
+    missing = missing_packages(
+        list(sources), host.get_fact(DebPackagesInstalled, packages=package_names(list(sources))))
     if not missing:
         host.noop(f"installed: {', '.join(sources)}")
         return
@@ -244,6 +263,17 @@ def persistence_mode_on():
     yield "nvidia-smi -pm 1"
 
 
+def facts_read(settings: NvidiaSettings) -> list[tuple[type, dict]]:
+    """The facts prepare()'s operations read on a host where all is in place (to be asked
+    together: tasks/facts_together.py); the GPU facts too on a host without GPUs, where they
+    are a few lines of output."""
+    return [(NvidiaPciGpus, {}), (NvidiaGpus, {}),
+            (DebPackagesInstalled, {"packages": package_names(_package_specs(settings))}),
+            *facts_together.written_file(DAEMON_JSON), (Directory, {"path": DAEMON_JSON_DIR}),
+            *facts_together.service("docker.service"),
+            (CdiSpecDriverVersion, {"path": CDI_SPEC})]
+
+
 @deploy("NVIDIA container host")
 def prepare() -> None:
     """Converge a GPU host to run vLLM's container: Docker installed, enabled and running with
@@ -261,6 +291,7 @@ def prepare() -> None:
     nvidia_driver_allow_reboot.
     """
     settings = read_nvidia_settings(host.name, host.data)
+    facts_together.ask_together(host, facts_read(settings))
     gpus = bool(host.get_fact(NvidiaPciGpus))
     install_driver = _packages_installed(settings, gpus)
     if install_driver:
@@ -291,9 +322,11 @@ def _packages_installed(settings: NvidiaSettings, gpus: bool) -> bool:
         sources[settings.toolkit_package] = PACKAGE_SOURCES["toolkit"]
     if install_driver:
         sources[settings.driver_package] = PACKAGE_SOURCES["driver"]
-    if missing_packages(list(sources), host.get_fact(DebPackages)):
-        # Only then: offline hosts that already have everything never touch the network.
-        apt.update(name="Refresh apt package lists")
+    if not missing_packages(list(sources), installed_packages(settings)):
+        # Nothing more is asked (apt.packages would list every package of the host), and
+        # offline hosts that already have everything never touch the network.
+        return install_driver
+    apt.update(name="Refresh apt package lists")
     apt_candidates_present(name="Check apt offers the packages not yet installed",
                            sources=sources)
     if gpus:

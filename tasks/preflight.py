@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pyinfra import host, logger
 from pyinfra.api import deploy, operation
 
-from tasks import facts_together, system
+from tasks import facts_together, system, vllm_container
 from tasks.data_keys import IMAGE_ARCH, DataError, Problem
 from tasks.facts import DockerImage, NvidiaGpus, NvidiaSmiInfo, PreflightState
 from tasks.operations import failing_command
@@ -267,17 +267,22 @@ def next_steps_facts(settings: Settings, hub) -> list[tuple[type, dict]]:
 
 
 def gather(settings: Settings, hub=None) -> HostFacts:
-    # One command for the facts every host is asked (tasks.facts.PreflightState) and those the
-    # next steps read (tasks/facts_together.py): a host where all is in place is asked that
-    # one command by the whole of preflight, system and weights; the GPU and image facts only
-    # where they apply.
+    # One command for the facts every host is asked (tasks.facts.PreflightState), the GPU
+    # facts where the model needs GPUs, and those the next steps read
+    # (tasks/facts_together.py): a host where all is in place is asked that one command by the
+    # whole of preflight, system and weights. The image on the docker runtime is a second,
+    # as its name depends on the CPU; the image step reads that answer again.
     asked = {"unit": UNIT_NAME, "model_dir": settings.model_dir,
              "weights_dir": settings.weights_dir}
-    facts_together.ask_together(host, [(PreflightState, asked), *next_steps_facts(settings, hub)])
+    gpu_facts = [(NvidiaGpus, {}), (NvidiaSmiInfo, {})] if needs_gpus(settings) else []
+    facts_together.ask_together(host, [(PreflightState, asked), *gpu_facts,
+                                       *next_steps_facts(settings, hub)])
     state = host.get_fact(PreflightState, **asked)
     pid, present, arch = state["service_pid"], state["model_bytes"], state["arch"]
-    gpus = host.get_fact(NvidiaGpus) if needs_gpus(settings) else []
+    gpus = host.get_fact(NvidiaGpus) if gpu_facts else []
     reference = settings.image_for(arch) if settings.runtime == "docker" else None
+    if reference:
+        facts_together.ask_together(host, vllm_container.facts_read(reference))
     return HostFacts(
         gpus=gpus,
         smi=host.get_fact(NvidiaSmiInfo) if gpus else {},

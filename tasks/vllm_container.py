@@ -12,7 +12,7 @@ from pyinfra.api import deploy
 from pyinfra.api.operation import OperationMeta
 
 from tasks.data_keys import IMAGE_ARCH, DataError, problem
-from tasks.facts import CpuArchitecture
+from tasks.facts import CpuArchitecture, DockerImage
 from tasks.operations import docker_image_present
 from tasks.settings import ENV_FILE, Settings, read_settings
 from tasks.tls import TLS_DIR
@@ -67,6 +67,12 @@ def container_argv(settings: Settings, image: str, environment: dict[str, str],
     if settings.tls is not None:
         argv += ["--volume", f"{TLS_DIR}:{TLS_DIR}:ro"]  # root-only files: root reads them
     return argv + ["--entrypoint", "vllm", image, *settings.serve_args]
+
+
+def facts_read(reference: str) -> list[tuple[type, dict]]:
+    """The facts install()'s operation reads on a host whose CPU's image is ``reference``
+    (to be asked together: tasks/facts_together.py; the preflight asks them)."""
+    return [(CpuArchitecture, {}), (DockerImage, {"reference": reference})]
 
 
 @deploy("vLLM container image")

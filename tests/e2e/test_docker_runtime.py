@@ -25,8 +25,8 @@ import testinfra
 from tasks.bench import WORKLOADS
 from tasks.operations import STAGED
 from tasks.vllm_service import RESTART_MARK, UNIT_PATH
-from tests.e2e.common import (PYINFRA, api_key, call, deploy_killed_when, passed_cases, pyinfra,
-                              sandbox_tool, service_start)
+from tests.e2e.common import (PYINFRA, api_key, call, commands_run, deploy_killed_when,
+                              passed_cases, pyinfra, sandbox_tool, service_start)
 from tests.helpers import REPO, group_data
 
 NAME = "dock"
@@ -107,10 +107,15 @@ def test_a_killed_container_is_started_again_by_systemd(dock, host):
 
 def test_a_second_deploy_changes_nothing_and_restarts_nothing(dock, host):
     before = (service_start(host), container_id(host))
-    _, report = pyinfra("-y", env=ENV)
+    result, report = pyinfra("-y", "--debug", env=ENV)
     assert {op["name"]: op["success"] for op in report["results"]["operations"]
             if op["success"]} == {}
     assert (service_start(host), container_id(host)) == before
+    # Four commands: the preflight's facts with the system and weights steps', the image (its
+    # name depends on the CPU), the Docker host step's and vllm.service's
+    # (tasks/facts_together.py); anything more is a fact asked alone.
+    asked = commands_run(result.stderr, dock["hosts"][0]["name"])
+    assert len(asked) == 4, "\n".join(asked)
 
 
 def test_the_infra_suite_passes_on_the_container_host(dock, tmp_path):

@@ -11,6 +11,7 @@ holds the host's state, the data that differs from the defaults, and the expecte
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ from pyinfra.api import (Config, FileUploadCommand, FunctionCommand, Inventory, 
                          StringCommand)
 from pyinfra.api.connect import connect_all
 from pyinfra.api.deploy import add_deploy
+from pyinfra.api.host import Host
 from pyinfra.api.operations import run_ops
 from pyinfra.context import ctx_host, ctx_state
 from pyinfra.facts.deb import DebPackages
@@ -29,8 +31,8 @@ from pyinfra.facts.files import Directory, File, Sha1File
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 
 from tasks import nvidia
-from tasks.facts import (CdiSpecDriverVersion, NvidiaGpus, NvidiaKernelModuleVersion,
-                         NvidiaPciGpus)
+from tasks.facts import (CdiSpecDriverVersion, DebPackagesInstalled, NvidiaGpus,
+                         NvidiaKernelModuleVersion, NvidiaPciGpus)
 from tasks.nvidia import CDI_SPEC, DAEMON_JSON, daemon_json, driver_problems
 from tasks.data_keys import DEFAULTS, DataError
 from tests.helpers import fact_command, group_data, planned_commands
@@ -213,6 +215,11 @@ def fake_responses(spec: dict) -> dict[str, list[str]]:
     answer(NvidiaKernelModuleVersion, [spec["module"]] if spec["module"] else [])
     answer(CdiSpecDriverVersion,
            [f"libcuda.so.{spec['cdi_driver']}"] if spec["cdi_driver"] else [], path=CDI_SPEC)
+    # Asked by name (tasks.facts.DebPackagesInstalled) for whichever packages: one answer for
+    # every list (its output lines are read by name); pyinfra's apt.packages reads DebPackages.
+    asked_by_name = fact_command(DebPackagesInstalled, packages=[]).split(" -- ")[0]
+    answers[asked_by_name] = [f"ii \t{name}\t{version}"
+                              for name, version in spec["packages"].items()]
     answer(DebPackages, [f"ii  {name}  {version}  arm64  (description)"
                          for name, version in spec["packages"].items()])
     running, enabled = spec["docker"]["running"], spec["docker"]["enabled"]
@@ -277,6 +284,38 @@ def test_plan(case):
                    for name, commands in planned.items() if name not in
                    (NAMES["driver"], NAMES["reboot"], NAMES["apt check"])
                    for command in commands)
+
+
+def bound(fact: type, kwargs: dict) -> tuple:
+    """A fact and its arguments as its command binds them, defaults filled in."""
+    arguments = inspect.signature(fact().command).bind(**kwargs)
+    arguments.apply_defaults()
+    return fact, repr(sorted(arguments.arguments.items()))
+
+
+@pytest.mark.parametrize("spec", [CONVERGED, {**CONVERGED, "gpus": H200_BOX,
+                                              "module": MODULE_H200, "cdi_driver": "580.159.04"},
+                                  {**CONVERGED, "pci": [], "gpus": [], "files": {
+                                      DAEMON_JSON: daemon_json(DATA["docker_daemon_settings"],
+                                                               gpus=False)}}],
+                         ids=["GB200 tray", "H200 box", "no GPU (the sandbox)"])
+def test_a_converged_host_reads_only_the_facts_prepare_lists(spec, monkeypatch):
+    """What prepare() and its operations read where all is in place is in facts_read(): asked
+    together in one command (tasks/facts_together.py); a fact missing from it would be asked
+    alone, one more command a tray on every run."""
+    read = []
+    ask = Host.get_fact
+
+    def recorded(self, fact, *args, **kwargs):
+        read.append(bound(fact, kwargs))
+        return ask(self, fact, *args, **kwargs)
+
+    monkeypatch.setattr(Host, "get_fact", recorded)
+    state, host = prepared(spec, {})
+    assert plan(state, host) == {}
+    settings = nvidia.read_nvidia_settings(host.name, host.data)
+    listed = {bound(fact, kwargs) for fact, kwargs in nvidia.facts_read(settings)}
+    assert read and not [fact for fact in read if fact not in listed], read
 
 
 def test_daemon_json_adds_the_nvidia_runtime_as_nvidia_ctk_writes_it():
