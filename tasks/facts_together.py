@@ -6,8 +6,9 @@ weights asked each host 14 of them; every command is an SSH channel, a login she
 and a round trip, and on 8 sandbox hosts those were half of the machine's CPU (README, fleet
 figures). ``ask_together`` runs the facts' own commands in one shell, each in a subshell
 followed by its exit status, and reads each answer with its own fact's ``process()``, as
-pyinfra would. ``host.get_fact`` then gives that answer for the same fact with the same
-arguments:
+pyinfra would; File, Directory and Link facts (a step reads a dozen) share one ``stat``, each
+answer the line File's own command would have printed (``stat_command``). ``host.get_fact``
+then gives that answer for the same fact with the same arguments:
 
 - until an operation runs a command on that host (a shell command, an upload, a Python
   callback: anything that may change it); after that, every fact is asked afresh. Until this
@@ -34,17 +35,18 @@ from typing import Any, Iterable
 from pyinfra import logger
 from pyinfra.api import host as pyinfra_host
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
-from pyinfra.api.command import PyinfraCommand, StringCommand
+from pyinfra.api.command import PyinfraCommand, QuoteString, StringCommand
 from pyinfra.api.facts import (_MISSING_COMMAND_MARKER, FactBase, ShortFactBase,
                                _handle_fact_kwargs, _make_command)
 from pyinfra.api.state import StateStage
-from pyinfra.facts.files import File, Sha1File
+from pyinfra.facts.files import LINUX_STAT_COMMAND, File, Sha1File
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 
 from tasks.facts import marked_sections
 
 MARK = "::asked-together::"
 STATUS = "::asked-together-status::"
+STAT_MARK = "::stat::"  # starts each line of the one stat that answers File facts together
 _ANSWERS = "_facts_asked_together"  # Host attribute: {key: (executor arguments, answer)}
 
 Wanted = tuple[type[FactBase], dict[str, Any]]
@@ -128,6 +130,65 @@ def batch_answers(output: list[str], count: int) -> list[tuple[int, list[str]] |
     return answers
 
 
+def stat_path(cls: type, kwargs: dict) -> str | None:
+    """The path of a fact pyinfra answers with File's own stat command (File, Directory, Link
+    ...), None for any other fact (and for a path under ``~/``, which the shell expands)."""
+    path = kwargs.get("path")
+    if not (issubclass(cls, File) and cls.command is File.command and isinstance(path, str)):
+        return None
+    return None if path.startswith("~/") else path
+
+
+def stat_command(paths: list[str]) -> StringCommand:
+    """One command for File's stat of every path of ``paths``: per path a line ``+`` (there,
+    as File's ``test -e || test -L`` says) or ``-``, then one ``stat`` of those there, its line
+    for each (File's own format) after STAT_MARK, in order. Nine paths cost a tray's shell one
+    program instead of nine, and ~27 processes fewer (File's subshells)."""
+    stat = LINUX_STAT_COMMAND.replace("stat -c '", f"stat -c '{STAT_MARK}", 1)
+    return StringCommand("set --;", "for", "p", "in", *(QuoteString(path) for path in paths),
+                         "; do if test -e \"$p\" || test -L \"$p\"; then set -- \"$@\" \"$p\";",
+                         "echo +; else echo -; fi; done;", "[ $# = 0 ] ||", stat, '-- "$@"')
+
+
+def stat_answers(lines: list[str], count: int) -> list[list[str]] | None:
+    """Each path's lines as File's command alone prints them (its stat line, or none for a
+    path that is not there), from stat_command's output for ``count`` paths; None when the
+    output is not that (no GNU stat, a stat that failed, a file name with a new line)."""
+    flags, stats = lines[:count], lines[count:]
+    if len(flags) != count or set(flags) - {"+", "-"} or flags.count("+") != len(stats) \
+            or not all(line.startswith(STAT_MARK) for line in stats):
+        return None
+    found = iter(line[len(STAT_MARK):] for line in stats)
+    return [[next(found)] if flag == "+" else [] for flag in flags]
+
+
+def _run_batch(host, asked: list, instances: list, executor: dict) -> dict | None:
+    """Run ``asked``'s commands as one on ``host``: {index in asked: (exit status, lines)} for
+    each command that answered, None when the batch could not run. Two or more File stats are
+    one command (stat_command), answered as each alone would have been."""
+    stats = [(index, path) for index, (_, cls, kwargs) in enumerate(asked)
+             if (path := stat_path(cls, kwargs)) is not None]
+    stats = stats if len(stats) > 1 else []
+    alone = [index for index in range(len(asked)) if index not in dict(stats)]
+    commands = [_command(instances[index], asked[index][2]) for index in alone]
+    if stats:
+        commands.append(stat_command([path for _, path in stats]))
+    try:
+        ran, output = host.run_shell_command(batch_command(commands), print_output=False,
+                                             print_input=False, **executor)
+    except Exception as error:  # asked alone later, where pyinfra reports it as usual
+        logger.debug(f"{host.name}: facts asked together failed ({error}); asking each alone")
+        return None
+    if not ran:
+        return None
+    answers = batch_answers(output.stdout_lines, len(commands))
+    answered = {index: answer for index, answer in zip(alone, answers) if answer is not None}
+    if stats and answers[-1] is not None and answers[-1][0] == 0:
+        for (index, _), lines in zip(stats, stat_answers(answers[-1][1], len(stats)) or []):
+            answered[index] = (0, lines)
+    return answered
+
+
 def ask_together(host, wanted: Iterable[Wanted]) -> int:
     """Ask ``host`` the ``wanted`` facts (class, keyword arguments) in one command, while the
     run is being prepared; their answers wait for the operations that ask them. Returns how
@@ -152,27 +213,15 @@ def ask_together(host, wanted: Iterable[Wanted]) -> int:
     if not host.connected:
         host.connect(reason="to ask facts together", raise_exceptions=True)
     instances = [cls() for _, cls, _ in asked]
-    commands = [_command(fact, kwargs) for fact, (_, _, kwargs) in zip(instances, asked)]
-    try:
-        ran, output = host.run_shell_command(batch_command(commands), print_output=False,
-                                             print_input=False, **executor)
-    except Exception as error:  # asked alone later, where pyinfra reports it as usual
-        logger.debug(f"{host.name}: facts asked together failed ({error}); asking each alone")
-        return len(waiting)
-    if not ran:
-        return len(waiting)
-    answers = batch_answers(output.stdout_lines, len(asked))
-    for (key, _, _), fact, answer in zip(asked, instances, answers):
-        if answer is None:
-            continue
-        status, lines = answer
+    answered = _run_batch(host, asked, instances, executor)
+    for index, (status, lines) in (answered or {}).items():
         if status != 0 or lines == [_MISSING_COMMAND_MARKER]:
             continue  # a failure, or "not installed yet": pyinfra's to report, asked alone
         try:
-            value = fact.process(lines) if lines else fact.default()
+            value = instances[index].process(lines) if lines else instances[index].default()
         except Exception:  # pyinfra's to report (or fail on), asked alone
             continue
-        waiting[key] = (executor, value)
+        waiting[asked[index][0]] = (executor, value)
     setattr(host, _ANSWERS, waiting)
     return len(waiting)
 

@@ -30,6 +30,8 @@ def local(tmp_path):
     (tmp_path / "file").write_text("some text\n")
     (tmp_path / "empty").write_text("")
     os.symlink(tmp_path / "file", tmp_path / "link")
+    os.symlink(tmp_path / "gone", tmp_path / "dangling")
+    (tmp_path / "it's spaced").write_text("x")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "unit-a.service").write_text("a")
     (tmp_path / "sub" / "unit-b.timer").write_text("b")
@@ -55,6 +57,8 @@ def wanted(folder) -> list[tuple[type, dict]]:
             (Sha1File, {"path": f"{folder}/file"}), (Sha256File, {"path": f"{folder}/empty"}),
             (Sha1File, {"path": f"{folder}/missing"}), (Directory, {"path": f"{folder}/sub"}),
             (Directory, {"path": f"{folder}/file"}), (Link, {"path": f"{folder}/link"}),
+            (Link, {"path": f"{folder}/dangling"}), (File, {"path": f"{folder}/it's spaced"}),
+            (Link, {"path": f"{folder}/file"}),
             (FindFiles, {"path": f"{folder}/sub", "maxdepth": 1, "fname": "unit-*"}),
             (FindFiles, {"path": f"{folder}/none", "maxdepth": 1, "fname": "unit-*"}),
             (Command, {"command": "printf 'no newline at the end'"}),
@@ -73,9 +77,15 @@ def test_each_answer_is_pyinfras_own_and_one_command_asks_them_all(local):
     assert together == alone
     # The test would prove nothing if the answers were all empty.
     assert together[0]["size"] == 10 and together[1] is None and together[5]
-    assert sorted(together[8]) == [f"{folder}/sub/unit-a.service", f"{folder}/sub/unit-b.timer"]
-    assert together[10] == "no newline at the end" and together[11] == "two\nlines"
-    assert "dpkg" in together[13] or "python3" in together[13]  # what this machine has
+    assert together[6] is False and together[7]["link_target"] == f"{folder}/file"
+    assert together[8]["link_target"] == f"{folder}/gone" and together[9]["size"] == 1
+    assert together[10] is False
+    assert sorted(together[11]) == [f"{folder}/sub/unit-a.service", f"{folder}/sub/unit-b.timer"]
+    assert together[13] == "no newline at the end" and together[14] == "two\nlines"
+    assert "dpkg" in together[16] or "python3" in together[16]  # what this machine has
+    # The eight File, Directory and Link facts were one stat, not File's command each.
+    batch = str(commands[-1])
+    assert batch.count(facts_together.STAT_MARK) == 1 and "stat -f" not in batch
 
 
 def test_a_fact_whose_command_fails_is_left_to_pyinfra(local):
@@ -163,3 +173,33 @@ def test_batch_output_is_split_back_into_each_commands_lines():
               "", f"{mark}2", "no newline", f"{status}0", "", f"{mark}3", "cut short"]
     assert facts_together.batch_answers(output, 4) == [(0, ["a", "b"]), (1, []),
                                                        (0, ["no newline"]), None]
+
+
+def test_where_the_one_stat_fails_each_file_fact_is_asked_alone(local, monkeypatch):
+    """A host whose stat is not GNU's (or fails): the File facts wait for no answer, and
+    pyinfra asks each with its own command and its own fallbacks."""
+    host, folder, commands = local
+    fake = folder / "bin"
+    fake.mkdir()
+    (fake / "stat").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "stat").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    asked = [(File, {"path": f"{folder}/file"}), (Directory, {"path": f"{folder}/sub"}),
+             (Sha1File, {"path": f"{folder}/file"})]
+    assert facts_together.ask_together(host, asked) == 1  # the digest alone
+    assert len(commands) == 1
+    assert host.get_fact(File, path=f"{folder}/file")["size"] == 10  # from ls -ld
+    assert len(commands) == 2
+
+
+def test_one_stats_output_is_split_back_into_each_paths_line():
+    mark = facts_together.STAT_MARK
+    assert facts_together.stat_answers(["+", "-", "+", f"{mark}a", f"{mark}b"], 3) == [
+        ["a"], [], ["b"]]
+    assert facts_together.stat_answers(["-", "-"], 2) == [[], []]
+    for lines, count in ((["+", "-"], 2),                  # stat printed nothing
+                         (["+", "+", f"{mark}a"], 2),      # one stat line missing
+                         (["+", f"{mark}a", "b"], 1),      # a name with a new line
+                         (["+", "a"], 1),                   # not this stat's line
+                         (["+"], 2)):                       # cut short
+        assert facts_together.stat_answers(lines, count) is None, lines
