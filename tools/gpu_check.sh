@@ -89,7 +89,11 @@ fi
 expect preflight-tp.txt "vllm_tensor_parallel_size: found $gpus visible GPU(s); need at least $too_many" -- \
   "$python" -m pyinfra @local deploy.py --dry "${common[@]}" \
   --data model_profile=kimi-k2.6-nvfp4 --data "vllm_tensor_parallel_size=$too_many"
-expect preflight-memory.txt "vllm_gpu_memory_utilization: found 126 GB usable (1 x 140 GB x 0.90)" -- \
+# What the refusal says of one of these GPUs (vLLM's default utilisation, 0.90).
+one_gpu=$("$python" -c 'import sys; gb = int(sys.argv[1]) / 1024
+print(f"found {gb * 0.9:.0f} GB usable (1 x {gb:.0f} GB x 0.90)")' \
+  "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)")
+expect preflight-memory.txt "vllm_gpu_memory_utilization: $one_gpu" -- \
   "$python" -m pyinfra @local deploy.py --dry "${common[@]}" \
   --data model_profile=kimi-k2.6-nvfp4 --data vllm_tensor_parallel_size=1
 # 600 GB that take no disk: the preflight counts the folder's bytes and refuses before reading.
