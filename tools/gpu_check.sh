@@ -29,7 +29,11 @@ trap 'rm -rf "$stub"' EXIT
 mkdir -p "$stub/model" "$stub/wheelhouse"
 echo '{}' >"$stub/model/config.json"
 echo '# stub' >"$stub/wheelhouse/requirements.lock"
-common=(--data "model_source_dir=$stub/model" --data "vllm_wheelhouse_dir=$stub/wheelhouse")
+# The stand-in weights run no code, and the endpoint is never served here: the revision may
+# move and the endpoint needs no key on loopback (the data rules that refuse both otherwise).
+stand_in=(model_accept_moving_revision=true vllm_host=127.0.0.1)
+common=(--data "model_source_dir=$stub/model" --data "vllm_wheelhouse_dir=$stub/wheelhouse"
+        "${stand_in[@]/#/--data=}")
 gpu_model=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 gpus=$(nvidia-smi --query-gpu=index --format=csv,noheader | wc -l)
 too_many=$(( gpus < 4 ? 4 : 2 * gpus ))
@@ -102,7 +106,8 @@ cp "$stub/model/config.json" "$stub/big-model/"
 truncate -s 600000000000 "$stub/big-model/model.safetensors"
 expect preflight-weights.txt "need >= 600 GB to hold kimi-k2.6-nvfp4's weights (preflight_accept_low_gpu_memory accepts a tight KV cache, not weights that do not fit)" -- \
   "$python" -m pyinfra @local deploy.py --dry --data "model_source_dir=$stub/big-model" \
-  --data "vllm_wheelhouse_dir=$stub/wheelhouse" --data model_profile=kimi-k2.6-nvfp4 \
+  --data "vllm_wheelhouse_dir=$stub/wheelhouse" "${stand_in[@]/#/--data=}" \
+  --data model_profile=kimi-k2.6-nvfp4 \
   --data vllm_tensor_parallel_size=1 --data preflight_accept_low_gpu_memory=true
 
 suite_passed() {  # suite_passed NAME: every test pytest collected passed or skipped
@@ -121,7 +126,7 @@ suite_passed() {  # suite_passed NAME: every test pytest collected passed or ski
 
 infra=("$python" -m pytest tests/infra/test_gpus.py --inventory=@local -rfEsp -p no:cacheprovider
        --infra-data "model_source_dir=$stub/model" --infra-data "vllm_wheelhouse_dir=$stub/wheelhouse"
-       --infra-data "nvidia_gpu_model=$gpu_model")
+       --infra-data "nvidia_gpu_model=$gpu_model" "${stand_in[@]/#/--infra-data=}")
 expect infra-gpus.txt "PASSED tests/infra/test_gpus.py::test_gpu_memory_holds_the_model[@local]" -- \
   "${infra[@]}" --infra-data "model_profile=$pass_profile" \
   --infra-data "preflight_accept_low_gpu_memory=$pass_override" \
