@@ -166,13 +166,13 @@ def _run_batch(host, asked: list, instances: list, executor: dict) -> dict | Non
     """Run ``asked``'s commands as one on ``host``: {index in asked: (exit status, lines)} for
     each command that answered, None when the batch could not run. Two or more File stats are
     one command (stat_command), answered as each alone would have been."""
-    stats = [(index, path) for index, (_, cls, kwargs) in enumerate(asked)
-             if (path := stat_path(cls, kwargs)) is not None]
-    stats = stats if len(stats) > 1 else []
-    alone = [index for index in range(len(asked)) if index not in dict(stats)]
+    stats = {index: path for index, (_, cls, kwargs) in enumerate(asked)
+             if (path := stat_path(cls, kwargs)) is not None}
+    grouped = stats if len(stats) > 1 else {}  # index in asked -> path, for one stat
+    alone = [index for index in range(len(asked)) if index not in grouped]
     commands = [_command(instances[index], asked[index][2]) for index in alone]
-    if stats:
-        commands.append(stat_command([path for _, path in stats]))
+    if grouped:
+        commands.append(stat_command(list(grouped.values())))
     try:
         ran, output = host.run_shell_command(batch_command(commands), print_output=False,
                                              print_input=False, **executor)
@@ -183,8 +183,8 @@ def _run_batch(host, asked: list, instances: list, executor: dict) -> dict | Non
         return None
     answers = batch_answers(output.stdout_lines, len(commands))
     answered = {index: answer for index, answer in zip(alone, answers) if answer is not None}
-    if stats and answers[-1] is not None and answers[-1][0] == 0:
-        for (index, _), lines in zip(stats, stat_answers(answers[-1][1], len(stats)) or []):
+    if grouped and answers[-1] is not None and answers[-1][0] == 0:
+        for index, lines in zip(grouped, stat_answers(answers[-1][1], len(grouped)) or []):
             answered[index] = (0, lines)
     return answered
 
