@@ -10,7 +10,7 @@ PARALLEL = 16
 
 # ~10x faster facts over SSH (see tasks/ssh_nodelay.py).
 ssh_nodelay.install()
-# Two of pyinfra's CPU hot spots on the controller, patched (tasks/pyinfra_cpu.py).
+# Three of pyinfra's CPU hot spots on the controller, patched (tasks/pyinfra_cpu.py).
 pyinfra_cpu.install()
 # The facts each step's operations read, asked of a host in one command (tasks/facts_together.py).
 facts_together.install()

@@ -203,3 +203,21 @@ def test_one_stats_output_is_split_back_into_each_paths_line():
                          (["+", "a"], 1),                   # not this stat's line
                          (["+"], 2)):                       # cut short
         assert facts_together.stat_answers(lines, count) is None, lines
+
+
+def test_one_asking_has_one_key_however_its_arguments_are_written():
+    """Positional or by name, defaults written out or left to the fact: one key, as pyinfra
+    binds them; other arguments, another key; arguments the fact does not take, no key (pyinfra
+    says so when it asks); global arguments, no key."""
+    key = facts_together._key
+    by_name = key(FindFiles, (), {"path": "/etc", "fname": "x*"})
+    assert by_name is not None
+    assert key(FindFiles, ("/etc",), {"fname": "x*"}) == by_name
+    assert key(FindFiles, ("/etc",), {"fname": "x*", "quote_path": True}) == by_name
+    assert key(FindFiles, ("/etc",), {"fname": "y*"}) != by_name
+    assert key(File, ("/etc",), {}) == key(File, (), {"path": "/etc"}) != \
+        key(Directory, (), {"path": "/etc"})
+    assert key(File, (), {"path": "/etc", "colour": "red"}) is None
+    assert key(File, ("/etc", "/var"), {}) is None
+    assert key(File, (), {"path": "/etc", "_sudo": True}) is None
+    assert key(Command, (), {}) == (Command, ())
