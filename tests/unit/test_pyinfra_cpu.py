@@ -8,8 +8,10 @@ nested, multi-line calls, as pyinfra runs deploy.py."""
 
 import inspect
 import types
+from collections import defaultdict
 
 import pyinfra
+import pytest
 from pyinfra.api import arguments, facts, util
 from pyinfra.api.host import HostData
 
@@ -90,8 +92,6 @@ def test_host_data_looked_up_as_pyinfra_does():
     """Each layer kind pyinfra stacks (override dict, host and inventory dicts, a callable
     giving the groups' or deploy data) and a dict subclass whose [] makes what it lacks: the
     same value, from the same layer, copied, and the same AttributeError for what none has."""
-    from collections import defaultdict
-
     layers = ({"_sudo": True, "shared": [1]},          # host data
               lambda: {"shared": [2], "group_only": 3},  # groups' data, evaluated each time
               {"_sudo": False, "last": 5},               # inventory data
@@ -106,9 +106,5 @@ def test_host_data_looked_up_as_pyinfra_does():
     assert ours["shared"] is not layers[0]["shared"]  # a copy, as pyinfra hands it out
     without_subclass = HostData("host-1", *layers[:3])
     for lookup in (pyinfra_cpu._host_data_getattr, pyinfra_cpu._host_data_getattr_pyinfra):
-        try:
+        with pytest.raises(AttributeError, match="^Host `host-1` has no data `_su_user`$"):
             lookup(without_subclass, "_su_user")
-        except AttributeError as error:
-            assert str(error) == "Host `host-1` has no data `_su_user`"
-        else:
-            raise AssertionError("a key no layer has must raise AttributeError")
