@@ -467,7 +467,13 @@ def cmd_up(sandbox: Sandbox, count: int, routers: int = 0) -> None:
             wait_until(host, lambda: port_open(host["address"], 22), "sshd answered",
                        f"sshd did not answer on {host['address']}:22 within {SSH_TIMEOUT_S}s",
                        deadline, 0.2)
-            ssh(sandbox, host, ["true"], check=True)
+            # What sshd prints while the host still boots (pam_nologin's "System is booting
+            # up", shown to root too) is kept back unless the login fails.
+            login = subprocess.run(ssh_command(sandbox, host) + ["true"], capture_output=True,
+                                   text=True)
+            if login.returncode != 0:
+                fail(f"{host['name']}: ssh root@{host['address']} true exited "
+                     f"{login.returncode}: {login.stderr.strip() or '(nothing on stderr)'}")
     except BaseException:
         for host in hosts:
             console = sandbox.dir / host["name"] / "console.log"
