@@ -497,8 +497,8 @@ def ssh_command(sandbox: Sandbox, host: dict) -> list[str]:
             f"root@{host['address']}"]
 
 
-def ssh(sandbox: Sandbox, host: dict, command: list[str], check: bool = False):
-    return subprocess.run(ssh_command(sandbox, host) + command, check=check)
+def ssh(sandbox: Sandbox, host: dict, command: list[str]):
+    return subprocess.run(ssh_command(sandbox, host) + command)
 
 
 def kill_init(nspawn_pid: int) -> None:
